@@ -1,0 +1,42 @@
+"""Import and validate a segmentation dataset (any Datumaro format) into a dataset artifact."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Markdown, Metrics, Output
+
+from components import SEGFLOW_IMAGE
+
+
+@dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
+def import_data(
+    source_uri: str,
+    dataset: Output[Dataset],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+    data_format: str = "",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    run_key: str = "",
+    run_name: str = "",
+    experiment: str = "",
+):
+    """Read SOURCE_URI (local path or s3://) with Datumaro, validate every item, write the artifact."""
+    from segflow.data.importer import ImportConfig
+    from segflow.stages import import_stage
+    from segflow.tracking import RunContext
+
+    cfg = ImportConfig(
+        source=source_uri, out=dataset.path, format=data_format or None, val_fraction=val_fraction, seed=seed
+    )
+    result = import_stage(cfg, RunContext(run_key, run_name, experiment), markdown_out=report.path)
+    dataset.metadata.update(
+        {
+            "fingerprint": result["fingerprint"],
+            "labels": result["labels"],
+            "counts": result["counts"],
+            "source": source_uri,
+        }
+    )
+    for subset, count in result["counts"].items():
+        metrics.log_metric(f"images_{subset}", count)
+    metrics.log_metric("labels", len(result["labels"]))
+    metrics.log_metric("warnings", len(result["warnings"]))

@@ -1,0 +1,34 @@
+"""Import and validate a labelled source-domain dataset and a labelled target-domain dataset.
+
+segflow run pipelines/prepare_data.py --local
+segflow compile pipelines/prepare_data.py --output prepare_data.yaml
+"""
+
+import sys
+from pathlib import Path
+
+from kfp import dsl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `components` from this checkout
+
+from components.data_import import import_data
+from components.platform import on_cluster
+from components.tracking import finish_tracking, run_context
+
+
+@dsl.pipeline(name="prepare-data", description="Import and validate source and target datasets.")
+def prepare_data(
+    source_uri: str = "runs/demo/data/source",
+    target_uri: str = "runs/demo/data/target",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    experiment: str = "",
+):
+    track = run_context(experiment)
+    finish = on_cluster(
+        finish_tracking(run_key=track["run_key"], experiment=experiment), cpu="0.5", memory="1G", cache=False
+    )
+    with dsl.ExitHandler(finish, name="tracked"):
+        for name, uri in (("source", source_uri), ("target", target_uri)):
+            task = import_data(source_uri=uri, val_fraction=val_fraction, seed=seed, **track)
+            on_cluster(task.set_display_name(f"import-{name}"), cache=False)

@@ -1,0 +1,147 @@
+"""``segflow``: one subcommand per stage, plus run / compile for pipelines.
+
+User errors (``SegflowError``) print one clear message and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from segflow.errors import SegflowError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Label-efficient, domain-adaptive semantic segmentation pipelines.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Make, import and validate datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Folder to create.")],
+    domain: Annotated[str, typer.Option(help="source (game-engine look) or target (camera look).")] = "source",
+    num_images: Annotated[int, typer.Option(help="How many scenes.")] = 100,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    unlabeled: Annotated[bool, typer.Option("--unlabeled", help="Images only, no masks or meta.")] = False,
+) -> None:
+    """Render procedural street scenes (7 classes) in Common Semantic Segmentation layout."""
+    from segflow.data.synth import synthesize
+
+    path = synthesize(out, domain, num_images, size, seed, unlabeled)  # type: ignore[arg-type]
+    typer.echo(f"wrote {num_images} {domain} {'images' if unlabeled else 'labelled scenes'} to {path}")
+
+
+@data_app.command("preview")
+def data_preview(
+    out: Annotated[Path, typer.Argument(help="PNG file to write.")],
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Save a grid of source and target samples with their masks."""
+    from segflow.data.synth import preview_grid
+
+    typer.echo(f"wrote {preview_grid(out, size=size, seed=seed)}")
+
+
+@data_app.command("import")
+def data_import(
+    src: Annotated[str, typer.Argument(help="Dataset folder: local path or s3://bucket/prefix.")],
+    out: Annotated[str, typer.Argument(help="Artifact folder to create: local path or s3://bucket/prefix.")],
+    data_format: Annotated[str | None, typer.Option("--format", help="Datumaro format; detected when omitted.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of images split off as val when SRC has no val.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    workers: Annotated[int, typer.Option(help="Worker processes; 0 = one per core.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
+) -> None:
+    """Import SRC with Datumaro, validate every item, write a normalised dataset artifact to OUT."""
+    from segflow.data.importer import ImportConfig
+    from segflow.stages import import_stage
+
+    cfg = ImportConfig(
+        source=src,
+        out=out,
+        format=data_format,
+        val_fraction=val_fraction,
+        seed=seed,
+        workers=workers,
+        overwrite=overwrite,
+    )
+    report = import_stage(cfg, track=track)
+    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
+    typer.echo(f"imported {counts} images, {len(report['labels'])} labels -> {out}")
+    typer.echo(f"fingerprint {report['fingerprint']}")
+    typer.echo(f"report: {out}/report.md ({len(report['warnings'])} warning(s))")
+
+
+@app.command("run")
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],
+    local: Annotated[bool, typer.Option("--local", help="Run on this machine with kfp.local.")] = False,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE, repeatable.")] = None,
+) -> None:
+    """Run a pipeline. With --local: kfp.local's subprocess runner, MLflow tracking under $SEGFLOW_HOME."""
+    from segflow import orchestration, tracking
+
+    if not local:
+        raise SegflowError(
+            "only --local runs are started by `segflow run`. For a cluster: `segflow compile PIPELINE "
+            "--output p.yaml`, then `kfp run create -e EXPERIMENT -r NAME -f p.yaml`."
+        )
+    params = orchestration.parse_params(orchestration.load_pipeline(pipeline), param or [])
+    result = orchestration.run_local(pipeline, params)
+    typer.echo(f"pipeline {pipeline.name} finished; task outputs under {result['pipeline_root']}")
+    for name, value in result["outputs"].items():
+        typer.echo(f"  {name}: {getattr(value, 'uri', value)}")
+    typer.echo(f"MLflow: {tracking.tracking_uri()}  (mlflow ui --backend-store-uri {tracking.tracking_uri()})")
+
+
+@app.command("compile")
+def compile_(
+    pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="YAML file to write.")],
+) -> None:
+    """Compile a pipeline to KFP IR YAML (what `kfp run create -f` takes)."""
+    from segflow import orchestration
+
+    typer.echo(f"wrote {orchestration.compile_pipeline(pipeline, output)}")
+
+
+@app.command("params")
+def params(pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")]) -> None:
+    """List a pipeline's parameters and their defaults."""
+    from segflow import orchestration
+
+    inputs = orchestration.pipeline_inputs(orchestration.load_pipeline(pipeline))
+    for name, (kind, default) in sorted(inputs.items()):
+        if kind == "NUMBER_INTEGER" and default is not None:
+            default = int(default)  # protobuf keeps every number as a double
+        typer.echo(f"{name} ({kind.lower()}) = {json.dumps(default)}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow", "botocore", "urllib3", "datumaro", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app()
+    except SegflowError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Every pipeline compiles to valid KFP IR; pipelines run end to end with the real kfp.local runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import REPO
+
+from segflow import orchestration, tracking
+from segflow.data import manifest as manifest_lib
+from segflow.data.synth import synthesize
+from segflow.errors import SegflowError
+
+PIPELINES = sorted((REPO / "pipelines").glob("*.py"))
+
+
+def compile_ir(path: Path, tmp_path: Path) -> tuple[dict, dict]:
+    out = orchestration.compile_pipeline(path, tmp_path / f"{path.stem}.yaml")
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def all_tasks(ir: dict) -> dict[str, dict]:
+    """Every task of the pipeline, nested DAGs (exit handlers, conditions) included."""
+    tasks = dict(ir["root"]["dag"]["tasks"])
+    for comp in ir["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_every_pipeline_compiles_with_project_image_and_platform_settings(path, tmp_path):
+    ir, platform = compile_ir(path, tmp_path)
+    executors = ir["deploymentSpec"]["executors"]
+    assert executors
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"].startswith("ghcr.io/segflow/"), name
+        assert "pip install" not in " ".join(container["command"]), f"{name} would pip-install at start"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in executors:
+        secrets = {s["secretName"] for s in k8s[name].get("secretAsEnv", [])}
+        assert {"segflow-mlflow", "segflow-s3"} <= secrets, name
+
+
+def test_prepare_data_ir_has_typed_artifacts_and_edges(tmp_path):
+    ir, _ = compile_ir(REPO / "pipelines" / "prepare_data.py", tmp_path)
+    outputs = ir["components"]["comp-import-data"]["outputDefinitions"]["artifacts"]
+    assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs.items()} == {
+        "dataset": "system.Dataset",
+        "report": "system.Markdown",
+        "metrics": "system.Metrics",
+    }
+    tasks = all_tasks(ir)
+    assert {"import-data", "import-data-2", "finish-tracking"} <= set(tasks)
+    assert tasks["finish-tracking"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert tasks["finish-tracking"]["dependentTasks"] == ["exit-handler-1"]
+    for name in ("import-data", "import-data-2"):
+        params = tasks[name]["inputs"]["parameters"]
+        assert params["run_key"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        assert tasks[name]["cachingOptions"].get("enableCache") is not True, "imports must not be cached"
+
+
+def test_params_are_checked_and_typed():
+    pipeline = orchestration.load_pipeline(REPO / "pipelines" / "prepare_data.py")
+    assert orchestration.parse_params(pipeline, ["seed=3", "val_fraction=0.5"]) == {"seed": 3, "val_fraction": 0.5}
+    with pytest.raises(SegflowError, match="not a parameter"):
+        orchestration.parse_params(pipeline, ["epochs=3"])
+    with pytest.raises(SegflowError, match="number_integer"):
+        orchestration.parse_params(pipeline, ["seed=three"])
+    with pytest.raises(SegflowError, match="KEY=VALUE"):
+        orchestration.parse_params(pipeline, ["seed"])
+
+
+def test_load_pipeline_errors(tmp_path):
+    with pytest.raises(SegflowError, match="does not exist"):
+        orchestration.load_pipeline(tmp_path / "none.py")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(SegflowError, match="exactly one"):
+        orchestration.load_pipeline(tmp_path / "empty.py")
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(SegflowError, match="failed to load"):
+        orchestration.load_pipeline(tmp_path / "broken.py")
+
+
+def test_prepare_data_runs_locally_and_is_tracked(tmp_path, segflow_home):
+    source = synthesize(tmp_path / "source", "source", num_images=8, size=48, seed=0)
+    target = synthesize(tmp_path / "target", "target", num_images=8, size=48, seed=1)
+    orchestration.run_local(
+        REPO / "pipelines" / "prepare_data.py", {"source_uri": str(source), "target_uri": str(target)}
+    )
+    manifests = sorted((segflow_home / "kfp").rglob("manifest.json"))
+    assert len(manifests) == 2
+    assert {manifest_lib.read(m.parent)["source"]["uri"] for m in manifests} == {str(source), str(target)}
+    reports = list((segflow_home / "kfp").rglob("report"))
+    assert reports and all("# Dataset import report" in r.read_text() for r in reports)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["import source", "import target"]
+
+
+def test_failing_pipeline_marks_the_parent_failed(tmp_path, segflow_home):
+    source = synthesize(tmp_path / "source", "source", num_images=4, size=48, seed=0)
+    (tmp_path / "target").mkdir()
+    with pytest.raises(SegflowError, match="failed"):
+        orchestration.run_local(
+            REPO / "pipelines" / "prepare_data.py", {"source_uri": str(source), "target_uri": str(tmp_path / "target")}
+        )
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.status for p in parents] == ["FAILED"]
