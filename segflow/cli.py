@@ -100,10 +100,15 @@ def run(
         )
     params = orchestration.parse_params(orchestration.load_pipeline(pipeline), param or [])
     result = orchestration.run_local(pipeline, params)
-    typer.echo(f"pipeline {pipeline.name} finished; task outputs under {result['pipeline_root']}")
+    typer.echo("")
+    typer.echo(f"pipeline {pipeline.name} finished; outputs in {result['job_dir'] or result['pipeline_root']}")
+    for task, paths in result["artifacts"].items():
+        for path in paths:
+            typer.echo(f"  {task:24s} {path}")
     for name, value in result["outputs"].items():
-        typer.echo(f"  {name}: {getattr(value, 'uri', value)}")
-    typer.echo(f"MLflow: {tracking.tracking_uri()}  (mlflow ui --backend-store-uri {tracking.tracking_uri()})")
+        typer.echo(f"  output {name}: {getattr(value, 'uri', value)}")
+    typer.echo(f"MLflow parent run {result['mlflow_run_id'] or '(none)'} in {tracking.tracking_uri()}")
+    typer.echo(f"  browse: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
 
 
 @app.command("compile")

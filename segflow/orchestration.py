@@ -99,6 +99,7 @@ def run_local(path: str | Path, params: dict[str, Any] | None = None) -> dict[st
     pipeline = load_pipeline(path)
     root = tracking.home() / "kfp"
     root.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in root.iterdir()}
     # Tasks are subprocesses: make them agree with this process on where runs are tracked.
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -114,4 +115,31 @@ def run_local(path: str | Path, params: dict[str, Any] | None = None) -> dict[st
             raise SegflowError(f"pipeline {Path(path).name} failed: {exc}") from None
     sys.stdout.flush()
     outputs = dict(getattr(task, "outputs", {}) or {})
-    return {"pipeline_root": str(root), "outputs": outputs}
+    new = sorted((p for p in root.iterdir() if p.name not in before), key=lambda p: p.stat().st_mtime)
+    job_dir = new[-1] if new else None
+    return {"pipeline_root": str(root), "outputs": outputs, "job_dir": job_dir,
+            "artifacts": _artifacts(job_dir), "mlflow_run_id": _parent_run_id(job_dir)}
+
+
+def _artifacts(job_dir: Path | None) -> dict[str, list[Path]]:
+    """task name -> the artifact paths it wrote (the runner's own files left out)."""
+    if job_dir is None:
+        return {}
+    return {
+        task.name: sorted(p for p in task.iterdir() if p.name != "executor_output.json")
+        for task in sorted(job_dir.iterdir())
+        if task.is_dir()
+    }
+
+
+def _parent_run_id(job_dir: Path | None) -> str:
+    """The MLflow parent run of the local job (stages name it after the job)."""
+    if job_dir is None:
+        return ""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    found = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"attributes.run_name = '{job_dir.name}'", output_format="list"
+    )
+    return found[0].info.run_id if found else ""

@@ -89,9 +89,10 @@ def test_load_pipeline_errors(tmp_path):
 def test_prepare_data_runs_locally_and_is_tracked(tmp_path, segflow_home):
     source = synthesize(tmp_path / "source", "source", num_images=8, size=48, seed=0)
     target = synthesize(tmp_path / "target", "target", num_images=8, size=48, seed=1)
-    orchestration.run_local(
+    result = orchestration.run_local(
         REPO / "pipelines" / "prepare_data.py", {"source_uri": str(source), "target_uri": str(target)}
     )
+    assert set(result["artifacts"]) == {"import-data", "import-data-2", "finish-tracking"}
     manifests = sorted((segflow_home / "kfp").rglob("manifest.json"))
     assert len(manifests) == 2
     assert {manifest_lib.read(m.parent)["source"]["uri"] for m in manifests} == {str(source), str(target)}
@@ -101,6 +102,8 @@ def test_prepare_data_runs_locally_and_is_tracked(tmp_path, segflow_home):
     runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_id == result["mlflow_run_id"]
+    assert parents[0].info.run_name == result["job_dir"].name
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.info.run_name for r in children) == ["import source", "import target"]
 
