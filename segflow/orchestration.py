@@ -117,8 +117,13 @@ def run_local(path: str | Path, params: dict[str, Any] | None = None) -> dict[st
     outputs = dict(getattr(task, "outputs", {}) or {})
     new = sorted((p for p in root.iterdir() if p.name not in before), key=lambda p: p.stat().st_mtime)
     job_dir = new[-1] if new else None
-    return {"pipeline_root": str(root), "outputs": outputs, "job_dir": job_dir,
-            "artifacts": _artifacts(job_dir), "mlflow_run_id": _parent_run_id(job_dir)}
+    return {
+        "pipeline_root": str(root),
+        "outputs": outputs,
+        "job_dir": job_dir,
+        "artifacts": _artifacts(job_dir),
+        "mlflow_run_id": _parent_run_id(job_dir),
+    }
 
 
 def _artifacts(job_dir: Path | None) -> dict[str, list[Path]]:

@@ -29,15 +29,19 @@ def test_chart_metadata_and_values_parse():
 def test_every_dependency_is_pinned():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
-    pins = {line.split("==")[0].lower().replace("_", "-") for line in
-            (REPO / "constraints.txt").read_text().splitlines() if "==" in line}
+    pins = {
+        line.split("==")[0].lower().replace("_", "-")
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    }
     for requirement in wanted:
         name = re.split(r"[<>=!\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
         assert name in pins, f"{name} is not pinned in constraints.txt"
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None and not (REPO / ".venv/bin/hadolint").exists(),
-                    reason="hadolint not installed")
+@pytest.mark.skipif(
+    shutil.which("hadolint") is None and not (REPO / ".venv/bin/hadolint").exists(), reason="hadolint not installed"
+)
 def test_dockerfile_lints():
     hadolint = shutil.which("hadolint") or str(REPO / ".venv/bin/hadolint")
     result = subprocess.run([hadolint, str(REPO / "images/Dockerfile")], capture_output=True, text=True)

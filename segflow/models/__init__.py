@@ -1,0 +1,74 @@
+"""Segmentation models: ``create_model("lite_hrnet_s" | "lite_hrnet_18" | "lite_hrnet_x", num_classes)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segflow.errors import SegflowError
+from segflow.models.heads import FCNHead, IterativeAggregator
+from segflow.models.lite_hrnet import SPECS, LiteHRNet, LiteHRNetSpec
+
+MODEL_NAMES = tuple(SPECS)
+
+# The reference implementation's figures (REFERENCE.md), for `segflow models` and the tests.
+REFERENCE = {
+    "lite_hrnet_s": {"params": 828_955, "gflops_seed": 1.44, "mib_seed": 3.2},
+    "lite_hrnet_18": {"params": 1_131_875, "gflops_seed": 2.82, "mib_seed": 4.3},
+    "lite_hrnet_x": {"params": 1_503_697, "gflops_seed": 9.20, "mib_seed": 5.7},
+}
+
+
+@dataclass
+class SegOutput:
+    logits: torch.Tensor  # N x C x H x W at the input size
+    aux_logits: torch.Tensor | None = None  # from a shallower level (multi-level adaptation)
+    features: torch.Tensor | None = None  # the head's features before the classifier (contrastive learning)
+
+
+class Segmentor(nn.Module):
+    """Backbone -> aggregator -> FCN head, with an optional auxiliary head on the previous stage."""
+
+    def __init__(self, name: str, spec: LiteHRNetSpec, num_classes: int, aux: bool = False) -> None:
+        super().__init__()
+        self.name = name
+        self.spec = spec
+        self.num_classes = num_classes
+        self.backbone = LiteHRNet(spec)
+        self.aggregator = IterativeAggregator(list(spec.out_channels), spec.aggregator_min_channels)
+        self.head = FCNHead(self.aggregator.out_channels, spec.head_channels, num_classes)
+        # AdaptSegNet-style second output: the last-but-one stage is the "shallower level".
+        shallow = spec.channels[-2] if len(spec.channels) > 1 else spec.channels[-1]
+        self.aux_aggregator = IterativeAggregator(list(shallow), spec.aggregator_min_channels) if aux else None
+        self.aux_head = FCNHead(self.aux_aggregator.out_channels, spec.head_channels, num_classes) if aux else None
+
+    def forward(self, x: torch.Tensor, with_aux: bool = False, with_features: bool = False) -> SegOutput:
+        size = x.shape[-2:]
+        stages = self.backbone(x, all_stages=True)
+        fused = self.aggregator(stages[-1])
+        features = self.head.features(fused)
+        logits = F.interpolate(self.head.classifier(features), size=size, mode="bilinear", align_corners=False)
+        out = SegOutput(logits=logits, features=features if with_features else None)
+        if with_aux:
+            if self.aux_head is None:
+                raise SegflowError(f"{self.name} was built without an auxiliary head: create_model(..., aux=True).")
+            shallow = stages[-2] if len(stages) > 1 else stages[-1]
+            aux = self.aux_head(self.aux_aggregator(shallow))
+            out.aux_logits = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        return out
+
+
+def create_model(name: str, num_classes: int, aux: bool = False) -> Segmentor:
+    """Build a segmentation model by name."""
+    if name not in SPECS:
+        raise SegflowError(f"model {name!r} is not known: choose one of {', '.join(MODEL_NAMES)}.")
+    if num_classes < 2:
+        raise SegflowError(f"a segmentation model needs at least 2 classes (got {num_classes}).")
+    return Segmentor(name, SPECS[name], num_classes, aux=aux)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

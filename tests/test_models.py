@@ -1,0 +1,44 @@
+"""Model family: sizes match the reference, outputs have the right shapes, names are checked."""
+
+import pytest
+import torch
+
+from segflow.errors import SegflowError
+from segflow.models import MODEL_NAMES, REFERENCE, count_parameters, create_model
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parameter_count_within_2_percent_of_reference(name):
+    params = count_parameters(create_model(name, num_classes=3))
+    assert abs(params - REFERENCE[name]["params"]) / REFERENCE[name]["params"] < 0.02
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_outputs_at_input_size_with_aux_and_features(name):
+    model = create_model(name, num_classes=5, aux=True).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 48), with_aux=True, with_features=True)
+    assert out.logits.shape == (2, 5, 64, 48)
+    assert out.aux_logits.shape == (2, 5, 64, 48)
+    assert out.features.shape[:2] == (2, model.spec.head_channels)
+
+
+def test_aux_head_does_not_change_the_main_model_size():
+    assert count_parameters(create_model("lite_hrnet_s", 3, aux=True)) > count_parameters(
+        create_model("lite_hrnet_s", 3)
+    )
+    with pytest.raises(SegflowError, match="aux=True"):
+        create_model("lite_hrnet_s", 3)(torch.zeros(1, 3, 32, 32), with_aux=True)
+
+
+def test_unknown_name_and_too_few_classes():
+    with pytest.raises(SegflowError, match="lite_hrnet_s"):
+        create_model("resnet_50", 3)
+    with pytest.raises(SegflowError, match="at least 2"):
+        create_model("lite_hrnet_s", 1)
+
+
+def test_gradients_reach_the_stem():
+    model = create_model("lite_hrnet_s", 3)
+    model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    assert model.backbone.stem.conv1[0].weight.grad.abs().sum() > 0
