@@ -84,6 +84,112 @@ def data_import(
     typer.echo(f"report: {out}/report.md ({len(report['warnings'])} warning(s))")
 
 
+@app.command("train")
+def train_cmd(
+    data: Annotated[str, typer.Option(help="Dataset artifact (from `segflow data import`): path or s3://.")],
+    out: Annotated[str, typer.Option(help="Model folder to create: path or s3://.")],
+    model: Annotated[str, typer.Option(help="lite_hrnet_s, lite_hrnet_18 or lite_hrnet_x.")] = "lite_hrnet_s",
+    epochs: Annotated[int, typer.Option()] = 30,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    input_size: Annotated[int, typer.Option(help="Training crop side in pixels (multiple of 32).")] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    iters_per_epoch: Annotated[int, typer.Option(help="At least this many steps per epoch (small data).")] = 0,
+    max_labeled: Annotated[int, typer.Option(help="Use only the first N labelled images; 0 = all.")] = 0,
+    early_stop_patience: Annotated[int, typer.Option()] = 8,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over; replace OUT.")] = False,
+    supcon: Annotated[bool, typer.Option("--supcon", help="Add the contrastive branch (SupCon).")] = False,
+    mean_teacher: Annotated[bool, typer.Option("--mean-teacher", help="Semi-supervised with --unlabeled.")] = False,
+    unlabeled: Annotated[str, typer.Option(help="Folder of unlabelled images for --mean-teacher.")] = "",
+    init_backbone: Annotated[str, typer.Option(help="Backbone weights from `segflow pretrain`.")] = "",
+    amp: Annotated[str, typer.Option(help="auto, off, bf16 or fp16.")] = "auto",
+    loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
+) -> None:
+    """Train a segmentation model (the OTX recipe); publish the best epoch's weights to OUT.
+
+    Several processes: `torchrun --nproc-per-node N -m segflow.cli train ...` (DDP).
+    """
+    from segflow.stages import train_stage
+    from segflow.train.config import MeanTeacherConfig, SupConConfig, TrainConfig
+
+    cfg = TrainConfig(
+        data=data,
+        out=out,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        input_size=input_size,
+        seed=seed,
+        lr=lr,
+        max_labeled=max_labeled,
+        early_stop_patience=early_stop_patience,
+        resume=resume,
+        overwrite=overwrite,
+        init_backbone=init_backbone,
+        amp=amp,
+        loader_workers=loader_workers,
+        supcon=SupConConfig() if supcon else None,
+        mean_teacher=MeanTeacherConfig(unlabeled=unlabeled) if mean_teacher else None,
+        extra={"iters_per_epoch": iters_per_epoch} if iters_per_epoch else {},
+    )
+    if unlabeled and not mean_teacher:
+        raise SegflowError("--unlabeled is only used with --mean-teacher.")
+    summary = train_stage(cfg, track=track)
+    typer.echo(
+        f"best val mDice {summary['best_val_mDice']:.4f} at epoch {summary['best_epoch']} "
+        f"({summary['epochs_run']} epochs) -> {out}"
+    )
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[str, typer.Option(help="Model folder (from `segflow train`).")],
+    data: Annotated[str, typer.Option(help="Dataset artifact.")],
+    out: Annotated[str, typer.Option(help="Folder to create for metrics and pictures.")],
+    subset: Annotated[str, typer.Option()] = "val",
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
+) -> None:
+    """Score a model: mDice, mIoU, per class, confusion matrix, prediction pictures."""
+    from segflow.evaluate.evaluation import EvalConfig
+    from segflow.stages import evaluate_stage
+
+    metrics = evaluate_stage(
+        EvalConfig(model=model, data=data, out=out, subset=subset, overwrite=overwrite), track=track
+    )
+    typer.echo(
+        f"mDice {metrics['mDice']:.4f}  mIoU {metrics['mIoU']:.4f}  pixel accuracy "
+        f"{metrics['pixel_accuracy']:.4f} on {metrics['images']} {subset} images -> {out}"
+    )
+
+
+@app.command("models")
+def models_cmd(
+    size: Annotated[int, typer.Option(help="Input side for the GFLOPs column.")] = 512,
+    num_classes: Annotated[int, typer.Option()] = 3,
+) -> None:
+    """The model family beside the seed's table: parameters, MiB, GMAC and GFLOPs."""
+    from segflow.models import MODEL_NAMES, REFERENCE, model_cost
+
+    typer.echo(
+        f"{'model':15s} {'params':>10s} {'ref params':>10s} {'MiB':>6s} {'seed MB':>7s} "
+        f"{'GMAC':>6s} {'GFLOPs':>7s} {'seed GFLOPs':>11s}"
+    )
+    for name in MODEL_NAMES:
+        cost = model_cost(name, num_classes, size)
+        ref = REFERENCE[name]
+        typer.echo(
+            f"{name:15s} {cost['params']:>10,d} {ref['params']:>10,d} {cost['mib']:6.2f} "
+            f"{ref['mib_seed']:7.1f} {cost['gmac']:6.2f} {2 * cost['gmac']:7.2f} {ref['gflops_seed']:11.2f}"
+        )
+    typer.echo(
+        f"(GMAC counts convolutions and matmuls at {size}x{size}; the seed's GFLOPs also count "
+        "normalisation, activations and resizing.)"
+    )
+
+
 @app.command("run")
 def run(
     pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],

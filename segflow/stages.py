@@ -12,6 +12,8 @@ from pathlib import Path
 from segflow import tracking
 from segflow.data import manifest as manifest_lib
 from segflow.data.importer import ImportConfig, import_dataset
+from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluation
+from segflow.train.config import TrainConfig
 
 
 def import_stage(
@@ -52,3 +54,60 @@ def _write_markdown(report: dict, path: str | None, plot: Path | None = None) ->
         plot = plot if plot and plot.exists() else manifest_lib.plot_class_distribution(report, Path(tmp) / "p.png")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(manifest_lib.render_markdown(report, plot, embed_plot=True))
+
+
+def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+    """Train a model; per-epoch metrics, the summary and the model's config go to MLflow."""
+    from segflow.train.engine import train
+
+    if not track:
+        return train(cfg)
+    method = "supcon" if cfg.supcon else "mean_teacher" if cfg.mean_teacher else "supervised"
+    with tracking.stage_run("train", cfg, run, label=f"{cfg.model} {method}") as active:
+        import mlflow
+
+        summary = train(cfg, on_epoch=lambda epoch, record: mlflow.log_metrics(record, step=epoch + 1))
+        mlflow.set_tag(tracking.FINGERPRINT_TAG, summary["dataset_fingerprint"])
+        mlflow.log_metrics({"best_val_mDice": summary["best_val_mDice"], "best_epoch": summary["best_epoch"]})
+        mlflow.log_dict({k: v for k, v in summary.items() if k != "config"}, "training.json")
+        summary["mlflow_run_id"] = active.info.run_id
+    return summary
+
+
+def evaluate_stage(
+    cfg: EvalConfig, run: tracking.RunContext | None = None, markdown_out: str | None = None, track: bool = True
+) -> dict:
+    """Evaluate a model; metrics, per-class scores and pictures go to MLflow."""
+    if not track:
+        metrics = run_evaluation(cfg)
+        _write_eval_markdown(metrics, cfg, markdown_out)
+        return metrics
+    with tracking.stage_run("evaluate", cfg, run, label=cfg.subset) as active:
+        import mlflow
+
+        metrics = run_evaluation(cfg)
+        mlflow.set_tag(tracking.FINGERPRINT_TAG, metrics["dataset_fingerprint"])
+        mlflow.log_metrics({k: metrics[k] for k in ("mDice", "mIoU", "pixel_accuracy")})
+        mlflow.log_metrics(
+            {f"dice_{name}": v["dice"] for name, v in metrics["per_class"].items() if v["dice"] is not None}
+        )
+        with storage_local(cfg.out) as folder:
+            mlflow.log_artifacts(str(folder))
+        metrics["mlflow_run_id"] = active.info.run_id
+        _write_eval_markdown(metrics, cfg, markdown_out)
+    return metrics
+
+
+def storage_local(uri: str):
+    from segflow.storage import local_input
+
+    return local_input(uri, "evaluation output")
+
+
+def _write_eval_markdown(metrics: dict, cfg: EvalConfig, path: str | None) -> None:
+    if not path:
+        return
+    with storage_local(cfg.out) as folder:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        has_pictures = (Path(folder) / "predictions.png").exists()
+        Path(path).write_text(render_markdown(metrics, has_pictures, embed_dir=Path(folder)))

@@ -72,3 +72,14 @@ def create_model(name: str, num_classes: int, aux: bool = False) -> Segmentor:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_cost(name: str, num_classes: int = 3, size: int = 512) -> dict:
+    """Parameters, fp32 MiB and GMAC (convolutions and matmuls) of one forward pass at ``size``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model(name, num_classes).eval()
+    params = count_parameters(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    return {"params": params, "mib": params * 4 / 2**20, "gmac": counter.get_total_flops() / 2e9}

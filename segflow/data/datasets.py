@@ -1,0 +1,122 @@
+"""torch datasets over segflow dataset artifacts and over plain image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from segflow.data import manifest as manifest_lib
+from segflow.data.augment import AugmentConfig, geometric_augment, resize_for_eval, train_augment
+from segflow.errors import SegflowError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as exc:
+        raise SegflowError(f"{path}: cannot read image ({exc}).") from None
+
+
+def to_tensor(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> 3xHxW float, normalised with the dataset's statistics."""
+    return torch.from_numpy(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())
+
+
+class Normalization:
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.maximum(np.asarray(std, dtype=np.float32), 1.0)
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
+class SegmentationDataset(Dataset):
+    """One subset of a dataset artifact. Train mode augments; eval mode resizes images only.
+
+    ``epoch`` is set by the training loop; with ``seed`` and the index it seeds each sample's
+    augmentation, so batches do not depend on loader workers or on resuming.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        subset: str,
+        size: int,
+        norm: Normalization,
+        train: bool,
+        seed: int = 0,
+        augment: AugmentConfig | None = None,
+        names: list[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        manifest = manifest_lib.read(self.root)
+        if subset not in manifest["subsets"]:
+            raise SegflowError(f"{root} has no {subset!r} subset (it has {', '.join(manifest['subsets'])}).")
+        self.labels: list[str] = manifest["labels"]
+        by_name = {}
+        for rel in manifest["files"]:
+            parts = rel.split("/")
+            if parts[0] == subset and parts[1] == "images":
+                by_name[Path(parts[2]).stem] = self.root / rel
+        self.names = sorted(names if names is not None else manifest["subsets"][subset]["items"])
+        self.images = [by_name[n] for n in self.names]
+        self.masks = [self.root / subset / "masks" / f"{n}.png" for n in self.names]
+        self.size, self.norm, self.train, self.seed = size, norm, train, seed
+        self.augment = augment or AugmentConfig()
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        image = read_rgb(self.images[index])
+        mask = np.asarray(Image.open(self.masks[index]))
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, mask = train_augment(rng, image, mask, self.size, self.augment)
+        else:
+            image = resize_for_eval(image, self.size)
+        return {
+            "image": to_tensor(image, self.norm.mean, self.norm.std),
+            "mask": torch.from_numpy(mask.astype(np.int64)),
+            "index": index,
+        }
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Images below ``folder`` (recursive), sorted; skips our own ``detcon_mask`` folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SegflowError(f"{folder} is not a folder of images.")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "detcon_mask" not in p.parts)
+    if not files:
+        raise SegflowError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return files
+
+
+class UnlabeledImages(Dataset):
+    """A plain folder of images, geometrically augmented (Mean Teacher's weak view)."""
+
+    def __init__(
+        self, folder: str | Path, size: int, norm: Normalization, seed: int = 0, augment: AugmentConfig | None = None
+    ) -> None:
+        self.files = image_files(folder)
+        self.size, self.norm, self.seed = size, norm, seed
+        self.augment = augment or AugmentConfig()
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+        image, _ = geometric_augment(rng, read_rgb(self.files[index]), None, self.size, self.augment)
+        return {"image": to_tensor(image, self.norm.mean, self.norm.std), "index": index}

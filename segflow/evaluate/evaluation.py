@@ -1,0 +1,122 @@
+"""The evaluation stage: score a model artifact on a labelled subset; write metrics and pictures.
+
+EVAL_DIR/
+  metrics.json            mDice, mIoU (fractions), pixel accuracy, per-class Dice/IoU, confusion matrix
+  confusion_matrix.png    row-normalised heatmap
+  predictions.png         image | ground truth | prediction, a few samples
+  report.md
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segflow import storage
+from segflow.data import manifest as manifest_lib
+from segflow.data.datasets import Normalization, SegmentationDataset, read_rgb
+from segflow.errors import SegflowError
+from segflow.evaluate.pictures import confusion_heatmap, overlay_grid
+from segflow.evaluate.runner import eval_loader, evaluate
+from segflow.models import artifact as model_artifact
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    data: str
+    out: str
+    subset: str = "val"
+    batch_size: int = 8
+    num_pictures: int = 6
+    overwrite: bool = False
+
+
+def run_evaluation(cfg: EvalConfig) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with (
+        storage.local_input(cfg.model, "--model") as model_dir,
+        storage.local_input(cfg.data, "--data") as data_dir,
+        storage.staged_output(cfg.out, cfg.overwrite) as stage,
+    ):
+        model, config = model_artifact.load(model_dir, device)
+        manifest = manifest_lib.read(data_dir)
+        labels = config["labels"]
+        if manifest["labels"] != labels:
+            raise SegflowError(
+                f"--data {cfg.data} has labels {manifest['labels']} but the model predicts {labels}: "
+                "evaluate on data with the model's label map."
+            )
+        if cfg.subset not in manifest["subsets"]:
+            raise SegflowError(f"--data {cfg.data} has no {cfg.subset!r} subset ({', '.join(manifest['subsets'])}).")
+        norm = Normalization(**config["normalization"])
+        dataset = SegmentationDataset(data_dir, cfg.subset, config["input_size"], norm, train=False)
+        stats = manifest["statistics"]
+        loader = eval_loader(dataset, cfg.batch_size, stats["min_size"] == stats["max_size"])
+        samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+        def keep_pictures(batch, probs):
+            for index, pred in zip(batch["index"].tolist(), probs.argmax(1).cpu().numpy(), strict=True):
+                if len(samples) < cfg.num_pictures:
+                    mask = np.asarray(Image.open(dataset.masks[index]))
+                    samples.append((read_rgb(dataset.images[index]), mask, pred.astype(np.uint8)))
+
+        scores = evaluate(model, loader, len(labels), device, on_batch=keep_pictures)
+        metrics = {
+            "mDice": scores["mDice"],
+            "mIoU": scores["mIoU"],
+            "pixel_accuracy": scores["pixel_accuracy"],
+            "per_class": {name: {"dice": scores["dice"][i], "iou": scores["iou"][i]} for i, name in enumerate(labels)},
+            "labels": labels,
+            "confusion_matrix": scores["confusion_matrix"],
+            "subset": cfg.subset,
+            "images": len(dataset),
+            "pixels": scores["pixels"],
+            "model": {"architecture": config["architecture"], "source": str(cfg.model)},
+            "dataset_fingerprint": manifest["fingerprint"],
+        }
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        confusion_heatmap(scores["confusion_matrix"], labels, stage / "confusion_matrix.png")
+        if samples:
+            overlay_grid(samples, len(labels), stage / "predictions.png")
+        (stage / "report.md").write_text(render_markdown(metrics, has_pictures=bool(samples)))
+    metrics["output"] = str(cfg.out)
+    return metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def render_markdown(metrics: dict, has_pictures: bool = True, embed_dir: Path | None = None) -> str:
+    """The evaluation as Markdown; ``embed_dir`` inlines its PNGs (for the KFP UI)."""
+    lines = [
+        "# Evaluation",
+        "",
+        f"- Model: `{metrics['model']['architecture']}` from `{metrics['model']['source']}`",
+        f"- Data: subset `{metrics['subset']}`, {metrics['images']} images, "
+        f"fingerprint `{metrics['dataset_fingerprint'][:16]}`",
+        f"- **mDice {_fmt(metrics['mDice'])}**, mIoU {_fmt(metrics['mIoU'])}, "
+        f"pixel accuracy {_fmt(metrics['pixel_accuracy'])} (percent)",
+        "",
+        "| class | Dice % | IoU % |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {_fmt(v['dice'])} | {_fmt(v['iou'])} |" for name, v in metrics["per_class"].items()]
+    pictures = [("confusion matrix", "confusion_matrix.png")]
+    if has_pictures:
+        pictures.append(("image | ground truth | prediction", "predictions.png"))
+    for title, name in pictures:
+        if embed_dir is not None:
+            import base64
+
+            data = base64.b64encode((embed_dir / name).read_bytes()).decode()
+            lines += ["", f"![{title}](data:image/png;base64,{data})"]
+        else:
+            lines += ["", f"![{title}]({name})"]
+    return "\n".join(lines) + "\n"

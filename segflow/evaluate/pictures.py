@@ -1,0 +1,87 @@
+"""Pictures for humans: a confusion-matrix heatmap and image / ground truth / prediction overlays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segflow.data.synth import CLASS_COLORS
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """A colour per class (the synthetic palette first, then Datumaro's generated colours)."""
+    from datumaro.util.mask_tools import generate_colormap
+
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    generated = generate_colormap(max(num_classes, len(CLASS_COLORS)) + 1)
+    for i in range(num_classes):
+        colours[i] = CLASS_COLORS[i] if i < len(CLASS_COLORS) else generated[i + 1]
+    return colours
+
+
+def confusion_heatmap(matrix: list[list[int]], labels: list[str], out_png: Path) -> Path:
+    """Row-normalised confusion matrix (rows: ground truth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix, dtype=np.float64)
+    share = m / np.maximum(m.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.55 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    if len(labels) <= 20:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(
+                    j,
+                    i,
+                    f"{share[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title("Confusion (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    colour = colours[mask].astype(np.float32)
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colour
+    blended[mask == 255] = image[mask == 255]
+    return blended.astype(np.uint8)
+
+
+def overlay_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int, out_png: Path) -> Path:
+    """One row per sample: image, ground-truth overlay, prediction overlay."""
+    from PIL import Image
+
+    colours = palette(num_classes)
+    h = min(r[0].shape[0] for r in rows)
+    lines = []
+    for image, truth, pred in rows:
+        if image.shape[0] != h:
+            scale = h / image.shape[0]
+            w = max(1, round(image.shape[1] * scale))
+            image = np.asarray(Image.fromarray(image).resize((w, h)))
+            truth = np.asarray(Image.fromarray(truth).resize((w, h), Image.Resampling.NEAREST))
+            pred = np.asarray(Image.fromarray(pred).resize((w, h), Image.Resampling.NEAREST))
+        gap = np.full((h, 4, 3), 255, np.uint8)
+        lines.append(
+            np.concatenate([image, gap, overlay(image, truth, colours), gap, overlay(image, pred, colours)], 1)
+        )
+    width = max(line.shape[1] for line in lines)
+    lines = [np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
+    Image.fromarray(np.concatenate(lines, 0)).save(out_png)
+    return out_png

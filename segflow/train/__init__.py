@@ -1,0 +1,1 @@
+"""Training: one engine (engine.py), pluggable objectives (objectives.py), typed settings (config.py)."""

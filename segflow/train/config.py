@@ -1,0 +1,87 @@
+"""Training settings. Defaults are the OTX supervised recipe (REFERENCE.md), scaled to CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from segflow.errors import SegflowError
+from segflow.models import MODEL_NAMES
+
+
+@dataclass(frozen=True)
+class SupConConfig:
+    """DetCon-style contrastive branch beside the segmentation head; masks are the labels."""
+
+    weight: float = 1.0
+    every: int = 5  # contrastive views every Nth iteration
+    num_masks: int = 16  # masks sampled per image
+    temperature: float = 0.1
+    ema_momentum: float = 0.996
+
+
+@dataclass(frozen=True)
+class MeanTeacherConfig:
+    unlabeled: str = ""  # folder of plain images (local or s3://)
+    weight: float = 0.7  # unsupervised loss weight
+    ema_momentum: float = 0.99
+    start_epoch: int = 1  # teacher starts teaching from this epoch
+    drop_start: float = 0.2  # share of most-uncertain pseudo-label pixels ignored at first ...
+    drop_decay_epochs: int = 100  # ... decaying linearly to 0 over this many epochs
+    unlabeled_batch_size: int = 0  # 0: same as the labelled batch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "lite_hrnet_s"
+    epochs: int = 30
+    batch_size: int = 8
+    input_size: int = 256
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip_norm: float = 40.0
+    warmup_iters: int = 100
+    warmup_ratio: float = 1 / 3
+    plateau_patience: int = 4
+    plateau_factor: float = 0.1
+    min_lr: float = 1e-6
+    early_stop_patience: int = 8
+    early_stop_min_delta: float = 0.001
+    early_stop_start: int = 3  # no early stop before this epoch
+    loader_workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    checkpoint_dir: str = ""  # default: OUT.checkpoints beside a local OUT, else under $SEGFLOW_HOME
+    init_backbone: str = ""  # folder of DetCon-pretrained backbone weights
+    amp: str = "auto"  # auto: bf16 (or fp16) on CUDA, off on CPU; or off / bf16 / fp16
+    channels_last: str = "auto"  # auto: on for CUDA
+    labeled_subset: str = "train"
+    max_labeled: int = 0  # use only the first N labelled images (label-efficiency studies); 0 = all
+    supcon: SupConConfig | None = None
+    mean_teacher: MeanTeacherConfig | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise SegflowError(f"--model {self.model!r} is not known: choose one of {', '.join(MODEL_NAMES)}.")
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two samples)"),
+            (
+                32 <= self.input_size <= 4096 and self.input_size % 32 == 0,
+                "--input-size must be a multiple of 32 between 32 and 4096",
+            ),
+            (self.lr > 0, "--lr must be positive"),
+            (self.amp in ("auto", "off", "bf16", "fp16"), "--amp must be auto, off, bf16 or fp16"),
+            (self.channels_last in ("auto", "on", "off"), "--channels-last must be auto, on or off"),
+            (self.max_labeled >= 0, "--max-labeled must be 0 (all) or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SegflowError(f"{message}.")
+        if self.mean_teacher is not None and not self.mean_teacher.unlabeled:
+            raise SegflowError("--mean-teacher needs --unlabeled IMAGES: a folder of unlabelled images.")
+        if self.supcon is not None and self.mean_teacher is not None:
+            raise SegflowError("--supcon and --mean-teacher cannot be combined; choose one.")
