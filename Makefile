@@ -19,16 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
-# The demo: synthetic source + target scenes, then the pipeline end to end with kfp.local.
+# The demo: synthetic target-domain scenes, then import -> train -> evaluate with kfp.local.
 demo: $(STAMP)
 	rm -rf $(DEMO_DATA)
-	$(BIN)/segflow data synth $(DEMO_DATA)/source --domain source --num-images 48 --size 96 --seed 0
-	$(BIN)/segflow data synth $(DEMO_DATA)/target --domain target --num-images 48 --size 96 --seed 1
-	$(BIN)/segflow run pipelines/prepare_data.py --local \
-		--param source_uri=$(DEMO_DATA)/source --param target_uri=$(DEMO_DATA)/target
+	$(BIN)/segflow data synth $(DEMO_DATA)/target --domain target --num-images 64 --size 96 --seed 1
+	$(BIN)/segflow run pipelines/supervised.py --local --param data_uri=$(DEMO_DATA)/target
 	@echo
 	@echo "Demo outputs: $(SEGFLOW_HOME)/kfp (one folder per pipeline run and task)"
-	@echo "Import reports: find $(SEGFLOW_HOME)/kfp -name report.md"
+	@echo "Evaluation: find $(SEGFLOW_HOME)/kfp -path '*evaluation/*' -name '*.png' -o -name metrics.json"
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(SEGFLOW_HOME)/mlflow.db"
 
 test: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -119,3 +120,36 @@ def test_failing_pipeline_marks_the_parent_failed(tmp_path, segflow_home):
     runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [p.info.status for p in parents] == ["FAILED"]
+
+
+def test_supervised_ir_wires_import_train_evaluate(tmp_path):
+    ir, platform = compile_ir(REPO / "pipelines" / "supervised.py", tmp_path)
+    tasks = all_tasks(ir)
+    assert tasks["train-model"]["dependentTasks"] == ["import-data"]
+    assert sorted(tasks["evaluate-model"]["dependentTasks"]) == ["import-data", "train-model"]
+    artifacts = tasks["evaluate-model"]["inputs"]["artifacts"]
+    assert artifacts["model"]["taskOutputArtifact"] == {"outputArtifactKey": "model", "producerTask": "train-model"}
+    evaluate_out = ir["components"]["comp-evaluate-model"]["outputDefinitions"]["artifacts"]
+    assert evaluate_out["confusion"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
+    train_out = ir["components"]["comp-train-model"]["outputDefinitions"]["artifacts"]
+    assert train_out["model"]["artifactType"]["schemaTitle"] == "system.Model"
+    train_exec = ir["deploymentSpec"]["executors"]["exec-train-model"]["container"]
+    assert train_exec["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-model"]
+    assert k8s["nodeSelector"]["labels"] == {"segflow.io/pool": "gpu"}
+
+
+def test_supervised_pipeline_runs_locally(tmp_path, segflow_home):
+    data = synthesize(tmp_path / "target", "target", num_images=12, size=64, seed=2)
+    result = orchestration.run_local(
+        REPO / "pipelines" / "supervised.py",
+        {"data_uri": str(data), "epochs": 2, "input_size": 64, "batch_size": 4},
+    )
+    evaluation = result["job_dir"] / "evaluate-model" / "evaluation"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert 0 <= metrics["mDice"] <= 1 and (evaluation / "predictions.png").exists()
+    assert (result["job_dir"] / "train-model" / "model" / "model.safetensors").exists()
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
+    names = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"])
+    assert names == ["evaluate val", "import target", "train lite_hrnet_s supervised"]

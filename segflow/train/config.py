@@ -85,3 +85,16 @@ class TrainConfig:
             raise SegflowError("--mean-teacher needs --unlabeled IMAGES: a folder of unlabelled images.")
         if self.supcon is not None and self.mean_teacher is not None:
             raise SegflowError("--supcon and --mean-teacher cannot be combined; choose one.")
+
+
+METHODS = ("supervised", "supcon", "mean_teacher")
+
+
+def method_settings(method: str, unlabeled: str = "") -> dict:
+    """TrainConfig fields for a method named by a string (pipeline parameters)."""
+    if method not in METHODS:
+        raise SegflowError(f"method {method!r} is not known: choose one of {', '.join(METHODS)}.")
+    return {
+        "supcon": SupConConfig() if method == "supcon" else None,
+        "mean_teacher": MeanTeacherConfig(unlabeled=unlabeled) if method == "mean_teacher" else None,
+    }

@@ -161,7 +161,10 @@ def load_backbone(model: Segmentor, folder: str | Path) -> None:
             f"--init-backbone {folder} holds a {config.get('architecture')!r} backbone but --model is {model.name!r}."
         )
     state = load_file(str(weights))
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ
+        raise SegflowError(f"--init-backbone {folder}: weights do not fit {model.name}: {str(exc)[:400]}") from None
     if missing or unexpected:
         raise SegflowError(
             f"--init-backbone {folder}: weights do not fit {model.name}: "

@@ -160,7 +160,10 @@ class SupCon(Objective):
                 k = self.target_projector(k_feat[[k_index[q_key[i]] for i in both]].float())
             contrastive = contrastive + supervised_contrastive(q, k, q_ids[both, 1], self.cfg.temperature)
         total = ce + self.cfg.weight * contrastive
-        return total, {"ce": ce.item(), "contrastive": float(contrastive)}
+        return total, {
+            "ce": ce.item(),
+            "contrastive": float(contrastive.detach()) if torch.is_tensor(contrastive) else 0.0,
+        }
 
     def after_step(self, model, step):
         if step.iteration % self.cfg.every == 0:

@@ -1,0 +1,55 @@
+"""Train a Lite-HRNet segmentation model on a dataset artifact."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import SEGFLOW_GPU_IMAGE
+
+
+@dsl.component(base_image=SEGFLOW_GPU_IMAGE, install_kfp_package=False)
+def train_model(
+    dataset: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    model_name: str = "lite_hrnet_s",
+    method: str = "supervised",
+    unlabeled_uri: str = "",
+    epochs: int = 30,
+    batch_size: int = 8,
+    input_size: int = 256,
+    iters_per_epoch: int = 0,
+    seed: int = 0,
+    init_backbone_uri: str = "",
+    run_key: str = "",
+    run_name: str = "",
+    experiment: str = "",
+):
+    """METHOD: supervised, supcon, or mean_teacher (needs UNLABELED_URI, a folder of images)."""
+    from segflow.stages import train_stage
+    from segflow.tracking import RunContext
+    from segflow.train.config import TrainConfig, method_settings
+
+    cfg = TrainConfig(
+        data=dataset.path,
+        out=model.path,
+        model=model_name,
+        epochs=epochs,
+        batch_size=batch_size,
+        input_size=input_size,
+        seed=seed,
+        init_backbone=init_backbone_uri,
+        extra={"iters_per_epoch": iters_per_epoch},
+        **method_settings(method, unlabeled_uri),
+    )
+    summary = train_stage(cfg, RunContext(run_key, run_name, experiment))
+    model.metadata.update(
+        {
+            "architecture": model_name,
+            "method": method,
+            "best_val_mDice": summary["best_val_mDice"],
+            "best_epoch": summary["best_epoch"],
+            "dataset_fingerprint": summary["dataset_fingerprint"],
+        }
+    )
+    metrics.log_metric("best_val_mDice", summary["best_val_mDice"])
+    metrics.log_metric("epochs_run", summary["epochs_run"])

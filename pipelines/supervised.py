@@ -1,0 +1,56 @@
+"""Import a labelled dataset, train a Lite-HRNet on it, evaluate on its val subset.
+
+segflow run pipelines/supervised.py --local                      # demo defaults
+segflow run pipelines/supervised.py --local -p method=supcon
+segflow compile pipelines/supervised.py --output supervised.yaml
+"""
+
+import sys
+from pathlib import Path
+
+from kfp import dsl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `components` from this checkout
+
+from components.data_import import import_data
+from components.evaluate import evaluate_model
+from components.platform import on_cluster
+from components.tracking import finish_tracking, run_context
+from components.train import train_model
+
+
+@dsl.pipeline(name="supervised", description="Import, train (supervised / SupCon / Mean Teacher), evaluate.")
+def supervised(
+    data_uri: str = "runs/demo/data/target",
+    unlabeled_uri: str = "",
+    model_name: str = "lite_hrnet_s",
+    method: str = "supervised",
+    epochs: int = 12,
+    batch_size: int = 8,
+    input_size: int = 96,
+    iters_per_epoch: int = 0,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    experiment: str = "",
+):
+    track = run_context(experiment)
+    finish = on_cluster(
+        finish_tracking(run_key=track["run_key"], experiment=experiment), cpu="0.5", memory="1G", cache=False
+    )
+    with dsl.ExitHandler(finish, name="tracked"):
+        data = on_cluster(import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track), cache=False)
+        trained = train_model(
+            dataset=data.outputs["dataset"],
+            model_name=model_name,
+            method=method,
+            unlabeled_uri=unlabeled_uri,
+            epochs=epochs,
+            batch_size=batch_size,
+            input_size=input_size,
+            iters_per_epoch=iters_per_epoch,
+            seed=seed,
+            **track,
+        )
+        on_cluster(trained, gpu=True, cpu="4", memory="16G", cache=False)
+        evaluated = evaluate_model(model=trained.outputs["model"], dataset=data.outputs["dataset"], **track)
+        on_cluster(evaluated, cache=False)

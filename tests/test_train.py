@@ -1,0 +1,229 @@
+"""Training engine, objectives and evaluation on tiny data (64 px, lite_hrnet_s, a few steps).
+
+These tests check behaviour (learning happens, resume is exact, errors are clear), not speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from segflow.data.importer import ImportConfig, import_dataset
+from segflow.data.synth import synthesize
+from segflow.errors import SegflowError
+from segflow.evaluate.evaluation import EvalConfig, run_evaluation
+from segflow.train.config import MeanTeacherConfig, SupConConfig, TrainConfig
+from segflow.train.engine import train
+
+TINY = {"model": "lite_hrnet_s", "input_size": 64, "batch_size": 4, "early_stop_patience": 100}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Target-domain scenes (the camera look), imported: 18 train, 6 val."""
+    root = tmp_path_factory.mktemp("train_data")
+    raw = synthesize(root / "raw", "target", num_images=24, size=64, seed=11)
+    import_dataset(ImportConfig(str(raw), str(root / "ds"), val_fraction=0.25))
+    return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("unl") / "u", "target", num_images=8, size=64, seed=12, unlabeled=True)
+
+
+def cfg(dataset: Path, out: Path, **kwargs) -> TrainConfig:
+    return TrainConfig(data=str(dataset), out=str(out), **{**TINY, **kwargs})
+
+
+def trivial_mdice(dataset: Path) -> float:
+    """mDice of predicting the most frequent val class everywhere."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    pixels = np.asarray(manifest["subsets"]["val"]["label_pixels"], dtype=np.float64)
+    share = pixels.max() / pixels.sum()
+    return (2 * share / (1 + share)) / np.count_nonzero(pixels)
+
+
+def test_training_learns_and_publishes_a_model(dataset, tmp_path):
+    summary = train(cfg(dataset, tmp_path / "model", epochs=8, extra={"iters_per_epoch": 6}))
+    losses = [h["train_loss"] for h in summary["history"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert summary["best_val_mDice"] > 2 * trivial_mdice(dataset), summary["best_val_mDice"]
+    files = sorted(p.name for p in (tmp_path / "model").iterdir())
+    assert files == ["config.json", "model.safetensors", "training.json"]
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["architecture"] == "lite_hrnet_s" and config["labels"][0] == "sky"
+    assert len(config["normalization"]["mean"]) == 3
+
+    metrics = run_evaluation(EvalConfig(model=str(tmp_path / "model"), data=str(dataset), out=str(tmp_path / "eval")))
+    assert metrics["mDice"] == pytest.approx(summary["best_val_mDice"], abs=2e-3)
+    assert 0 <= metrics["mIoU"] <= metrics["mDice"] <= 1
+    assert set(metrics["per_class"]) == set(config["labels"])
+    assert np.asarray(metrics["confusion_matrix"]).sum() == metrics["pixels"] == 6 * 64 * 64
+    for name in ("metrics.json", "confusion_matrix.png", "predictions.png", "report.md"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
+def test_same_seed_same_result(dataset, tmp_path):
+    a = train(cfg(dataset, tmp_path / "a", epochs=2, seed=3))
+    b = train(cfg(dataset, tmp_path / "b", epochs=2, seed=3))
+
+    def timeless(summary):
+        return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in summary["history"]]
+
+    assert timeless(a) == timeless(b)
+    assert all(torch.equal(v, _weights(tmp_path / "b")[k]) for k, v in _weights(tmp_path / "a").items())
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_killed_training_resumes_to_the_same_result(dataset, tmp_path):
+    args = [
+        "--data",
+        str(dataset),
+        "--model",
+        "lite_hrnet_s",
+        "--input-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "4",
+        "--iters-per-epoch",
+        "4",
+        "--no-track",
+        "--early-stop-patience",
+        "100",
+    ]
+    cli = [sys.executable, "-m", "segflow.cli", "train"]
+    subprocess.run([*cli, *args, "--out", str(tmp_path / "straight")], check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    checkpoint = tmp_path / "killed.checkpoints" / "last.pt"
+    proc = subprocess.Popen([*cli, *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "a killed run must not publish a model"
+
+    again = subprocess.run([*cli, *args, "--out", str(killed)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run(
+        [*cli, *args, "--out", str(killed), "--resume"], capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    straight, after = _weights(tmp_path / "straight"), _weights(killed)
+    assert all(torch.equal(straight[k], after[k]) for k in straight)
+    s = json.loads((tmp_path / "straight" / "training.json").read_text())
+    r = json.loads((killed / "training.json").read_text())
+    assert s["best_val_mDice"] == r["best_val_mDice"] and s["iterations"] == r["iterations"] == 16
+
+
+def test_supcon_adds_a_contrastive_loss(dataset, tmp_path):
+    summary = train(cfg(dataset, tmp_path / "m", epochs=2, extra={"iters_per_epoch": 5}, supcon=SupConConfig(every=2)))
+    assert summary["objective"] == "supcon"
+    assert all(np.isfinite(h["train_loss"]) for h in summary["history"])
+    assert any(h.get("train_contrastive", 0) > 0 for h in summary["history"])
+
+
+def test_mean_teacher_learns_from_unlabelled_images(dataset, unlabeled, tmp_path):
+    mt = MeanTeacherConfig(unlabeled=str(unlabeled), start_epoch=1, unlabeled_batch_size=2)
+    summary = train(cfg(dataset, tmp_path / "m", epochs=3, extra={"iters_per_epoch": 3}, mean_teacher=mt))
+    assert summary["objective"] == "mean_teacher"
+    first, later = summary["history"][0], summary["history"][-1]
+    assert "train_unsup" not in first and later["train_unsup"] > 0
+    assert later["train_dropped"] == pytest.approx(0.2 * (1 - 2 / 100))
+
+
+def test_ddp_with_two_cpu_processes(dataset, tmp_path):
+    """torchrun, gloo backend: both processes train in step; one model is published."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "segflow.cli",
+        "train",
+        "--data",
+        str(dataset),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--input-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--no-track",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "training.json").read_text())
+    # 18 train images, batch 2 per process, 2 processes: 4 steps per epoch.
+    assert summary["iterations"] == 8
+
+
+def test_init_backbone_is_checked(dataset, tmp_path):
+    from segflow.models import create_model
+
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    model = create_model("lite_hrnet_18", 7)
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(folder / "backbone.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architecture": "lite_hrnet_18"}))
+    with pytest.raises(SegflowError, match="'lite_hrnet_18' backbone but --model is 'lite_hrnet_s'"):
+        train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
+    (folder / "config.json").write_text(json.dumps({"architecture": "lite_hrnet_s"}))
+    with pytest.raises(SegflowError, match="do not fit"):
+        train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
+    with pytest.raises(SegflowError, match=r"backbone\.safetensors"):
+        train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "unet"}, "--model"),
+        ({"batch_size": 1}, "--batch-size"),
+        ({"input_size": 50}, "--input-size"),
+        ({"amp": "fp8"}, "--amp"),
+        ({"mean_teacher": MeanTeacherConfig()}, "--unlabeled"),
+    ],
+)
+def test_bad_settings_are_named(dataset, tmp_path, change, message):
+    with pytest.raises(SegflowError, match=message):
+        train(replace(cfg(dataset, tmp_path / "m", epochs=1), **change))
+
+
+def test_evaluation_refuses_other_labels(dataset, tmp_path):
+    train(cfg(dataset, tmp_path / "m", epochs=1))
+    other = synthesize(tmp_path / "other", "source", 6, 64, 0)
+    meta = json.loads((other / "dataset_meta.json").read_text())
+    meta["label_map"]["0"] = "heaven"
+    (other / "dataset_meta.json").write_text(json.dumps(meta))
+    import_dataset(ImportConfig(str(other), str(tmp_path / "other_ds")))
+    with pytest.raises(SegflowError, match="labels"):
+        run_evaluation(EvalConfig(model=str(tmp_path / "m"), data=str(tmp_path / "other_ds"), out=str(tmp_path / "e")))
+    assert not (tmp_path / "e").exists()
