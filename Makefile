@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
-# The demo: synthetic target-domain scenes, then import -> train -> evaluate with kfp.local.
+# The demo: synthetic target-domain scenes (64 labelled, 96 unlabelled), then the main pipeline
+# with kfp.local: import -> pseudo masks -> DetCon pretraining -> fine-tuning -> evaluation.
 demo: $(STAMP)
 	rm -rf $(DEMO_DATA)
 	$(BIN)/segflow data synth $(DEMO_DATA)/target --domain target --num-images 64 --size 96 --seed 1
-	$(BIN)/segflow run pipelines/supervised.py --local --param data_uri=$(DEMO_DATA)/target
+	$(BIN)/segflow data synth $(DEMO_DATA)/unlabeled --domain target --num-images 96 --size 96 --seed 2 --unlabeled
+	$(BIN)/segflow run pipelines/selfsl_then_finetune.py --local
 	@echo
 	@echo "Demo outputs: $(SEGFLOW_HOME)/kfp (one folder per pipeline run and task)"
 	@echo "Evaluation: find $(SEGFLOW_HOME)/kfp -path '*evaluation/*' -name '*.png' -o -name metrics.json"
@@ -45,6 +47,9 @@ compile: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/import_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/pseudo_masks.py
+	$(BIN)/python benchmarks/label_efficiency.py
 
 preview: $(STAMP)
 	$(BIN)/segflow data preview docs/synthetic_domains.png --size 128

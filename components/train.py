@@ -19,12 +19,13 @@ def train_model(
     input_size: int = 256,
     iters_per_epoch: int = 0,
     seed: int = 0,
-    init_backbone_uri: str = "",
+    init_backbone: Input[Model] = None,
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
 ):
-    """METHOD: supervised, supcon, or mean_teacher (needs UNLABELED_URI, a folder of images)."""
+    """METHOD: supervised, supcon, or mean_teacher (needs UNLABELED_URI, a folder of images).
+    INIT_BACKBONE (optional): DetCon-pretrained backbone weights to start from."""
     from segflow.stages import train_stage
     from segflow.tracking import RunContext
     from segflow.train.config import TrainConfig, method_settings
@@ -37,8 +38,8 @@ def train_model(
         batch_size=batch_size,
         input_size=input_size,
         seed=seed,
-        init_backbone=init_backbone_uri,
-        extra={"iters_per_epoch": iters_per_epoch},
+        init_backbone=init_backbone.path if init_backbone is not None else "",
+        iters_per_epoch=iters_per_epoch,
         **method_settings(method, unlabeled_uri),
     )
     summary = train_stage(cfg, RunContext(run_key, run_name, experiment))

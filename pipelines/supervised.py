@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `components` fro
 
 from components.data_import import import_data
 from components.evaluate import evaluate_model
+from components.export import export_model
 from components.platform import on_cluster
 from components.tracking import finish_tracking, run_context
 from components.train import train_model
@@ -30,6 +31,7 @@ def supervised(
     input_size: int = 96,
     iters_per_epoch: int = 0,
     val_fraction: float = 0.2,
+    export_precision: str = "fp32",
     seed: int = 0,
     experiment: str = "",
 ):
@@ -54,3 +56,7 @@ def supervised(
         on_cluster(trained, gpu=True, cpu="4", memory="16G", cache=False)
         evaluated = evaluate_model(model=trained.outputs["model"], dataset=data.outputs["dataset"], **track)
         on_cluster(evaluated, cache=False)
+        exported = export_model(
+            model=trained.outputs["model"], dataset=data.outputs["dataset"], precision=export_precision, **track
+        )
+        on_cluster(exported.after(evaluated), cache=False)

@@ -132,7 +132,7 @@ def train_cmd(
         loader_workers=loader_workers,
         supcon=SupConConfig() if supcon else None,
         mean_teacher=MeanTeacherConfig(unlabeled=unlabeled) if mean_teacher else None,
-        extra={"iters_per_epoch": iters_per_epoch} if iters_per_epoch else {},
+        iters_per_epoch=iters_per_epoch,
     )
     if unlabeled and not mean_teacher:
         raise SegflowError("--unlabeled is only used with --mean-teacher.")
@@ -140,6 +140,64 @@ def train_cmd(
     typer.echo(
         f"best val mDice {summary['best_val_mDice']:.4f} at epoch {summary['best_epoch']} "
         f"({summary['epochs_run']} epochs) -> {out}"
+    )
+
+
+@app.command("pseudo-masks")
+def pseudo_masks_cmd(
+    images: Annotated[str, typer.Argument(help="Folder of images (local or s3://).")],
+    out: Annotated[str, typer.Option(help="Mask folder; default: detcon_mask/ beside IMAGES.")] = "",
+    workers: Annotated[int, typer.Option(help="Processes; 0 = one per core.")] = 0,
+    scale: Annotated[float, typer.Option(help="Felzenszwalb scale.")] = 1000.0,
+    sigma: Annotated[float, typer.Option(help="Felzenszwalb Gaussian sigma.")] = 0.8,
+    min_size: Annotated[int, typer.Option(help="Felzenszwalb minimum region size (pixels).")] = 1000,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = False,
+) -> None:
+    """Felzenszwalb pseudo masks for DetCon; masks already made for the same image and parameters are reused."""
+    from segflow.selfsl.pseudo_masks import FelzenszwalbParams
+    from segflow.stages import pseudo_masks_stage
+
+    params = FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size)
+    result = pseudo_masks_stage(images, out, params, workers, track=track)
+    typer.echo(f"{result['images']} images: {result['made']} masks made, {result['reused']} reused -> {result['out']}")
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    images: Annotated[str, typer.Option(help="Folder of unlabelled images (local or s3://).")],
+    out: Annotated[str, typer.Option(help="Folder to create for the backbone weights.")],
+    model: Annotated[str, typer.Option(help="lite_hrnet_s, lite_hrnet_18 or lite_hrnet_x.")] = "lite_hrnet_s",
+    epochs: Annotated[int, typer.Option()] = 10,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    input_size: Annotated[int, typer.Option(help="View side in pixels (multiple of 32).")] = 224,
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 1e-3,
+    iters_per_epoch: Annotated[int, typer.Option(help="At least this many steps per epoch.")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option("--resume")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
+) -> None:
+    """DetCon self-supervised pretraining of a backbone (pseudo masks are made first when missing)."""
+    from segflow.selfsl.detcon import PretrainConfig
+    from segflow.stages import pretrain_stage
+
+    cfg = PretrainConfig(
+        images=images,
+        out=out,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        input_size=input_size,
+        lr=lr,
+        iters_per_epoch=iters_per_epoch,
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    result = pretrain_stage(cfg, track=track)
+    typer.echo(
+        f"DetCon loss {result['first_loss']:.3f} -> {result['final_loss']:.3f} over {result['epochs']} epochs "
+        f"on {result['images']} images -> {out}  (use: segflow train --init-backbone {out})"
     )
 
 
@@ -163,6 +221,65 @@ def evaluate_cmd(
         f"mDice {metrics['mDice']:.4f}  mIoU {metrics['mIoU']:.4f}  pixel accuracy "
         f"{metrics['pixel_accuracy']:.4f} on {metrics['images']} {subset} images -> {out}"
     )
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Option(help="Model folder (from `segflow train`).")],
+    out: Annotated[str, typer.Option(help="IR folder to create.")],
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp32",
+    calibration: Annotated[str, typer.Option(help="Dataset artifact: INT8 calibration and parity images.")] = "",
+    input_size: Annotated[int, typer.Option(help="Fixed input side; default: the training size.")] = 0,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Any batch and image size.")] = False,
+    max_drop: Annotated[float, typer.Option(help="mDice points FP16/INT8 may lose.")] = 1.0,
+    accuracy_control: Annotated[
+        bool, typer.Option("--accuracy-control", help="INT8: keep the drop within --max-drop.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run and pyfunc model.")] = True,
+) -> None:
+    """Export to OpenVINO IR, checked against the PyTorch model (fails on disagreement)."""
+    from segflow.export.openvino_ir import ExportConfig
+    from segflow.stages import export_stage
+
+    cfg = ExportConfig(
+        model=model,
+        out=out,
+        precision=precision,
+        calibration=calibration,
+        input_size=input_size,
+        dynamic=dynamic,
+        max_drop=max_drop,
+        accuracy_control=accuracy_control,
+        overwrite=overwrite,
+    )
+    report = export_stage(cfg, track=track)
+    parity = ""
+    if report.get("passed") is not None:
+        parity = (
+            f", parity: max |logit diff| {report['max_abs_logit_diff']:.2e}, mDice {100 * report['ir_mDice']:.2f}"
+            f" vs {100 * report['torch_mDice']:.2f} in PyTorch"
+        )
+    typer.echo(f"{precision.upper()} IR -> {out} (latency {report['latency_ms']:.1f} ms{parity})")
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[str, typer.Option(help="IR folder (from `segflow export`) or model folder.")],
+    input: Annotated[str, typer.Option("--input", help="Image file or folder of images.")],
+    out: Annotated[str, typer.Option(help="Folder to create: masks/, overlays/, entropy/.")],
+    entropy: Annotated[bool, typer.Option("--entropy", help="Also write per-pixel entropy maps.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Masks and colour overlays for images; unreadable images are reported and skipped."""
+    from segflow.export.predict import PredictConfig, predict
+
+    summary = predict(PredictConfig(model=model, input=input, out=out, entropy=entropy, overwrite=overwrite))
+    typer.echo(
+        f"{summary['predicted']} images predicted ({summary['runtime']}), {len(summary['skipped'])} skipped -> {out}"
+    )
+    for item in summary["skipped"]:
+        typer.secho(f"  skipped {item['image']}: {item['reason']}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command("models")

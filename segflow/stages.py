@@ -12,6 +12,7 @@ from pathlib import Path
 from segflow import tracking
 from segflow.data import manifest as manifest_lib
 from segflow.data.importer import ImportConfig, import_dataset
+from segflow.errors import SegflowError
 from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluation
 from segflow.train.config import TrainConfig
 
@@ -111,3 +112,71 @@ def _write_eval_markdown(metrics: dict, cfg: EvalConfig, path: str | None) -> No
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         has_pictures = (Path(folder) / "predictions.png").exists()
         Path(path).write_text(render_markdown(metrics, has_pictures, embed_dir=Path(folder)))
+
+
+def pseudo_masks_stage(
+    images: str,
+    out: str = "",
+    params=None,
+    workers: int = 0,
+    run: tracking.RunContext | None = None,
+    track: bool = True,
+) -> dict:
+    """Felzenszwalb pseudo masks for a folder of images (local, or s3:// with OUT given)."""
+    from segflow.selfsl.pseudo_masks import FelzenszwalbParams, make_pseudo_masks
+    from segflow.storage import is_s3, local_input, staged_output
+
+    params = params or FelzenszwalbParams()
+
+    def work() -> dict:
+        if not is_s3(images) and not is_s3(out):
+            return make_pseudo_masks(Path(images), Path(out) if out else None, params, workers)
+        if not out:
+            raise SegflowError("pseudo masks of s3:// images need --out (a local folder or s3:// prefix).")
+        with local_input(images, "IMAGES") as folder, staged_output(out, overwrite=True) as stage:
+            return make_pseudo_masks(folder, stage, params, workers) | {"out": out}
+
+    if not track:
+        return work()
+    with tracking.stage_run("pseudo_masks", {"images": images, "out": out, **params.__dict__}, run):
+        import mlflow
+
+        result = work()
+        mlflow.log_metrics({"images": result["images"], "made": result["made"], "reused": result["reused"]})
+    return result
+
+
+def pretrain_stage(cfg, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+    """DetCon pretraining; per-epoch loss to MLflow."""
+    from segflow.selfsl.detcon import pretrain
+
+    if not track:
+        return pretrain(cfg)
+    with tracking.stage_run("pretrain", cfg, run, label=f"{cfg.model} detcon"):
+        import mlflow
+
+        result = pretrain(cfg, on_epoch=lambda epoch, record: mlflow.log_metrics(record, step=epoch + 1))
+        mlflow.log_metrics({"final_loss": result["final_loss"]})
+    return result
+
+
+def export_stage(cfg, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+    """OpenVINO export with its parity check; the IR is logged to MLflow as a pyfunc model."""
+    from segflow.export.openvino_ir import export
+
+    if not track:
+        return export(cfg)
+    with tracking.stage_run("export", cfg, run, label=cfg.precision):
+        import mlflow
+
+        from segflow.export.pyfunc import log_ir
+        from segflow.storage import local_input
+
+        report = export(cfg)
+        mlflow.log_metrics(
+            {k: float(v) for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        )
+        mlflow.log_dict(report, "export_report.json")
+        with local_input(cfg.out, "export output") as ir_dir:
+            report["model_uri"] = log_ir(str(ir_dir))
+    return report

@@ -153,3 +153,45 @@ def test_supervised_pipeline_runs_locally(tmp_path, segflow_home):
     runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
     names = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"])
     assert names == ["evaluate val", "import target", "train lite_hrnet_s supervised"]
+
+
+def test_selfsl_then_finetune_ir(tmp_path):
+    ir, _ = compile_ir(REPO / "pipelines" / "selfsl_then_finetune.py", tmp_path)
+    tasks = all_tasks(ir)
+    assert tasks["pretrain-backbone"]["dependentTasks"] == ["pseudo-masks"]
+    assert sorted(tasks["train-model"]["dependentTasks"]) == ["import-data", "pretrain-backbone"]
+    backbone = tasks["train-model"]["inputs"]["artifacts"]["init_backbone"]["taskOutputArtifact"]
+    assert backbone == {"outputArtifactKey": "backbone", "producerTask": "pretrain-backbone"}
+    train_inputs = ir["components"]["comp-train-model"]["inputDefinitions"]["artifacts"]
+    assert train_inputs["init_backbone"]["isOptional"] is True
+
+
+def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
+    data = synthesize(tmp_path / "target", "target", num_images=12, size=64, seed=2)
+    unlabeled = synthesize(tmp_path / "unl", "target", num_images=8, size=64, seed=3, unlabeled=True)
+    params = {
+        "data_uri": str(data),
+        "unlabeled_uri": str(unlabeled),
+        "epochs": 1,
+        "input_size": 64,
+        "batch_size": 4,
+        "pretrain_epochs": 1,
+        "pretrain_batch_size": 4,
+        "pretrain_input_size": 64,
+        "felzenszwalb_min_size": 20,
+        "finetune_method": "supcon",
+    }
+    result = orchestration.run_local(REPO / "pipelines" / "selfsl_then_finetune.py", params)
+    assert (result["job_dir"] / "pretrain-backbone" / "backbone" / "backbone.safetensors").exists()
+    summary = json.loads((result["job_dir"] / "train-model" / "model" / "training.json").read_text())
+    assert summary["config"]["init_backbone"].endswith("backbone") and summary["objective"] == "supcon"
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
+    names = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"])
+    assert names == [
+        "evaluate val",
+        "import target",
+        "pretrain lite_hrnet_s detcon",
+        "pseudo_masks",
+        "train lite_hrnet_s supcon",
+    ]

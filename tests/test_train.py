@@ -56,7 +56,7 @@ def trivial_mdice(dataset: Path) -> float:
 
 
 def test_training_learns_and_publishes_a_model(dataset, tmp_path):
-    summary = train(cfg(dataset, tmp_path / "model", epochs=8, extra={"iters_per_epoch": 6}))
+    summary = train(cfg(dataset, tmp_path / "model", epochs=8, iters_per_epoch=6))
     losses = [h["train_loss"] for h in summary["history"]]
     assert losses[-1] < 0.8 * losses[0], losses
     assert summary["best_val_mDice"] > 2 * trivial_mdice(dataset), summary["best_val_mDice"]
@@ -137,7 +137,7 @@ def test_killed_training_resumes_to_the_same_result(dataset, tmp_path):
 
 
 def test_supcon_adds_a_contrastive_loss(dataset, tmp_path):
-    summary = train(cfg(dataset, tmp_path / "m", epochs=2, extra={"iters_per_epoch": 5}, supcon=SupConConfig(every=2)))
+    summary = train(cfg(dataset, tmp_path / "m", epochs=2, iters_per_epoch=5, supcon=SupConConfig(every=2)))
     assert summary["objective"] == "supcon"
     assert all(np.isfinite(h["train_loss"]) for h in summary["history"])
     assert any(h.get("train_contrastive", 0) > 0 for h in summary["history"])
@@ -145,7 +145,7 @@ def test_supcon_adds_a_contrastive_loss(dataset, tmp_path):
 
 def test_mean_teacher_learns_from_unlabelled_images(dataset, unlabeled, tmp_path):
     mt = MeanTeacherConfig(unlabeled=str(unlabeled), start_epoch=1, unlabeled_batch_size=2)
-    summary = train(cfg(dataset, tmp_path / "m", epochs=3, extra={"iters_per_epoch": 3}, mean_teacher=mt))
+    summary = train(cfg(dataset, tmp_path / "m", epochs=3, iters_per_epoch=3, mean_teacher=mt))
     assert summary["objective"] == "mean_teacher"
     first, later = summary["history"][0], summary["history"][-1]
     assert "train_unsup" not in first and later["train_unsup"] > 0
@@ -158,10 +158,9 @@ def test_ddp_with_two_cpu_processes(dataset, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port on loopback
         "--nproc-per-node",
         "2",
-        "--master-port",
-        "29533",
         "-m",
         "segflow.cli",
         "train",

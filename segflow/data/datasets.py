@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -55,6 +56,7 @@ class SegmentationDataset(Dataset):
         seed: int = 0,
         augment: AugmentConfig | None = None,
         names: list[str] | None = None,
+        square: bool = False,
     ) -> None:
         self.root = Path(root)
         manifest = manifest_lib.read(self.root)
@@ -71,6 +73,7 @@ class SegmentationDataset(Dataset):
         self.masks = [self.root / subset / "masks" / f"{n}.png" for n in self.names]
         self.size, self.norm, self.train, self.seed = size, norm, train, seed
         self.augment = augment or AugmentConfig()
+        self.square = square  # eval images to exactly size x size (a fixed-shape export's input)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -82,6 +85,8 @@ class SegmentationDataset(Dataset):
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             image, mask = train_augment(rng, image, mask, self.size, self.augment)
+        elif self.square:
+            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
         else:
             image = resize_for_eval(image, self.size)
         return {

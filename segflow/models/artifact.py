@@ -60,7 +60,16 @@ def read_config(folder: str | Path) -> dict:
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Segmentor, dict]:
-    """Rebuild the model from config.json and load its weights; the model is in eval mode."""
+    """Rebuild the model from config.json and load its weights; the model is in eval mode.
+
+    An OpenVINO IR folder (from `segflow export`) loads as an IRSegmentor with the same calling
+    convention, so evaluation and prediction take either.
+    """
+    from segflow.export.runtime import IRSegmentor, is_ir
+
+    if is_ir(folder):
+        ir = IRSegmentor(folder)
+        return ir, ir.config
     config = read_config(folder)
     weights = Path(folder) / WEIGHTS
     if not weights.exists():

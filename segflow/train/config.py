@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from segflow.errors import SegflowError
 from segflow.models import MODEL_NAMES
@@ -24,7 +24,7 @@ class MeanTeacherConfig:
     unlabeled: str = ""  # folder of plain images (local or s3://)
     weight: float = 0.7  # unsupervised loss weight
     ema_momentum: float = 0.99
-    start_epoch: int = 1  # teacher starts teaching from this epoch
+    start_epoch: int = -1  # teacher starts teaching from this epoch; -1: after a quarter of the epochs
     drop_start: float = 0.2  # share of most-uncertain pseudo-label pixels ignored at first ...
     drop_decay_epochs: int = 100  # ... decaying linearly to 0 over this many epochs
     unlabeled_batch_size: int = 0  # 0: same as the labelled batch
@@ -59,9 +59,9 @@ class TrainConfig:
     channels_last: str = "auto"  # auto: on for CUDA
     labeled_subset: str = "train"
     max_labeled: int = 0  # use only the first N labelled images (label-efficiency studies); 0 = all
+    iters_per_epoch: int = 0  # at least this many steps per epoch (tiny labelled sets); 0 = one pass
     supcon: SupConConfig | None = None
     mean_teacher: MeanTeacherConfig | None = None
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.model not in MODEL_NAMES:

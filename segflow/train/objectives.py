@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segflow.selfsl.regions import mlp, region_loss
 from segflow.train.config import MeanTeacherConfig, SupConConfig
 from segflow.train.views import photometric_views, random_views, strong_augment
 
@@ -78,41 +79,14 @@ class Objective:
 Supervised = Objective
 
 
-def _mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(cin, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cout))
-
-
-def pool_by_mask(features: torch.Tensor, masks: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean feature of every (image, class) region. Returns (R x C features, R x 2 [image, class])."""
-    _n, _c, h, w = features.shape
-    small = F.interpolate(masks[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
-    onehot = F.one_hot(small.clamp(max=num_classes), num_classes + 1)[..., :num_classes]  # drop ignore
-    onehot = onehot.permute(0, 3, 1, 2).to(features.dtype)  # N x K x h x w
-    area = onehot.sum((2, 3))  # N x K
-    pooled = torch.einsum("nchw,nkhw->nkc", features, onehot) / area.clamp(min=1)[..., None]
-    keep = area > 0
-    ids = keep.nonzero()
-    return pooled[keep], ids
-
-
-def supervised_contrastive(queries: torch.Tensor, keys: torch.Tensor, classes: torch.Tensor, temperature: float):
-    """Each query's positives are the keys of the same class (its own region's key included)."""
-    q = F.normalize(queries.float(), dim=1)
-    k = F.normalize(keys.float(), dim=1)
-    logits = q @ k.T / temperature
-    positive = (classes[:, None] == classes[None, :]).float()
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    return -(log_prob * positive).sum(1).div(positive.sum(1)).mean()
-
-
 class SupCon(Objective):
     name = "supcon"
 
     def __init__(self, cfg: SupConConfig, num_classes: int, feature_channels: int) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
-        self.projector = _mlp(feature_channels, 256, 128)
-        self.predictor = _mlp(128, 256, 128)
+        self.projector = mlp(feature_channels, 256, 128)
+        self.predictor = mlp(128, 256, 128)
         self.target: nn.Module | None = None
         self.target_projector: nn.Module | None = None
 
@@ -141,29 +115,18 @@ class SupCon(Objective):
         with torch.no_grad():
             self.target.train()
             target_feats = self.target(torch.cat([v1, v2]), with_features=True).features
-        contrastive = 0.0
-        for (online, om), (target, tm) in (
-            ((feats[n : 2 * n], m1), (target_feats[n:], m2)),
-            ((feats[2 * n :], m2), (target_feats[:n], m1)),
-        ):
-            q_feat, q_ids = pool_by_mask(online, om, self.num_classes)
-            k_feat, k_ids = pool_by_mask(target, tm, self.num_classes)
-            # Only regions present in both views, in the same order.
-            q_key = (q_ids[:, 0] * self.num_classes + q_ids[:, 1]).tolist()
-            k_index = {int(key): i for i, key in enumerate((k_ids[:, 0] * self.num_classes + k_ids[:, 1]).tolist())}
-            both = [i for i, key in enumerate(q_key) if key in k_index]
-            if len(both) < 2:
-                continue
-            both = both[: n * self.cfg.num_masks]
-            q = self.predictor(self.projector(q_feat[both].float()))
-            with torch.no_grad():
-                k = self.target_projector(k_feat[[k_index[q_key[i]] for i in both]].float())
-            contrastive = contrastive + supervised_contrastive(q, k, q_ids[both, 1], self.cfg.temperature)
+        n_ids = self.num_classes
+        heads = (self.projector, self.predictor, self.target_projector)
+        g = step.generator(5)
+        contrastive = sum(
+            region_loss(online, target, n_ids, heads, self.cfg.temperature, self.cfg.num_masks, True, g)
+            for online, target in (
+                ((feats[n : 2 * n], m1), (target_feats[n:], m2)),
+                ((feats[2 * n :], m2), (target_feats[:n], m1)),
+            )
+        )
         total = ce + self.cfg.weight * contrastive
-        return total, {
-            "ce": ce.item(),
-            "contrastive": float(contrastive.detach()) if torch.is_tensor(contrastive) else 0.0,
-        }
+        return total, {"ce": ce.item(), "contrastive": float(contrastive.detach())}
 
     def after_step(self, model, step):
         if step.iteration % self.cfg.every == 0:
@@ -174,7 +137,11 @@ class SupCon(Objective):
 class MeanTeacher(Objective):
     name = "mean_teacher"
 
-    def __init__(self, cfg: MeanTeacherConfig, unlabeled_batches) -> None:
+    def __init__(self, cfg: MeanTeacherConfig, unlabeled_batches, epochs: int) -> None:
+        if cfg.start_epoch < 0:
+            # OTX starts at epoch 1-2 of long runs; on short runs an untrained teacher's labels
+            # drown the few real ones, so wait until the student has seen a quarter of training.
+            cfg = replace(cfg, start_epoch=max(1, epochs // 4))
         self.cfg = cfg
         self.unlabeled = unlabeled_batches  # callable(step) -> batch dict
         self.teacher: nn.Module | None = None

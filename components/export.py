@@ -1,0 +1,38 @@
+"""Export a trained model to OpenVINO IR, checked against PyTorch; the IR is logged to MLflow."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import SEGFLOW_IMAGE
+
+
+@dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
+def export_model(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    ir: Output[Model],
+    precision: str = "fp32",
+    max_drop: float = 1.0,
+    run_key: str = "",
+    run_name: str = "",
+    experiment: str = "",
+):
+    """PRECISION: fp32, fp16 or int8 (calibrated on DATASET). Fails when the IR disagrees with PyTorch."""
+    from segflow.export.openvino_ir import ExportConfig
+    from segflow.stages import export_stage
+    from segflow.tracking import RunContext
+
+    cfg = ExportConfig(model=model.path, out=ir.path, precision=precision, calibration=dataset.path, max_drop=max_drop)
+    report = export_stage(cfg, RunContext(run_key, run_name, experiment))
+    ir.metadata.update(
+        {
+            "framework": "openvino",
+            "precision": precision,
+            "latency_ms": report["latency_ms"],
+            "mDice": report.get("ir_mDice"),
+            "torch_mDice": report.get("torch_mDice"),
+            "max_abs_logit_diff": report.get("max_abs_logit_diff"),
+            "parity_passed": report.get("passed"),
+            "mlflow_model_uri": report.get("model_uri", ""),
+        }
+    )

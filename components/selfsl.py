@@ -1,0 +1,69 @@
+"""Self-supervised stages on a folder of unlabelled images: DetCon pseudo masks, DetCon pretraining."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import SEGFLOW_GPU_IMAGE, SEGFLOW_IMAGE
+
+
+@dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
+def pseudo_masks(
+    images_uri: str,
+    masks: Output[Dataset],
+    scale: float = 1000.0,
+    sigma: float = 0.8,
+    min_size: int = 1000,
+    run_key: str = "",
+    run_name: str = "",
+    experiment: str = "",
+):
+    """Felzenszwalb masks of every image under IMAGES_URI (local path or s3://; no labels needed)."""
+    from segflow.selfsl.pseudo_masks import FelzenszwalbParams
+    from segflow.stages import pseudo_masks_stage
+    from segflow.tracking import RunContext
+
+    params = FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size)
+    result = pseudo_masks_stage(images_uri, masks.path, params, run=RunContext(run_key, run_name, experiment))
+    masks.metadata.update({"images": result["images"], "source": images_uri, "scale": scale, "min_size": min_size})
+
+
+@dsl.component(base_image=SEGFLOW_GPU_IMAGE, install_kfp_package=False)
+def pretrain_backbone(
+    images_uri: str,
+    masks: Input[Dataset],
+    backbone: Output[Model],
+    metrics: Output[Metrics],
+    model_name: str = "lite_hrnet_s",
+    epochs: int = 10,
+    batch_size: int = 16,
+    input_size: int = 224,
+    lr: float = 0.001,
+    iters_per_epoch: int = 0,
+    seed: int = 0,
+    run_key: str = "",
+    run_name: str = "",
+    experiment: str = "",
+):
+    """DetCon-B pretraining of the backbone on the images and their pseudo masks."""
+    from segflow.selfsl.detcon import PretrainConfig
+    from segflow.stages import pretrain_stage
+    from segflow.tracking import RunContext
+
+    cfg = PretrainConfig(
+        images=images_uri,
+        out=backbone.path,
+        masks=masks.path,
+        model=model_name,
+        epochs=epochs,
+        batch_size=batch_size,
+        input_size=input_size,
+        lr=lr,
+        iters_per_epoch=iters_per_epoch,
+        seed=seed,
+    )
+    result = pretrain_stage(cfg, RunContext(run_key, run_name, experiment))
+    backbone.metadata.update(
+        {"architecture": model_name, "final_loss": result["final_loss"], "images": result["images"]}
+    )
+    metrics.log_metric("first_loss", result["first_loss"])
+    metrics.log_metric("final_loss", result["final_loss"])

@@ -1,0 +1,93 @@
+"""Learn from unlabelled images, then fine-tune on the few labelled ones.
+
+import labelled data -> pseudo masks (Felzenszwalb) -> DetCon pretraining -> fine-tune
+(plain or SupCon) -> evaluate -> OpenVINO export; one MLflow parent run, a nested run per stage.
+
+    segflow run pipelines/selfsl_then_finetune.py --local     # the demo: synthetic data from `make demo`
+    segflow compile pipelines/selfsl_then_finetune.py --output selfsl_then_finetune.yaml
+    kfp run create -e segflow -r my-run -f selfsl_then_finetune.yaml data_uri=s3://... unlabeled_uri=s3://...
+
+Defaults are sized for the demo (96 px images, CPU). For real data use the OTX settings:
+felzenszwalb_scale=1000, felzenszwalb_min_size=1000, pretrain_input_size=224, pretrain_lr=0.001,
+input_size=512, epochs=300.
+"""
+
+import sys
+from pathlib import Path
+
+from kfp import dsl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `components` from this checkout
+
+from components.data_import import import_data
+from components.evaluate import evaluate_model
+from components.export import export_model
+from components.platform import on_cluster
+from components.selfsl import pretrain_backbone, pseudo_masks
+from components.tracking import finish_tracking, run_context
+from components.train import train_model
+
+
+@dsl.pipeline(name="selfsl-then-finetune", description="DetCon self-supervised pretraining, then fine-tuning.")
+def selfsl_then_finetune(
+    data_uri: str = "runs/demo/data/target",
+    unlabeled_uri: str = "runs/demo/data/unlabeled",
+    model_name: str = "lite_hrnet_s",
+    finetune_method: str = "supervised",
+    felzenszwalb_scale: float = 100.0,
+    felzenszwalb_min_size: int = 40,
+    pretrain_epochs: int = 10,
+    pretrain_batch_size: int = 16,
+    pretrain_input_size: int = 96,
+    pretrain_lr: float = 0.05,
+    epochs: int = 12,
+    batch_size: int = 8,
+    input_size: int = 96,
+    iters_per_epoch: int = 0,
+    val_fraction: float = 0.2,
+    export_precision: str = "fp32",
+    seed: int = 0,
+    experiment: str = "",
+):
+    track = run_context(experiment)
+    finish = on_cluster(
+        finish_tracking(run_key=track["run_key"], experiment=experiment), cpu="0.5", memory="1G", cache=False
+    )
+    with dsl.ExitHandler(finish, name="tracked"):
+        data = on_cluster(import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track), cache=False)
+        masks = on_cluster(
+            pseudo_masks(images_uri=unlabeled_uri, scale=felzenszwalb_scale, min_size=felzenszwalb_min_size, **track),
+            cpu="4",
+            cache=False,
+        )
+        backbone = pretrain_backbone(
+            images_uri=unlabeled_uri,
+            masks=masks.outputs["masks"],
+            model_name=model_name,
+            epochs=pretrain_epochs,
+            batch_size=pretrain_batch_size,
+            input_size=pretrain_input_size,
+            lr=pretrain_lr,
+            seed=seed,
+            **track,
+        )
+        on_cluster(backbone, gpu=True, cpu="4", memory="16G", cache=False)
+        trained = train_model(
+            dataset=data.outputs["dataset"],
+            init_backbone=backbone.outputs["backbone"],
+            model_name=model_name,
+            method=finetune_method,
+            epochs=epochs,
+            batch_size=batch_size,
+            input_size=input_size,
+            iters_per_epoch=iters_per_epoch,
+            seed=seed,
+            **track,
+        )
+        on_cluster(trained, gpu=True, cpu="4", memory="16G", cache=False)
+        evaluated = evaluate_model(model=trained.outputs["model"], dataset=data.outputs["dataset"], **track)
+        on_cluster(evaluated, cache=False)
+        exported = export_model(
+            model=trained.outputs["model"], dataset=data.outputs["dataset"], precision=export_precision, **track
+        )
+        on_cluster(exported.after(evaluated), cache=False)

@@ -1,0 +1,265 @@
+"""Export a trained model to OpenVINO IR (FP32, FP16 or INT8), and check the IR against PyTorch.
+
+    IR_DIR/
+      model.xml model.bin    the IR; rt_info model_info holds labels, normalisation, input size...
+      export_report.json     parity: max logit difference, argmax agreement, mDice of both, latency
+
+FP32 must agree with PyTorch within a logit tolerance. FP16 and INT8 may lose at most
+``max_drop`` mDice points on the parity images. INT8 comes from NNCF post-training
+quantisation on calibration images, optionally with accuracy control. A failed check publishes
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from segflow import storage
+from segflow.data import manifest as manifest_lib
+from segflow.data.datasets import Normalization, SegmentationDataset
+from segflow.errors import SegflowError
+from segflow.evaluate.metrics import ConfusionMatrix
+from segflow.export.runtime import IR_XML, IRSegmentor, write_metadata
+from segflow.models import artifact as model_artifact
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str
+    out: str
+    precision: str = "fp32"
+    calibration: str = ""  # dataset artifact: calibration (INT8) and parity images
+    subset: str = "val"
+    input_size: int = 0  # 0: the size the model was trained at
+    dynamic: bool = False  # any batch and image size instead of 1 x 3 x S x S
+    max_drop: float = 1.0  # mDice points FP16 / INT8 may lose
+    accuracy_control: bool = False  # INT8: NNCF keeps the drop within max_drop by reverting layers
+    tolerance: float = 1e-3  # FP32: max |logit difference| relative to the largest logit
+    parity_images: int = 32
+    calibration_images: int = 300
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise SegflowError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r}).")
+        if self.precision == "int8" and not self.calibration:
+            raise SegflowError("--precision int8 needs --calibration DS (a dataset artifact) to quantise with.")
+        if self.input_size and (self.input_size % 32 or self.input_size < 32):
+            raise SegflowError("--input-size must be a multiple of 32.")
+        if self.max_drop < 0:
+            raise SegflowError("--max-drop must be 0 or more (mDice points).")
+
+
+class _Logits(nn.Module):
+    """The Segmentor with a plain tensor output, as the converter wants it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def convert(model: nn.Module, size: int, dynamic: bool):
+    import openvino as ov
+
+    shape = ov.PartialShape([-1, 3, -1, -1] if dynamic else [1, 3, size, size])
+    with torch.no_grad():
+        return ov.convert_model(_Logits(model.eval()), example_input=torch.zeros(1, 3, size, size), input=[shape])
+
+
+def _square_batches(dataset: SegmentationDataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=1, shuffle=False)
+
+
+def _torch_scores(model, loader, num_classes: int) -> tuple[dict, list[np.ndarray]]:
+    confusion, logits = ConfusionMatrix(num_classes), []
+    with torch.no_grad():
+        for batch in loader:
+            out = model(batch["image"]).logits.float()
+            logits.append(out.numpy())
+            pred = torch.nn.functional.interpolate(
+                out, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False
+            ).argmax(1)
+            confusion.update(pred, batch["mask"])
+    return confusion.scores(), logits
+
+
+def _ir_scores(ir: IRSegmentor, loader, num_classes: int) -> tuple[dict, list[np.ndarray]]:
+    confusion, logits = ConfusionMatrix(num_classes), []
+    for batch in loader:
+        out = ir(batch["image"]).logits
+        logits.append(out.numpy())
+        pred = torch.nn.functional.interpolate(
+            out, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False
+        ).argmax(1)
+        confusion.update(pred, batch["mask"])
+    return confusion.scores(), logits
+
+
+def latency_ms(ir: IRSegmentor, size: int, runs: int = 20) -> float:
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    ir.infer(x)
+    start = time.perf_counter()
+    for _ in range(runs):
+        ir.infer(x)
+    return 1000 * (time.perf_counter() - start) / runs
+
+
+def quantize(
+    ov_model,
+    calibration: SegmentationDataset,
+    cfg: ExportConfig,
+    validation: SegmentationDataset | None,
+    num_classes: int,
+):
+    """NNCF post-training INT8 quantisation, with accuracy control when asked."""
+    import nncf
+
+    items = [calibration[i]["image"][None].numpy() for i in range(min(len(calibration), cfg.calibration_images))]
+    calib = nncf.Dataset(items)
+    if not cfg.accuracy_control or validation is None:
+        return nncf.quantize(ov_model, calib, subset_size=len(items), preset=nncf.QuantizationPreset.MIXED)
+
+    val_items = [validation[i] for i in range(min(len(validation), cfg.parity_images))]
+
+    def validate(compiled, data) -> tuple[float, None]:
+        confusion = ConfusionMatrix(num_classes)
+        for item in data:
+            out = torch.from_numpy(compiled(item["image"][None].numpy())[0])
+            pred = torch.nn.functional.interpolate(
+                out, size=item["mask"].shape[-2:], mode="bilinear", align_corners=False
+            ).argmax(1)
+            confusion.update(pred, item["mask"][None])
+        return confusion.scores()["mDice"], None
+
+    return nncf.quantize_with_accuracy_control(
+        ov_model,
+        calib,
+        nncf.Dataset(val_items),
+        validate,
+        max_drop=cfg.max_drop / 100,
+        drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=len(items),
+        preset=nncf.QuantizationPreset.MIXED,
+    )
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Convert, (quantise,) check parity, and publish the IR folder; return the export report."""
+    import openvino as ov
+
+    cfg.validate()
+    with (
+        storage.local_input(cfg.model, "--model") as model_dir,
+        _maybe_input(cfg.calibration) as data_dir,
+        storage.staged_output(cfg.out, cfg.overwrite) as stage,
+    ):
+        model, config = model_artifact.load(model_dir, "cpu")
+        if not hasattr(model, "state_dict"):
+            raise SegflowError(f"--model {cfg.model} is already an OpenVINO IR: export from the PyTorch model folder.")
+        size = cfg.input_size or config["input_size"]
+        norm = Normalization(**config["normalization"])
+        labels = config["labels"]
+        parity = calibration = None
+        if data_dir is not None:
+            manifest = manifest_lib.read(data_dir)
+            if manifest["labels"] != labels:
+                raise SegflowError(
+                    f"--calibration {cfg.calibration} has labels {manifest['labels']}, the model {labels}."
+                )
+            subset = cfg.subset if cfg.subset in manifest["subsets"] else next(iter(manifest["subsets"]))
+            names = sorted(manifest["subsets"][subset]["items"])
+            parity = SegmentationDataset(
+                data_dir, subset, size, norm, train=False, names=names[: cfg.parity_images], square=True
+            )
+            train_names = sorted(manifest["subsets"].get("train", {}).get("items", names))
+            calibration = SegmentationDataset(
+                data_dir,
+                "train" if "train" in manifest["subsets"] else subset,
+                size,
+                norm,
+                train=False,
+                names=train_names[: cfg.calibration_images],
+                square=True,
+            )
+
+        ov_model = convert(model, size, cfg.dynamic)
+        if cfg.precision == "int8":
+            log.info("quantising to INT8 on %d calibration images", min(len(calibration), cfg.calibration_images))
+            ov_model = quantize(ov_model, calibration, cfg, parity, len(labels))
+        write_metadata(ov_model, config, cfg.precision)
+        ov.save_model(ov_model, str(stage / IR_XML), compress_to_fp16=cfg.precision == "fp16")
+        ir = IRSegmentor(stage)
+
+        report = {
+            "precision": cfg.precision,
+            "input": "dynamic" if cfg.dynamic else [1, 3, size, size],
+            "architecture": config["architecture"],
+            "latency_ms": round(latency_ms(ir, size), 3),
+        }
+        if parity is not None and len(parity) > 0:
+            loader = _square_batches(parity)
+            torch_scores, torch_logits = _torch_scores(model, loader, len(labels))
+            ir_scores, ir_logits = _ir_scores(ir, loader, len(labels))
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(torch_logits, ir_logits, strict=True))
+            scale = max(float(np.abs(a).max()) for a in torch_logits)
+            agree = np.mean(
+                [float((a.argmax(1) == b.argmax(1)).mean()) for a, b in zip(torch_logits, ir_logits, strict=True)]
+            )
+            drop = 100 * (torch_scores["mDice"] - ir_scores["mDice"])
+            report.update(
+                {
+                    "parity_images": len(parity),
+                    "max_abs_logit_diff": diff,
+                    "max_abs_logit": scale,
+                    "argmax_agreement": float(agree),
+                    "torch_mDice": torch_scores["mDice"],
+                    "ir_mDice": ir_scores["mDice"],
+                    "mDice_drop_points": drop,
+                }
+            )
+            if cfg.precision == "fp32":
+                limit = cfg.tolerance * max(1.0, scale)
+                report["tolerance"] = limit
+                report["passed"] = diff <= limit
+                problem = f"max |logit difference| {diff:.2e} exceeds {limit:.2e}"
+            else:
+                report["max_drop_points"] = cfg.max_drop
+                report["passed"] = drop <= cfg.max_drop
+                problem = (
+                    f"mDice fell {drop:.2f} points (from {100 * torch_scores['mDice']:.2f}), more than {cfg.max_drop}"
+                )
+            if not report["passed"]:
+                raise SegflowError(
+                    f"the {cfg.precision.upper()} IR disagrees with the PyTorch model: {problem}. Nothing was written."
+                    + (" Try --accuracy-control or a larger --max-drop." if cfg.precision == "int8" else "")
+                )
+        else:
+            report["passed"] = None
+            log.warning("no --calibration data: parity with PyTorch was not checked")
+        (stage / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (stage / "config.json").write_text(json.dumps({**config, "precision": cfg.precision}, indent=2) + "\n")
+    report["output"] = str(cfg.out)
+    return report
+
+
+def _maybe_input(uri: str):
+    from contextlib import nullcontext
+
+    return storage.local_input(uri, "--calibration") if uri else nullcontext(None)
+
+
+__all__ = ["ExportConfig", "export"]

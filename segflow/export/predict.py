@@ -1,0 +1,146 @@
+"""Predict masks for a folder (or one file) of images with an IR or a PyTorch model folder.
+
+    OUT/
+      masks/<stem>.png       label ids (uint8)
+      overlays/<stem>.png    prediction colours over the image
+      entropy/<stem>.png     per-pixel normalised entropy, 0-255 (with --entropy)
+      predictions.json       what was done, and which images were skipped and why
+
+An IR runs through OpenVINO's asynchronous infer queue (several requests in flight). An
+unreadable image is reported and skipped; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from segflow import storage
+from segflow.data.augment import resize_for_eval
+from segflow.data.datasets import IMAGE_SUFFIXES, Normalization, image_files, to_tensor
+from segflow.errors import SegflowError
+from segflow.evaluate.pictures import overlay, palette
+from segflow.export.runtime import IRSegmentor
+from segflow.models import artifact as model_artifact
+from segflow.progress import progress
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str
+    input: str
+    out: str
+    entropy: bool = False
+    overwrite: bool = False
+
+
+def _inputs(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise SegflowError(f"--input {path} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        return [path]
+    return image_files(path)
+
+
+def _load(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _write(stage: Path, stem: str, image: np.ndarray, probs: np.ndarray, colours: np.ndarray, entropy: bool) -> None:
+    """probs: C x H x W at the image's size."""
+    mask = probs.argmax(0).astype(np.uint8)
+    Image.fromarray(mask, mode="L").save(stage / "masks" / f"{stem}.png")
+    Image.fromarray(overlay(image, mask, colours)).save(stage / "overlays" / f"{stem}.png")
+    if entropy:
+        h = -(probs * np.log(np.clip(probs, 1e-8, 1))).sum(0) / math.log(probs.shape[0])
+        Image.fromarray((255 * np.clip(h, 0, 1)).astype(np.uint8), mode="L").save(stage / "entropy" / f"{stem}.png")
+
+
+def _probs(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    t = torch.from_numpy(logits)[None] if logits.ndim == 3 else torch.from_numpy(logits)
+    t = F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)
+    return t.softmax(1)[0].numpy()
+
+
+def predict(cfg: PredictConfig) -> dict:
+    with (
+        storage.local_input(cfg.model, "--model") as model_dir,
+        storage.local_input(cfg.input, "--input") as source,
+        storage.staged_output(cfg.out, cfg.overwrite) as stage,
+    ):
+        model, config = model_artifact.load(model_dir, "cpu")
+        norm = Normalization(**config["normalization"])
+        colours = palette(len(config["labels"]))
+        for sub in ("masks", "overlays") + (("entropy",) if cfg.entropy else ()):
+            (stage / sub).mkdir()
+        files = _inputs(source)
+        stems = [
+            p.stem if source.is_file() else str(p.relative_to(source).with_suffix("")).replace("/", "__") for p in files
+        ]
+        skipped: list[dict] = []
+        done = 0
+
+        def prepare(path: Path):
+            try:
+                image = _load(path)
+            except Exception as exc:
+                skipped.append({"image": str(path), "reason": f"cannot read image ({exc})"})
+                return None, None
+            x = to_tensor(resize_for_eval(image, config["input_size"]), norm.mean, norm.std)[None]
+            return image, x
+
+        if isinstance(model, IRSegmentor):
+            import openvino as ov
+
+            queue = ov.AsyncInferQueue(model.compiled, 0)  # 0: as many requests as the device likes
+            pending: dict[int, tuple[str, np.ndarray]] = {}
+
+            def finished(request, job: int) -> None:
+                stem, image = pending.pop(job)
+                logits = request.get_output_tensor(0).data.copy()
+                _write(stage, stem, image, _probs(logits, image.shape[:2]), colours, cfg.entropy)
+
+            queue.set_callback(finished)
+            for job, (path, stem) in enumerate(progress(zip(files, stems, strict=True), len(files), "predicting")):
+                image, x = prepare(path)
+                if image is None:
+                    continue
+                if model.static:
+                    x = F.interpolate(x, size=model.size, mode="bilinear", align_corners=False)
+                pending[job] = (stem, image)
+                queue.start_async({0: np.ascontiguousarray(x.numpy())}, job)
+                done += 1
+            queue.wait_all()
+        else:
+            with torch.no_grad():
+                for path, stem in progress(zip(files, stems, strict=True), len(files), "predicting"):
+                    image, x = prepare(path)
+                    if image is None:
+                        continue
+                    logits = model(x).logits.numpy()
+                    _write(stage, stem, image, _probs(logits, image.shape[:2]), colours, cfg.entropy)
+                    done += 1
+        summary = {
+            "model": str(cfg.model),
+            "input": str(cfg.input),
+            "predicted": done,
+            "skipped": skipped,
+            "labels": config["labels"],
+            "runtime": "openvino" if isinstance(model, IRSegmentor) else "pytorch",
+        }
+        (stage / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if done == 0:
+            raise SegflowError(
+                f"--input {cfg.input}: no image could be read; nothing was written.",
+                problems=[f"{s['image']}: {s['reason']}" for s in skipped],
+            )
+    summary["output"] = str(cfg.out)
+    return summary

@@ -1,0 +1,63 @@
+"""The IR as an MLflow pyfunc model: `mlflow.pyfunc.load_model(uri).predict(images)` gives masks.
+
+MLflow has no OpenVINO flavour, so the IR folder travels as a pyfunc artifact and this class
+runs it. Input: a list of images, or a DataFrame with an ``image`` column; each image is an
+HxWx3 uint8 RGB array, encoded bytes (PNG/JPEG), or a file path. Output: a list of HxW uint8
+label masks, each at its image's size.
+"""
+
+from __future__ import annotations
+
+import io
+
+import mlflow.pyfunc
+import numpy as np
+
+
+def _to_rgb(item) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(item, np.ndarray):
+        return item.astype(np.uint8)
+    if isinstance(item, bytes | bytearray):
+        return np.asarray(Image.open(io.BytesIO(item)).convert("RGB"))
+    return np.asarray(Image.open(item).convert("RGB"))
+
+
+class SegmentationModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from segflow.export.runtime import IRSegmentor
+
+        self.model = IRSegmentor(context.artifacts["ir_dir"])
+
+    def predict(self, context, model_input, params=None) -> list[np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        from segflow.data.augment import resize_for_eval
+        from segflow.data.datasets import Normalization, to_tensor
+
+        config = self.model.config
+        norm = Normalization(**config["normalization"])
+        items = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
+        masks = []
+        for item in items:
+            image = _to_rgb(item)
+            x = to_tensor(resize_for_eval(image, config["input_size"]), norm.mean, norm.std)[None]
+            logits = self.model(x).logits
+            logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
+            masks.append(torch.argmax(logits, 1)[0].numpy().astype(np.uint8))
+        return masks
+
+
+def log_ir(ir_dir: str, name: str = "model") -> str:
+    """Log the IR folder as a pyfunc model in the active run; return its model URI."""
+    import openvino
+
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=SegmentationModel(),
+        artifacts={"ir_dir": str(ir_dir)},
+        pip_requirements=[f"openvino=={openvino.__version__.split('-')[0]}", "segflow"],
+    )
+    return info.model_uri

@@ -1,0 +1,94 @@
+"""Run an exported OpenVINO IR like a PyTorch model: same call, same output type.
+
+The IR describes itself: labels, normalisation, input size, architecture, dataset fingerprint
+and precision live in its rt_info under ``model_info``, so an IR folder needs nothing beside
+``model.xml`` / ``model.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segflow.errors import SegflowError
+from segflow.models import SegOutput
+
+IR_XML = "model.xml"
+META_KEYS = ("format", "architecture", "labels", "normalization", "input_size", "dataset_fingerprint", "precision")
+
+
+def is_ir(folder: str | Path) -> bool:
+    return (Path(folder) / IR_XML).exists()
+
+
+def write_metadata(ov_model, config: dict, precision: str) -> None:
+    """Store the model's config in the IR's rt_info (JSON strings under model_info)."""
+    meta = {**{k: config[k] for k in META_KEYS if k in config}, "format": "segflow.ir/1", "precision": precision}
+    for key, value in meta.items():
+        ov_model.set_rt_info(json.dumps(value), ["model_info", key])
+
+
+def read_metadata(ov_model) -> dict:
+    meta = {}
+    for key in META_KEYS:
+        if ov_model.has_rt_info(["model_info", key]):
+            meta[key] = json.loads(ov_model.get_rt_info(["model_info", key]).astype(str))
+    if meta.get("format") != "segflow.ir/1":
+        raise SegflowError("this IR carries no segflow metadata (rt_info model_info): export it with `segflow export`.")
+    meta["num_classes"] = len(meta["labels"])
+    return meta
+
+
+class IRSegmentor:
+    """An OpenVINO-compiled segmentation model with the Segmentor calling convention.
+
+    A static IR (one input size) gets every image resized to its size and the logits resized
+    back, so it scores any image, as the PyTorch model does.
+    """
+
+    training = False
+
+    def __init__(
+        self, folder: str | Path, device: str = "CPU", hint: str = "LATENCY", inference_precision: str = "f32"
+    ) -> None:
+        import openvino as ov
+
+        folder = Path(folder)
+        core = ov.Core()
+        model = core.read_model(folder / IR_XML)
+        self.config = read_metadata(model)
+        shape = model.input(0).get_partial_shape()
+        self.static = shape.is_static
+        self.size = (shape[2].get_length(), shape[3].get_length()) if self.static else None
+        # f32 by default: CPUs with AMX or AVX512-BF16 would otherwise run in bf16 and drift from PyTorch.
+        properties = {"PERFORMANCE_HINT": hint}
+        if inference_precision:
+            properties["INFERENCE_PRECISION_HINT"] = inference_precision
+        self.compiled = core.compile_model(model, device, properties)
+        self.request = self.compiled.create_infer_request()
+
+    def eval(self) -> IRSegmentor:
+        return self
+
+    def train(self, mode: bool = True) -> IRSegmentor:
+        return self
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits of N x 3 x H x W normalised float32 input (one image at a time for a static IR)."""
+        if not self.static:
+            return self.request.infer({0: batch})[0].copy()
+        return np.concatenate([self.request.infer({0: image[None]})[0].copy() for image in batch])
+
+    def __call__(self, images: torch.Tensor, **_) -> SegOutput:
+        size = images.shape[-2:]
+        x = images.float().cpu()
+        if self.static and tuple(size) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        logits = torch.from_numpy(self.infer(np.ascontiguousarray(x.numpy())))
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return SegOutput(logits=logits)

@@ -1,0 +1,146 @@
+"""OpenVINO export (FP32 / FP16 / INT8) with parity checks, IR evaluation, prediction, MLflow pyfunc."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from segflow import tracking
+from segflow.data.importer import ImportConfig, import_dataset
+from segflow.data.synth import synthesize
+from segflow.errors import SegflowError
+from segflow.evaluate.evaluation import EvalConfig, run_evaluation
+from segflow.export.openvino_ir import ExportConfig, export
+from segflow.export.predict import PredictConfig, predict
+from segflow.train.config import TrainConfig
+from segflow.train.engine import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    raw = synthesize(root / "raw", "source", num_images=24, size=64, seed=21)
+    import_dataset(ImportConfig(str(raw), str(root / "ds"), val_fraction=0.25))
+    train(
+        TrainConfig(
+            data=str(root / "ds"),
+            out=str(root / "model"),
+            input_size=64,
+            batch_size=4,
+            epochs=6,
+            iters_per_epoch=6,
+            early_stop_patience=100,
+        )
+    )
+    return {"root": root, "data": root / "ds", "model": root / "model", "images": raw / "images"}
+
+
+def test_fp32_ir_matches_pytorch_and_describes_itself(trained, tmp_path):
+    import openvino as ov
+
+    report = export(
+        ExportConfig(model=str(trained["model"]), out=str(tmp_path / "ir"), calibration=str(trained["data"]))
+    )
+    assert report["passed"] and report["argmax_agreement"] > 0.999
+    assert report["max_abs_logit_diff"] <= report["tolerance"]
+    assert report["ir_mDice"] == pytest.approx(report["torch_mDice"], abs=1e-4)
+    ir = ov.Core().read_model(tmp_path / "ir" / "model.xml")
+    labels = json.loads(ir.get_rt_info(["model_info", "labels"]).astype(str))
+    assert labels[0] == "sky" and json.loads(ir.get_rt_info(["model_info", "input_size"]).astype(str)) == 64
+    assert json.loads(ir.get_rt_info(["model_info", "precision"]).astype(str)) == "fp32"
+
+    # evaluate takes the IR folder exactly like a model folder
+    ir_metrics = run_evaluation(
+        EvalConfig(model=str(tmp_path / "ir"), data=str(trained["data"]), out=str(tmp_path / "e"))
+    )
+    pt_metrics = run_evaluation(
+        EvalConfig(model=str(trained["model"]), data=str(trained["data"]), out=str(tmp_path / "e2"))
+    )
+    assert ir_metrics["mDice"] == pytest.approx(pt_metrics["mDice"], abs=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_fp16_and_int8_keep_mdice_within_the_allowed_drop(trained, tmp_path, precision):
+    report = export(
+        ExportConfig(
+            model=str(trained["model"]),
+            out=str(tmp_path / precision),
+            precision=precision,
+            calibration=str(trained["data"]),
+            max_drop=2.0,
+        )
+    )
+    assert report["passed"] and report["mDice_drop_points"] <= 2.0
+    assert (tmp_path / precision / "model.bin").stat().st_size > 0
+
+
+def test_disagreeing_ir_fails_and_leaves_nothing(trained, tmp_path):
+    with pytest.raises(SegflowError, match="disagrees with the PyTorch model"):
+        export(
+            ExportConfig(
+                model=str(trained["model"]), out=str(tmp_path / "ir"), calibration=str(trained["data"]), tolerance=1e-12
+            )
+        )
+    assert not (tmp_path / "ir").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dynamic_ir_takes_other_sizes(trained, tmp_path):
+    report = export(
+        ExportConfig(
+            model=str(trained["model"]), out=str(tmp_path / "ir"), dynamic=True, calibration=str(trained["data"])
+        )
+    )
+    assert report["input"] == "dynamic" and report["passed"]
+
+
+def test_bad_export_settings(trained, tmp_path):
+    with pytest.raises(SegflowError, match="--calibration"):
+        export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int8"))
+    with pytest.raises(SegflowError, match="--precision"):
+        export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int4"))
+    with pytest.raises(SegflowError, match="not a segflow model"):
+        export(ExportConfig(model=str(tmp_path), out=str(tmp_path / "x")))
+
+
+def test_predict_with_ir_and_pytorch_skips_unreadable_images(trained, tmp_path):
+    ir = tmp_path / "ir"
+    export(ExportConfig(model=str(trained["model"]), out=str(ir)))
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted(trained["images"].iterdir())[:4]:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "broken.png").write_bytes(b"garbage")
+    Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(images / "odd_size.jpg")
+    for name, model in (("ov", ir), ("pt", trained["model"])):
+        summary = predict(PredictConfig(model=str(model), input=str(images), out=str(tmp_path / name), entropy=True))
+        assert summary["predicted"] == 5 and [s["image"].endswith("broken.png") for s in summary["skipped"]] == [True]
+        mask = np.asarray(Image.open(tmp_path / name / "masks" / "odd_size.png"))
+        assert mask.shape == (50, 70) and mask.max() < 7
+        assert (tmp_path / name / "entropy" / "odd_size.png").exists()
+        assert (tmp_path / name / "overlays" / "odd_size.png").exists()
+    a = np.asarray(Image.open(tmp_path / "ov" / "masks" / "source_00000.png"))
+    b = np.asarray(Image.open(tmp_path / "pt" / "masks" / "source_00000.png"))
+    assert (a == b).mean() > 0.99
+    with pytest.raises(SegflowError, match="no image could be read"):
+        predict(PredictConfig(model=str(ir), input=str(images / "broken.png"), out=str(tmp_path / "none")))
+
+
+def test_ir_as_mlflow_pyfunc(trained, tmp_path):
+    from segflow.export.pyfunc import log_ir
+
+    export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "ir")))
+    tracking.ensure_experiment()
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment()):
+        uri = log_ir(str(tmp_path / "ir"))
+    loaded = mlflow.pyfunc.load_model(uri)
+    image_path = sorted(trained["images"].iterdir())[0]
+    rgb = np.asarray(Image.open(image_path).convert("RGB"))
+    masks = loaded.predict([rgb, image_path.read_bytes(), str(image_path)])
+    assert len(masks) == 3 and masks[0].shape == (64, 64)
+    assert np.array_equal(masks[0], masks[1]) and np.array_equal(masks[1], masks[2])

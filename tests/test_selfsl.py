@@ -1,0 +1,135 @@
+"""DetCon pseudo masks and self-supervised pretraining on tiny unlabelled image folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from segflow.data.importer import ImportConfig, import_dataset
+from segflow.data.synth import synthesize
+from segflow.errors import SegflowError
+from segflow.selfsl.detcon import PretrainConfig, pretrain
+from segflow.selfsl.pseudo_masks import FelzenszwalbParams, make_pseudo_masks, segment
+from segflow.storage import s3 as s3_lib
+from segflow.train.config import TrainConfig
+from segflow.train.engine import train
+
+SMALL = FelzenszwalbParams(scale=100, sigma=0.8, min_size=20)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    return synthesize(tmp_path / "unl" / "images", "target", num_images=8, size=64, seed=5, unlabeled=True)
+
+
+def test_masks_go_beside_the_images_and_are_reused(images):
+    first = make_pseudo_masks(images, params=SMALL, workers=2)
+    masks = images.parent / "detcon_mask"
+    assert first == {"images": 8, "made": 8, "reused": 0, "out": str(masks)}
+    mask = np.asarray(Image.open(masks / "target_00000.png"))
+    assert mask.dtype == np.uint8 and mask.shape == (64, 64) and len(np.unique(mask)) >= 3
+    stamps = {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")}
+    assert make_pseudo_masks(images, params=SMALL)["reused"] == 8
+    assert {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")} == stamps, "reused masks must not be rewritten"
+    # A changed image, or other parameters, make new masks.
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(images / "target_00003.png")
+    assert make_pseudo_masks(images, params=SMALL)["made"] == 1
+    assert make_pseudo_masks(images, params=FelzenszwalbParams(scale=50, min_size=20))["made"] == 8
+
+
+def test_same_image_same_mask():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    assert np.array_equal(segment(image, SMALL), segment(image, SMALL))
+
+
+def test_unreadable_image_is_named_and_the_rest_are_kept(images):
+    (images / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(SegflowError, match=r"broken\.png: cannot read image"):
+        make_pseudo_masks(images, params=SMALL)
+    index = json.loads((images.parent / "detcon_mask" / "index.json").read_text())
+    assert len(index) == 8 and "broken.png" not in index
+
+
+def test_not_a_folder_of_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SegflowError, match="holds no images"):
+        make_pseudo_masks(tmp_path / "empty")
+    with pytest.raises(SegflowError, match="not a folder"):
+        make_pseudo_masks(tmp_path / "missing")
+
+
+def pretrain_cfg(images: Path, out: Path, **kwargs) -> PretrainConfig:
+    args = {
+        "images": str(images),
+        "out": str(out),
+        "epochs": 3,
+        "batch_size": 4,
+        "input_size": 64,
+        "iters_per_epoch": 3,
+        "lr": 0.05,
+        "felzenszwalb": SMALL,
+    } | kwargs
+    return PretrainConfig(**args)
+
+
+def test_pretraining_lowers_the_loss_and_feeds_finetuning(images, tmp_path):
+    result = pretrain(pretrain_cfg(images, tmp_path / "bb", epochs=4))
+    assert result["final_loss"] < result["first_loss"]
+    assert result["pseudo_masks"]["made"] == 8
+    config = json.loads((tmp_path / "bb" / "config.json").read_text())
+    assert config["architecture"] == "lite_hrnet_s" and config["format"] == "segflow.backbone/1"
+    weights = load_file(str(tmp_path / "bb" / "backbone.safetensors"))
+
+    data = synthesize(tmp_path / "lab", "target", num_images=10, size=64, seed=6)
+    import_dataset(ImportConfig(str(data), str(tmp_path / "ds")))
+    train(
+        TrainConfig(
+            data=str(tmp_path / "ds"),
+            out=str(tmp_path / "m"),
+            input_size=64,
+            batch_size=4,
+            epochs=1,
+            init_backbone=str(tmp_path / "bb"),
+            lr=1e-12,
+            warmup_iters=1,
+        )
+    )
+    tuned = load_file(str(tmp_path / "m" / "model.safetensors"))
+    # With a vanishing learning rate the fine-tuned backbone still holds the pretrained weights.
+    key = "stem.conv1.0.weight"
+    assert torch.allclose(tuned[f"backbone.{key}"], weights[key], atol=1e-6)
+
+
+def test_pretraining_resumes(images, tmp_path):
+    straight = pretrain(pretrain_cfg(images, tmp_path / "a", epochs=2))
+    pretrain(pretrain_cfg(images, tmp_path / "b", epochs=1))
+    os.rename(tmp_path / "b", tmp_path / "b-first")  # as if the run had stopped after epoch 1
+    with pytest.raises(SegflowError, match="--resume"):
+        pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2))
+    resumed = pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2, resume=True))
+    assert resumed["history"] == [
+        dict(h, epoch_seconds=r["epoch_seconds"]) for h, r in zip(straight["history"], resumed["history"], strict=True)
+    ]
+
+
+def test_pretraining_reads_images_from_s3(s3, images, tmp_path):
+    s3_lib.publish_dir(images, f"s3://{s3}/unlabeled")
+    result = pretrain(pretrain_cfg(f"s3://{s3}/unlabeled", tmp_path / "bb", epochs=1))
+    assert result["images"] == 8 and (tmp_path / "bb" / "backbone.safetensors").exists()
+
+
+def test_bad_settings(images, tmp_path):
+    with pytest.raises(SegflowError, match="--batch-size"):
+        pretrain(pretrain_cfg(images, tmp_path / "x", batch_size=1))
+    with pytest.raises(SegflowError, match="--input-size"):
+        pretrain(pretrain_cfg(images, tmp_path / "x", input_size=70))
+    with pytest.raises(SegflowError, match="--model"):
+        pretrain(pretrain_cfg(images, tmp_path / "x", model="vit"))
