@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/pseudo_masks.py
 	$(BIN)/python benchmarks/label_efficiency.py
+	$(BIN)/python benchmarks/inference.py
 
 preview: $(STAMP)
 	$(BIN)/segflow data preview docs/synthetic_domains.png --size 128

@@ -20,3 +20,14 @@ def run_context(experiment: str) -> dict:
         "run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         "experiment": experiment,
     }
+
+
+def tracked(experiment: str) -> tuple[dict, dsl.ExitHandler]:
+    """(stage arguments, exit handler) of a tracked pipeline: stages inside the handler nest under
+    one MLflow parent run, which the handler closes FINISHED or FAILED."""
+    from components.platform import on_cluster
+
+    track = run_context(experiment)
+    finish = finish_tracking(run_key=track["run_key"], experiment=experiment)
+    on_cluster(finish, cpu="0.5", memory="1G", cache=False)
+    return track, dsl.ExitHandler(finish, name="tracked")

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `components` fro
 
 from components.data_import import import_data
 from components.platform import on_cluster
-from components.tracking import finish_tracking, run_context
+from components.tracking import tracked
 
 
 @dsl.pipeline(name="prepare-data", description="Import and validate source and target datasets.")
@@ -24,11 +24,8 @@ def prepare_data(
     seed: int = 0,
     experiment: str = "",
 ):
-    track = run_context(experiment)
-    finish = on_cluster(
-        finish_tracking(run_key=track["run_key"], experiment=experiment), cpu="0.5", memory="1G", cache=False
-    )
-    with dsl.ExitHandler(finish, name="tracked"):
+    track, exit_handler = tracked(experiment)
+    with exit_handler:
         for name, uri in (("source", source_uri), ("target", target_uri)):
             task = import_data(source_uri=uri, val_fraction=val_fraction, seed=seed, **track)
             on_cluster(task.set_display_name(f"import-{name}"), cache=False)

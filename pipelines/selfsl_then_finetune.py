@@ -24,7 +24,7 @@ from components.evaluate import evaluate_model
 from components.export import export_model
 from components.platform import on_cluster
 from components.selfsl import pretrain_backbone, pseudo_masks
-from components.tracking import finish_tracking, run_context
+from components.tracking import tracked
 from components.train import train_model
 
 
@@ -49,11 +49,8 @@ def selfsl_then_finetune(
     seed: int = 0,
     experiment: str = "",
 ):
-    track = run_context(experiment)
-    finish = on_cluster(
-        finish_tracking(run_key=track["run_key"], experiment=experiment), cpu="0.5", memory="1G", cache=False
-    )
-    with dsl.ExitHandler(finish, name="tracked"):
+    track, exit_handler = tracked(experiment)
+    with exit_handler:
         data = on_cluster(import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track), cache=False)
         masks = on_cluster(
             pseudo_masks(images_uri=unlabeled_uri, scale=felzenszwalb_scale, min_size=felzenszwalb_min_size, **track),

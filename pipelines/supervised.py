@@ -16,7 +16,7 @@ from components.data_import import import_data
 from components.evaluate import evaluate_model
 from components.export import export_model
 from components.platform import on_cluster
-from components.tracking import finish_tracking, run_context
+from components.tracking import tracked
 from components.train import train_model
 
 
@@ -35,11 +35,8 @@ def supervised(
     seed: int = 0,
     experiment: str = "",
 ):
-    track = run_context(experiment)
-    finish = on_cluster(
-        finish_tracking(run_key=track["run_key"], experiment=experiment), cpu="0.5", memory="1G", cache=False
-    )
-    with dsl.ExitHandler(finish, name="tracked"):
+    track, exit_handler = tracked(experiment)
+    with exit_handler:
         data = on_cluster(import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track), cache=False)
         trained = train_model(
             dataset=data.outputs["dataset"],

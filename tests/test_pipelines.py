@@ -152,7 +152,9 @@ def test_supervised_pipeline_runs_locally(tmp_path, segflow_home):
     mlflow.set_tracking_uri(tracking.tracking_uri())
     runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
     names = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"])
-    assert names == ["evaluate val", "import target", "train lite_hrnet_s supervised"]
+    assert names == ["evaluate val", "export fp32", "import target", "train lite_hrnet_s supervised"]
+    ir_meta = json.loads((result["job_dir"] / "export-model" / "executor_output.json").read_text())
+    assert ir_meta["artifacts"]["ir"]["artifacts"][0]["metadata"]["parity_passed"] is True
 
 
 def test_selfsl_then_finetune_ir(tmp_path):
@@ -190,6 +192,7 @@ def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
     names = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"])
     assert names == [
         "evaluate val",
+        "export fp32",
         "import target",
         "pretrain lite_hrnet_s detcon",
         "pseudo_masks",

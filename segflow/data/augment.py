@@ -93,32 +93,28 @@ def mix_images(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.where(keep, a, b)
 
 
-def train_augment(
+def geometric_augment(
     rng: np.random.Generator, image: np.ndarray, mask: np.ndarray | None, size: int, cfg: AugmentConfig
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Geometry (resize+crop, flip, rotate) then appearance (mixing or photometric)."""
+    """Resize + crop, flip, rotate. Alone, this is Mean Teacher's "weak" augmentation."""
     image, mask = random_resize_crop(rng, image, mask, size, cfg.scale_range)
     if rng.random() < cfg.flip_p:
         image, mask = flip(image, mask)
     if rng.random() < cfg.rotate_p:
         image, mask = rotate(image, mask, rng.uniform(-cfg.max_rotate, cfg.max_rotate))
+    return np.ascontiguousarray(image), (np.ascontiguousarray(mask) if mask is not None else None)
+
+
+def train_augment(
+    rng: np.random.Generator, image: np.ndarray, mask: np.ndarray | None, size: int, cfg: AugmentConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Geometry, then appearance (mixing images or photometric distortion)."""
+    image, mask = geometric_augment(rng, image, mask, size, cfg)
     if rng.random() < cfg.mix_p:
         image = mix_images(rng, image)
     elif rng.random() < cfg.photometric_p:
         image = photometric(rng, image)
-    return np.ascontiguousarray(image), (np.ascontiguousarray(mask) if mask is not None else None)
-
-
-def geometric_augment(
-    rng: np.random.Generator, image: np.ndarray, mask: np.ndarray | None, size: int, cfg: AugmentConfig
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The "weak" augmentation of Mean Teacher: geometry only."""
-    image, mask = random_resize_crop(rng, image, mask, size, cfg.scale_range)
-    if rng.random() < cfg.flip_p:
-        image, mask = flip(image, mask)
-    if rng.random() < cfg.rotate_p:
-        image, mask = rotate(image, mask, rng.uniform(-cfg.max_rotate, cfg.max_rotate))
-    return np.ascontiguousarray(image), (np.ascontiguousarray(mask) if mask is not None else None)
+    return np.ascontiguousarray(image), mask
 
 
 def resize_for_eval(image: np.ndarray, size: int) -> np.ndarray:

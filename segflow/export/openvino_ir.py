@@ -84,28 +84,16 @@ def _square_batches(dataset: SegmentationDataset) -> DataLoader:
     return DataLoader(dataset, batch_size=1, shuffle=False)
 
 
-def _torch_scores(model, loader, num_classes: int) -> tuple[dict, list[np.ndarray]]:
+def _scores(model, loader, num_classes: int) -> tuple[dict, list[np.ndarray]]:
+    """Scores and raw logits of a PyTorch model or an IRSegmentor (same calling convention)."""
     confusion, logits = ConfusionMatrix(num_classes), []
     with torch.no_grad():
         for batch in loader:
             out = model(batch["image"]).logits.float()
             logits.append(out.numpy())
-            pred = torch.nn.functional.interpolate(
-                out, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False
-            ).argmax(1)
+            size = batch["mask"].shape[-2:]
+            pred = torch.nn.functional.interpolate(out, size=size, mode="bilinear", align_corners=False).argmax(1)
             confusion.update(pred, batch["mask"])
-    return confusion.scores(), logits
-
-
-def _ir_scores(ir: IRSegmentor, loader, num_classes: int) -> tuple[dict, list[np.ndarray]]:
-    confusion, logits = ConfusionMatrix(num_classes), []
-    for batch in loader:
-        out = ir(batch["image"]).logits
-        logits.append(out.numpy())
-        pred = torch.nn.functional.interpolate(
-            out, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False
-        ).argmax(1)
-        confusion.update(pred, batch["mask"])
     return confusion.scores(), logits
 
 
@@ -212,8 +200,8 @@ def export(cfg: ExportConfig) -> dict:
         }
         if parity is not None and len(parity) > 0:
             loader = _square_batches(parity)
-            torch_scores, torch_logits = _torch_scores(model, loader, len(labels))
-            ir_scores, ir_logits = _ir_scores(ir, loader, len(labels))
+            torch_scores, torch_logits = _scores(model, loader, len(labels))
+            ir_scores, ir_logits = _scores(ir, loader, len(labels))
             diff = max(float(np.abs(a - b).max()) for a, b in zip(torch_logits, ir_logits, strict=True))
             scale = max(float(np.abs(a).max()) for a in torch_logits)
             agree = np.mean(
