@@ -7,6 +7,7 @@ laptop and in a cluster.
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from segflow import tracking
@@ -14,6 +15,7 @@ from segflow.data import manifest as manifest_lib
 from segflow.data.importer import ImportConfig, import_dataset
 from segflow.errors import SegflowError
 from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluation
+from segflow.storage import is_s3, local_input, staged_output
 from segflow.train.config import TrainConfig
 
 
@@ -78,40 +80,27 @@ def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track:
 def evaluate_stage(
     cfg: EvalConfig, run: tracking.RunContext | None = None, markdown_out: str | None = None, track: bool = True
 ) -> dict:
-    """Evaluate a model; metrics, per-class scores and pictures go to MLflow."""
-    if not track:
-        metrics = run_evaluation(cfg)
-        _write_eval_markdown(metrics, cfg, markdown_out)
-        return metrics
-    with tracking.stage_run("evaluate", cfg, run, label=cfg.subset) as active:
-        import mlflow
+    """Evaluate a model; metrics, per-class scores and pictures go to MLflow.
 
+    ``markdown_out``: also write the report with its pictures inlined (for the KFP UI).
+    """
+    with tracking.stage_run("evaluate", cfg, run, label=cfg.subset) if track else nullcontext() as active:
         metrics = run_evaluation(cfg)
-        mlflow.set_tag(tracking.FINGERPRINT_TAG, metrics["dataset_fingerprint"])
-        mlflow.log_metrics({k: metrics[k] for k in ("mDice", "mIoU", "pixel_accuracy")})
-        mlflow.log_metrics(
-            {f"dice_{name}": v["dice"] for name, v in metrics["per_class"].items() if v["dice"] is not None}
-        )
-        with storage_local(cfg.out) as folder:
-            mlflow.log_artifacts(str(folder))
-        metrics["mlflow_run_id"] = active.info.run_id
-        _write_eval_markdown(metrics, cfg, markdown_out)
+        with local_input(cfg.out, "evaluation output") as folder:
+            if markdown_out:
+                Path(markdown_out).parent.mkdir(parents=True, exist_ok=True)
+                has_pictures = (folder / "predictions.png").exists()
+                Path(markdown_out).write_text(render_markdown(metrics, has_pictures, embed_dir=folder))
+            if track:
+                import mlflow
+
+                mlflow.set_tag(tracking.FINGERPRINT_TAG, metrics["dataset_fingerprint"])
+                mlflow.log_metrics({k: metrics[k] for k in ("mDice", "mIoU", "pixel_accuracy")})
+                per_class = metrics["per_class"].items()
+                mlflow.log_metrics({f"dice_{name}": v["dice"] for name, v in per_class if v["dice"] is not None})
+                mlflow.log_artifacts(str(folder))
+                metrics["mlflow_run_id"] = active.info.run_id
     return metrics
-
-
-def storage_local(uri: str):
-    from segflow.storage import local_input
-
-    return local_input(uri, "evaluation output")
-
-
-def _write_eval_markdown(metrics: dict, cfg: EvalConfig, path: str | None) -> None:
-    if not path:
-        return
-    with storage_local(cfg.out) as folder:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        has_pictures = (Path(folder) / "predictions.png").exists()
-        Path(path).write_text(render_markdown(metrics, has_pictures, embed_dir=Path(folder)))
 
 
 def pseudo_masks_stage(
@@ -124,7 +113,6 @@ def pseudo_masks_stage(
 ) -> dict:
     """Felzenszwalb pseudo masks for a folder of images (local, or s3:// with OUT given)."""
     from segflow.selfsl.pseudo_masks import FelzenszwalbParams, make_pseudo_masks
-    from segflow.storage import is_s3, local_input, staged_output
 
     params = params or FelzenszwalbParams()
 
@@ -170,7 +158,6 @@ def export_stage(cfg, run: tracking.RunContext | None = None, track: bool = True
         import mlflow
 
         from segflow.export.pyfunc import log_ir
-        from segflow.storage import local_input
 
         report = export(cfg)
         mlflow.log_metrics(
