@@ -76,10 +76,11 @@ def ov_speed(ir_dir: Path, size: int, runs: int, threads: int) -> tuple[float, f
 
 
 def write_untrained(name: str, folder: Path, size: int) -> None:
+    from segflow.data.synth import CLASSES
     from segflow.models import artifact, create_model
 
-    model = create_model(name, 7)
-    config = artifact.model_config(model, [f"c{i}" for i in range(7)], size, {"mean": [128.0] * 3, "std": [64.0] * 3})
+    model = create_model(name, len(CLASSES))
+    config = artifact.model_config(model, list(CLASSES), size, {"mean": [128.0] * 3, "std": [64.0] * 3})
     artifact.save(folder, model, config)
 
 
