@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 26.3
 export SEGFLOW_HOME ?= $(CURDIR)/runs
-DEMO_DATA := $(SEGFLOW_HOME)/demo/data
+# The main pipeline's default parameters point here (relative to the checkout).
+DEMO_DATA := $(CURDIR)/runs/demo/data
 
 .PHONY: setup demo test lint format compile bench clean constraints preview
 
