@@ -60,6 +60,7 @@ def pretrain_backbone(
         lr=lr,
         iters_per_epoch=iters_per_epoch,
         seed=seed,
+        resume=True,  # a retried task continues from its last checkpoint
     )
     result = pretrain_stage(cfg, RunContext(run_key, run_name, experiment))
     backbone.metadata.update(

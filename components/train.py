@@ -40,6 +40,7 @@ def train_model(
         seed=seed,
         init_backbone=init_backbone.path if init_backbone is not None else "",
         iters_per_epoch=iters_per_epoch,
+        resume=True,  # a retried task continues from its last checkpoint
         **method_settings(method, unlabeled_uri),
     )
     summary = train_stage(cfg, RunContext(run_key, run_name, experiment))

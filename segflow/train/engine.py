@@ -326,7 +326,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None)
             state = _load_checkpoint(ckpt_dir / CHECKPOINT, model, objective, optimizer, plateau, cfg)
             log.info("resuming from %s after epoch %d", ckpt_dir / CHECKPOINT, state["epoch"])
         elif cfg.resume:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+            log.info("no checkpoint in %s yet: starting from scratch", ckpt_dir)
         if dist.main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
 
