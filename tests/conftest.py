@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -69,7 +68,3 @@ def s3(s3_endpoint, monkeypatch):
 def listing(folder: Path) -> list[str]:
     """Every entry below ``folder`` (hidden ones too), relative, sorted."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
-
-
-def env_without_coverage() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("COV_")}

@@ -64,8 +64,8 @@ def test_fp32_ir_matches_pytorch_and_describes_itself(trained, tmp_path):
     assert ir_metrics["mDice"] == pytest.approx(pt_metrics["mDice"], abs=1e-3)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_fp16_and_int8_keep_mdice_within_the_allowed_drop(trained, tmp_path, precision):
+@pytest.mark.parametrize("precision, control", [("fp16", False), ("int8", False), ("int8", True)])
+def test_fp16_and_int8_keep_mdice_within_the_allowed_drop(trained, tmp_path, precision, control):
     report = export(
         ExportConfig(
             model=str(trained["model"]),
@@ -73,6 +73,7 @@ def test_fp16_and_int8_keep_mdice_within_the_allowed_drop(trained, tmp_path, pre
             precision=precision,
             calibration=str(trained["data"]),
             max_drop=2.0,
+            accuracy_control=control,
         )
     )
     assert report["passed"] and report["mDice_drop_points"] <= 2.0

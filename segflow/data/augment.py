@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-IGNORE = 255
+from segflow.data import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def random_resize_crop(
         ph, pw = max(size - nh, 0), max(size - nw, 0)
         image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         if mask is not None:
-            mask = cv2.copyMakeBorder(mask, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=IGNORE)
+            mask = cv2.copyMakeBorder(mask, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=IGNORE_INDEX)
         nh, nw = image.shape[:2]
     y = int(rng.integers(0, nh - size + 1))
     x = int(rng.integers(0, nw - size + 1))
@@ -56,7 +56,7 @@ def rotate(image: np.ndarray, mask: np.ndarray | None, degrees: float) -> tuple[
     matrix = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
     image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
     if mask is not None:
-        mask = cv2.warpAffine(mask, matrix, (w, h), flags=cv2.INTER_NEAREST, borderValue=IGNORE)
+        mask = cv2.warpAffine(mask, matrix, (w, h), flags=cv2.INTER_NEAREST, borderValue=IGNORE_INDEX)
     return image, mask
 
 

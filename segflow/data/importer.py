@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segflow.data import IGNORE_INDEX
 from segflow.data import manifest as manifest_lib
 from segflow.errors import SegflowError
 from segflow.progress import progress
 from segflow.storage import local_input, staged_output
 
-IGNORE_INDEX = 255
 CSS = "common_semantic_segmentation"
 CSS_SUBSETS = "common_semantic_segmentation_with_subset_dirs"
 SEGMENTATION_FORMATS = (

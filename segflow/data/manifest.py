@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def build(results: list[ItemResult], labels: list[str], source: str, data_format
         "schema": SCHEMA,
         "fingerprint": fingerprint(labels, files),
         "labels": labels,
-        "ignore_index": 255,
+        "ignore_index": IGNORE_INDEX,
         "source": {"uri": source, "format": data_format},
         "subsets": subsets,
         "statistics": {

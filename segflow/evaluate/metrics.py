@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE = 255
+from segflow.data import IGNORE_INDEX
 
 
 class ConfusionMatrix:
@@ -19,7 +19,7 @@ class ConfusionMatrix:
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # rows: truth, cols: prediction
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        keep = target != IGNORE
+        keep = target != IGNORE_INDEX
         t, p = target[keep].to(torch.int64), pred[keep].to(torch.int64)
         n = self.num_classes
         self.matrix += torch.bincount(t * n + p, minlength=n * n).reshape(n, n).cpu()

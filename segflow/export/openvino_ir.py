@@ -28,6 +28,7 @@ from segflow.data.datasets import Normalization, SegmentationDataset
 from segflow.errors import SegflowError
 from segflow.evaluate.metrics import ConfusionMatrix
 from segflow.export.runtime import IR_XML, IRSegmentor, write_metadata
+from segflow.models import SegOutput
 from segflow.models import artifact as model_artifact
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,11 @@ def quantize(
     val_items = [validation[i] for i in range(min(len(validation), cfg.parity_images))]
 
     def validate(compiled, data) -> tuple[float, None]:
-        confusion = ConfusionMatrix(num_classes)
-        for item in data:
-            out = torch.from_numpy(compiled(item["image"][None].numpy())[0])
-            pred = torch.nn.functional.interpolate(
-                out, size=item["mask"].shape[-2:], mode="bilinear", align_corners=False
-            ).argmax(1)
-            confusion.update(pred, item["mask"][None])
-        return confusion.scores()["mDice"], None
+        def run(images: torch.Tensor) -> SegOutput:
+            return SegOutput(logits=torch.from_numpy(compiled(images.numpy())[0]))
+
+        batches = ({"image": item["image"][None], "mask": item["mask"][None]} for item in data)
+        return _scores(run, batches, num_classes)[0]["mDice"], None
 
     return nncf.quantize_with_accuracy_control(
         ov_model,

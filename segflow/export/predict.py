@@ -24,7 +24,7 @@ from PIL import Image
 
 from segflow import storage
 from segflow.data.augment import resize_for_eval
-from segflow.data.datasets import IMAGE_SUFFIXES, Normalization, image_files, to_tensor
+from segflow.data.datasets import IMAGE_SUFFIXES, Normalization, image_files, read_rgb, to_tensor
 from segflow.errors import SegflowError
 from segflow.evaluate.pictures import overlay, palette
 from segflow.export.runtime import IRSegmentor
@@ -49,9 +49,10 @@ def _inputs(path: Path) -> list[Path]:
     return image_files(path)
 
 
-def _load(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+def model_input(image: np.ndarray, config: dict) -> torch.Tensor:
+    """An RGB image as the model's 1 x 3 x H x W input: shorter side to the trained size, normalised."""
+    norm = Normalization(**config["normalization"])
+    return to_tensor(resize_for_eval(image, config["input_size"]), norm.mean, norm.std)[None]
 
 
 def _write(stage: Path, stem: str, image: np.ndarray, probs: np.ndarray, colours: np.ndarray, entropy: bool) -> None:
@@ -64,8 +65,10 @@ def _write(stage: Path, stem: str, image: np.ndarray, probs: np.ndarray, colours
         Image.fromarray((255 * np.clip(h, 0, 1)).astype(np.uint8), mode="L").save(stage / "entropy" / f"{stem}.png")
 
 
-def _probs(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    t = torch.from_numpy(logits)[None] if logits.ndim == 3 else torch.from_numpy(logits)
+def probabilities(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Class probabilities (C x H x W) of one image's logits, resized to the image's size."""
+    t = torch.as_tensor(logits)
+    t = t[None] if t.ndim == 3 else t
     t = F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)
     return t.softmax(1)[0].numpy()
 
@@ -77,7 +80,6 @@ def predict(cfg: PredictConfig) -> dict:
         storage.staged_output(cfg.out, cfg.overwrite) as stage,
     ):
         model, config = model_artifact.load(model_dir, "cpu")
-        norm = Normalization(**config["normalization"])
         colours = palette(len(config["labels"]))
         for sub in ("masks", "overlays") + (("entropy",) if cfg.entropy else ()):
             (stage / sub).mkdir()
@@ -90,12 +92,11 @@ def predict(cfg: PredictConfig) -> dict:
 
         def prepare(path: Path):
             try:
-                image = _load(path)
-            except Exception as exc:
-                skipped.append({"image": str(path), "reason": f"cannot read image ({exc})"})
+                image = read_rgb(path)
+            except SegflowError as exc:
+                skipped.append({"image": str(path), "reason": str(exc).split(": ", 1)[-1]})
                 return None, None
-            x = to_tensor(resize_for_eval(image, config["input_size"]), norm.mean, norm.std)[None]
-            return image, x
+            return image, model_input(image, config)
 
         if isinstance(model, IRSegmentor):
             import openvino as ov
@@ -106,7 +107,7 @@ def predict(cfg: PredictConfig) -> dict:
             def finished(request, job: int) -> None:
                 stem, image = pending.pop(job)
                 logits = request.get_output_tensor(0).data.copy()
-                _write(stage, stem, image, _probs(logits, image.shape[:2]), colours, cfg.entropy)
+                _write(stage, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy)
 
             queue.set_callback(finished)
             for job, (path, stem) in enumerate(progress(zip(files, stems, strict=True), len(files), "predicting")):
@@ -126,7 +127,7 @@ def predict(cfg: PredictConfig) -> dict:
                     if image is None:
                         continue
                     logits = model(x).logits.numpy()
-                    _write(stage, stem, image, _probs(logits, image.shape[:2]), colours, cfg.entropy)
+                    _write(stage, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy)
                     done += 1
         summary = {
             "model": str(cfg.model),

@@ -31,22 +31,15 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.model = IRSegmentor(context.artifacts["ir_dir"])
 
     def predict(self, context, model_input, params=None) -> list[np.ndarray]:
-        import torch
-        import torch.nn.functional as F
+        from segflow.export.predict import model_input as to_model_input
+        from segflow.export.predict import probabilities
 
-        from segflow.data.augment import resize_for_eval
-        from segflow.data.datasets import Normalization, to_tensor
-
-        config = self.model.config
-        norm = Normalization(**config["normalization"])
         items = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
         masks = []
         for item in items:
             image = _to_rgb(item)
-            x = to_tensor(resize_for_eval(image, config["input_size"]), norm.mean, norm.std)[None]
-            logits = self.model(x).logits
-            logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
-            masks.append(torch.argmax(logits, 1)[0].numpy().astype(np.uint8))
+            logits = self.model(to_model_input(image, self.model.config)).logits
+            masks.append(probabilities(logits, image.shape[:2]).argmax(0).astype(np.uint8))
         return masks
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
 from segflow.models import MODEL_NAMES, Segmentor, create_model
 
@@ -32,7 +33,7 @@ def model_config(
         "labels": labels,
         "input_size": input_size,
         "normalization": normalization,
-        "ignore_index": 255,
+        "ignore_index": IGNORE_INDEX,
         "aux": model.aux_head is not None,
         "dataset_fingerprint": dataset_fingerprint,
     }

@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from segflow import storage
-from segflow.data.augment import IGNORE, flip
+from segflow.data import IGNORE_INDEX
+from segflow.data.augment import flip
 from segflow.data.datasets import Normalization, image_files, read_rgb, to_tensor
 from segflow.errors import SegflowError
 from segflow.models import MODEL_NAMES
@@ -170,7 +171,7 @@ class DetConNet(nn.Module):
 def compact_ids(m1: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Renumber the region ids present in a batch to 0..K-1 (same mapping for both views)."""
     both = torch.cat([m1.flatten(), m2.flatten()])
-    present = torch.unique(both[both != IGNORE])
+    present = torch.unique(both[both != IGNORE_INDEX])
     lut = torch.full((256,), len(present), dtype=torch.long, device=m1.device)
     lut[present] = torch.arange(len(present), device=m1.device)
     return lut[m1], lut[m2], len(present)

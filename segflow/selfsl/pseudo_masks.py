@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segflow.data import IGNORE_INDEX
 from segflow.data.datasets import image_files
 from segflow.errors import SegflowError
 from segflow.progress import progress
 
 MASK_DIR = "detcon_mask"
 INDEX = "index.json"
-IGNORE = 255
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ def segment(image: np.ndarray, params: FelzenszwalbParams) -> np.ndarray:
     labels = felzenszwalb(image, scale=params.scale, sigma=params.sigma, min_size=params.min_size)
     counts = np.bincount(labels.ravel())
     order = np.argsort(-counts, kind="stable")
-    lut = np.full(len(counts), IGNORE, dtype=np.uint8)
-    keep = order[:IGNORE]
+    lut = np.full(len(counts), IGNORE_INDEX, dtype=np.uint8)
+    keep = order[:IGNORE_INDEX]
     lut[keep] = np.arange(len(keep), dtype=np.uint8)
     return lut[labels]
 

@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segflow.data import IGNORE_INDEX
 from segflow.selfsl.regions import mlp, region_loss
 from segflow.train.config import MeanTeacherConfig, SupConConfig
 from segflow.train.views import photometric_views, random_views, strong_augment
-
-IGNORE = 255
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Objective:
 
     def loss(self, model: nn.Module, batch: dict, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(batch["image"]).logits
-        ce = F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE)
+        ce = F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
         return ce, {"ce": ce.item()}
 
     def after_step(self, model: nn.Module, step: Step) -> None:
@@ -110,7 +109,7 @@ class SupCon(Objective):
         v1, m1, v2, m2 = random_views(images, masks, step.generator(1))
         v1, v2 = photometric_views(v1, step.generator(2)), photometric_views(v2, step.generator(3))
         out = model(torch.cat([images, v1, v2]), with_features=True)
-        ce = F.cross_entropy(out.logits[:n].float(), masks, ignore_index=IGNORE)
+        ce = F.cross_entropy(out.logits[:n].float(), masks, ignore_index=IGNORE_INDEX)
         feats = out.features
         with torch.no_grad():
             self.target.train()
@@ -169,11 +168,11 @@ class MeanTeacher(Objective):
             drop = self.drop_fraction(step.epoch)
             if drop > 0:
                 limit = torch.quantile(entropy.flatten(1), 1 - drop, dim=1)[:, None, None]
-                pseudo[entropy > limit] = IGNORE
+                pseudo[entropy > limit] = IGNORE_INDEX
         strong = strong_augment(weak, step.generator(4))
         logits = model(torch.cat([images, strong])).logits.float()
-        ce = F.cross_entropy(logits[:n], masks, ignore_index=IGNORE)
-        unsup = F.cross_entropy(logits[n:], pseudo, ignore_index=IGNORE)  # mean over kept pixels
+        ce = F.cross_entropy(logits[:n], masks, ignore_index=IGNORE_INDEX)
+        unsup = F.cross_entropy(logits[n:], pseudo, ignore_index=IGNORE_INDEX)  # mean over kept pixels
         return ce + self.cfg.weight * unsup, {"ce": ce.item(), "unsup": unsup.item(), "dropped": drop}
 
     def after_step(self, model, step):
