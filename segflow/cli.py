@@ -357,15 +357,26 @@ def params(pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/."
         typer.echo(f"{name} ({kind.lower()}) = {json.dumps(default)}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The ``segflow`` command (``argv``: for calling it in-process, as the tests do)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("alembic", "mlflow", "botocore", "urllib3", "datumaro", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        app()
+        app(args=argv, prog_name="segflow")
     except SegflowError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        # A path the environment refuses (permissions, a full disk, a read-only mount): no traceback.
+        typer.secho(
+            f"error: cannot use {exc.filename}: {exc.strerror or exc}. Check the path, its permissions and free space.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        sys.exit(SegflowError.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -85,10 +85,20 @@ def parse_params(pipeline, pairs: list[str]) -> dict[str, Any]:
 def compile_pipeline(path: str | Path, output: str | Path) -> Path:
     from kfp import compiler
 
-    pipeline = load_pipeline(path)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline, str(output))
+    if output.suffix not in (".yaml", ".yml"):
+        raise SegflowError(f"--output {output} must end in .yaml: KFP's compiled pipelines are YAML.")
+    pipeline = load_pipeline(path)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside, then rename: a failed compile never leaves half a YAML file.
+        partial = output.with_name(f".{output.stem}.partial{output.suffix}")
+        compiler.Compiler().compile(pipeline, str(partial))
+        partial.replace(output)
+    except OSError as exc:
+        raise SegflowError(
+            f"cannot write {output}: {exc.strerror or exc}. Choose an --output in a writable place."
+        ) from None
     return output
 
 

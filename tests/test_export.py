@@ -11,33 +11,15 @@ import pytest
 from PIL import Image
 
 from segflow import tracking
-from segflow.data.importer import ImportConfig, import_dataset
-from segflow.data.synth import synthesize
 from segflow.errors import SegflowError
 from segflow.evaluate.evaluation import EvalConfig, run_evaluation
 from segflow.export.openvino_ir import ExportConfig, export
 from segflow.export.predict import PredictConfig, predict
-from segflow.train.config import TrainConfig
-from segflow.train.engine import train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("export")
-    raw = synthesize(root / "raw", "source", num_images=24, size=64, seed=21)
-    import_dataset(ImportConfig(str(raw), str(root / "ds"), val_fraction=0.25))
-    train(
-        TrainConfig(
-            data=str(root / "ds"),
-            out=str(root / "model"),
-            input_size=64,
-            batch_size=4,
-            epochs=6,
-            iters_per_epoch=6,
-            early_stop_patience=100,
-        )
-    )
-    return {"root": root, "data": root / "ds", "model": root / "model", "images": raw / "images"}
+@pytest.fixture
+def trained(tiny) -> dict[str, Path]:
+    return tiny
 
 
 def test_fp32_ir_matches_pytorch_and_describes_itself(trained, tmp_path):
@@ -124,8 +106,8 @@ def test_predict_with_ir_and_pytorch_skips_unreadable_images(trained, tmp_path):
         assert mask.shape == (50, 70) and mask.max() < 7
         assert (tmp_path / name / "entropy" / "odd_size.png").exists()
         assert (tmp_path / name / "overlays" / "odd_size.png").exists()
-    a = np.asarray(Image.open(tmp_path / "ov" / "masks" / "source_00000.png"))
-    b = np.asarray(Image.open(tmp_path / "pt" / "masks" / "source_00000.png"))
+    a = np.asarray(Image.open(tmp_path / "ov" / "masks" / "target_00000.png"))
+    b = np.asarray(Image.open(tmp_path / "pt" / "masks" / "target_00000.png"))
     assert (a == b).mean() > 0.99
     with pytest.raises(SegflowError, match="no image could be read"):
         predict(PredictConfig(model=str(ir), input=str(images / "broken.png"), out=str(tmp_path / "none")))

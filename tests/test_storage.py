@@ -70,12 +70,14 @@ def test_existing_prefix_is_refused_then_replaced_with_overwrite(s3, tmp_path):
     assert (s3_lib.download(uri, tmp_path / "back") / "keep.txt").read_text() == "3"
 
 
-def test_plain_user_folder_without_marker_downloads(s3, tmp_path):
+def test_plain_user_folder_without_marker_is_raw_input_only(s3, tmp_path):
     client = s3_lib.client()
     for i in range(3):
         client.put_object(Bucket=s3, Key=f"photos/img{i}.png", Body=b"x" * (i + 1))
-    out = s3_lib.download(f"s3://{s3}/photos", tmp_path / "p")
+    out = s3_lib.download(f"s3://{s3}/photos", tmp_path / "p", sealed=False)
     assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png", "img2.png"]
+    with pytest.raises(SegflowError, match="no completion marker"):
+        s3_lib.download(f"s3://{s3}/photos", tmp_path / "q")
 
 
 def test_clear_errors_for_missing_bucket_prefix_and_credentials(s3, tmp_path, monkeypatch):

@@ -191,13 +191,17 @@ def test_init_backbone_is_checked(dataset, tmp_path):
     folder.mkdir()
     model = create_model("lite_hrnet_18", 7)
     save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(folder / "backbone.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architecture": "lite_hrnet_18"}))
-    with pytest.raises(SegflowError, match="'lite_hrnet_18' backbone but --model is 'lite_hrnet_s'"):
+    tag = {"format": "segflow.backbone/1"}
+    (folder / "config.json").write_text(json.dumps({**tag, "architecture": "lite_hrnet_18"}))
+    with pytest.raises(SegflowError, match="'lite_hrnet_18' backbone but the model is 'lite_hrnet_s'"):
         train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
-    (folder / "config.json").write_text(json.dumps({"architecture": "lite_hrnet_s"}))
+    (folder / "config.json").write_text(json.dumps({**tag, "architecture": "lite_hrnet_s"}))
     with pytest.raises(SegflowError, match="do not fit"):
         train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
-    with pytest.raises(SegflowError, match=r"backbone\.safetensors"):
+    (folder / "config.json").write_text(json.dumps({"architecture": "lite_hrnet_s"}))
+    with pytest.raises(SegflowError, match=r"format None is not 'segflow\.backbone/1'"):
+        train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
+    with pytest.raises(SegflowError, match=r"no config\.json"):
         train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(tmp_path)))
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from segflow.data import manifest as manifest_lib
 from segflow.data.augment import AugmentConfig, geometric_augment, resize_for_eval, train_augment
 from segflow.errors import SegflowError
+from segflow.storage import walk_files
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -101,7 +102,7 @@ def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise SegflowError(f"{folder} is not a folder of images.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "detcon_mask" not in p.parts)
+    files = [p for p in walk_files(folder, IMAGE_SUFFIXES) if "detcon_mask" not in p.relative_to(folder).parts]
     if not files:
         raise SegflowError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
     return files

@@ -22,8 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +31,8 @@ from PIL import Image
 from segflow.data import IGNORE_INDEX
 from segflow.data import manifest as manifest_lib
 from segflow.errors import SegflowError
-from segflow.progress import progress
-from segflow.storage import local_input, staged_output
+from segflow.parallel import map_all
+from segflow.storage import confined, local_input, staged_output, walk_files
 
 CSS = "common_semantic_segmentation"
 CSS_SUBSETS = "common_semantic_segmentation_with_subset_dirs"
@@ -135,7 +133,8 @@ def import_dataset(cfg: ImportConfig) -> dict:
     cfg.validate()
     if str(cfg.source).rstrip("/") == str(cfg.out).rstrip("/"):
         raise SegflowError("SRC and OUT are the same place: write the imported dataset somewhere else.")
-    with local_input(cfg.source, "dataset") as src, staged_output(cfg.out, cfg.overwrite) as stage:
+    # The source is raw data (a user's upload): no completion marker is needed to read it.
+    with local_input(cfg.source, "dataset", sealed=False) as src, staged_output(cfg.out, cfg.overwrite) as stage:
         dataset, fmt, mask_files = load_datumaro(src, cfg.format)
         labels = label_names(dataset, src, fmt)
         items = [item for item in dataset]
@@ -207,6 +206,7 @@ def load_datumaro(src: Path, fmt: str | None):
         raise SegflowError(f"{src} is a file: point SRC at the dataset's folder.")
     if not any(src.iterdir()):
         raise SegflowError(f"{src} is an empty folder: there is no dataset to import.")
+    walk_files(src)  # refuses symbolic link loops and links out of the dataset before Datumaro walks it
     fmt = fmt or detect_format(src)
     mask_files: dict[str, Path] = {}
     if fmt in (CSS, CSS_SUBSETS):
@@ -249,17 +249,10 @@ def _image_files(folder: Path) -> dict[str, tuple[Path, int]]:
     """Image files below ``folder`` by stem, with their sizes (the extensions Datumaro reads)."""
     from datumaro.util.image import IMAGE_EXTENSIONS
 
-    found: dict[str, tuple[Path, int]] = {}
-    pending = [folder] if folder.is_dir() else []
-    while pending:  # os.scandir: one stat per file, where Path.rglob + is_file costs several
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir():
-                    pending.append(Path(entry.path))
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                    path = Path(entry.path)
-                    found[path.stem] = (path, entry.stat().st_size)
-    return dict(sorted(found.items()))
+    if not folder.is_dir():
+        return {}
+    files = walk_files(folder, set(IMAGE_EXTENSIONS))
+    return dict(sorted((path.stem, (path, path.stat().st_size)) for path in files))
 
 
 def check_css_layout(root: Path) -> dict[str, Path]:
@@ -363,16 +356,11 @@ def _run_items(job: _Job, workers: int) -> list[ItemResult]:
     for subset in {s for s, _ in job.placement}:
         (job.out / subset / "images").mkdir(parents=True, exist_ok=True)
         (job.out / subset / "masks").mkdir(parents=True, exist_ok=True)
-    workers = workers or len(os.sched_getaffinity(0))
-    _JOB = job
+    _JOB = job  # forked workers inherit it with the Datumaro items (and their lazy loaders)
     try:
-        total = len(job.items)
-        if workers == 1 or total < _MIN_PARALLEL_ITEMS:
-            return list(progress(map(_process_item, range(total)), total, "checking items"))
-        # fork: workers inherit the Datumaro items (with their lazy loaders) instead of pickling them.
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            chunks = max(1, total // (workers * 8))
-            return list(progress(pool.imap(_process_item, range(total), chunksize=chunks), total, "checking items"))
+        return map_all(
+            _process_item, range(len(job.items)), workers, "checking items", min_parallel=_MIN_PARALLEL_ITEMS
+        )
     finally:
         _JOB = None
 
@@ -413,6 +401,12 @@ def _process_item(index: int) -> ItemResult:
         raw, ext = buffer.getvalue(), ".png"
     image_rel = f"{subset}/images/{name}{ext}"
     mask_rel = f"{subset}/masks/{name}.png"
+    try:
+        for rel in (image_rel, mask_rel):  # item ids come from the dataset: never let one escape OUT
+            confined(job.out, rel, f"dataset item {item.id!r} ({rel})")
+    except SegflowError as exc:
+        result.problems.append(str(exc))
+        return result
     source_mask = job.mask_files.get(media_path)
     if unchanged and source_mask is not None and source_mask.suffix.lower() == ".png":
         mask_bytes = source_mask.read_bytes()  # already a single-channel PNG of label ids

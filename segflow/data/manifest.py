@@ -18,6 +18,7 @@ import numpy as np
 
 from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
+from segflow.storage import confined, sha256_file, walk_files
 
 if TYPE_CHECKING:
     from segflow.data.importer import ItemResult
@@ -188,8 +189,13 @@ def write(folder: Path, manifest: dict, report: dict) -> None:
     (folder / "report.md").write_text(render_markdown(report, plot))
 
 
-def read(folder: str | Path) -> dict:
-    """Load and check the manifest of a dataset artifact folder."""
+def read(folder: str | Path, verify: bool = False) -> dict:
+    """Load and check the manifest of a dataset artifact folder.
+
+    ``verify``: also check every file against the sha256 the manifest lists, so a damaged or
+    changed file fails here with its name instead of somewhere inside training. Hashing costs a
+    small fraction of decoding the same files (benchmarks/RESULTS.md).
+    """
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise SegflowError(f"{folder} is not a segflow dataset (no {MANIFEST}): run `segflow data import` first.")
@@ -199,4 +205,25 @@ def read(folder: str | Path) -> dict:
         raise SegflowError(f"{path} is not valid JSON ({exc}): import the dataset again.") from None
     if manifest.get("schema") != SCHEMA:
         raise SegflowError(f"{path}: schema {manifest.get('schema')!r} is not {SCHEMA!r}: import the dataset again.")
+    if verify:
+        verify_files(Path(folder), manifest["files"])
     return manifest
+
+
+def verify_files(folder: Path, files: dict[str, str]) -> None:
+    """Every listed file exists inside ``folder`` and has its recorded sha256. Serial: for files
+    of a few hundred KB, a thread pool costs more than it saves (benchmarks/reliability.py)."""
+    walk_files(folder)  # refuses symbolic links out of the folder, once for all files
+    problems = []
+    for rel, expected in files.items():
+        path = confined(folder, rel, f"manifest entry {rel!r}", links=False)
+        if not path.is_file():
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{path}: content differs from the manifest's sha256 (damaged or changed after import)")
+    if problems:
+        raise SegflowError(
+            f"{folder}: {len(problems)} file(s) do not match the dataset's manifest. Import the dataset again "
+            "(or restore the files):",
+            problems=problems,
+        )

@@ -45,7 +45,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         storage.staged_output(cfg.out, cfg.overwrite) as stage,
     ):
         model, config = model_artifact.load(model_dir, device)
-        manifest = manifest_lib.read(data_dir)
+        manifest = manifest_lib.read(data_dir, verify=True)
         labels = config["labels"]
         if manifest["labels"] != labels:
             raise SegflowError(

@@ -27,9 +27,9 @@ from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset
 from segflow.errors import SegflowError
 from segflow.evaluate.metrics import ConfusionMatrix
-from segflow.export.runtime import IR_XML, IRSegmentor, write_metadata
 from segflow.models import SegOutput
 from segflow.models import artifact as model_artifact
+from segflow.models.ir import IRSegmentor
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -145,7 +145,6 @@ def quantize(
 
 def export(cfg: ExportConfig) -> dict:
     """Convert, (quantise,) check parity, and publish the IR folder; return the export report."""
-    import openvino as ov
 
     cfg.validate()
     with (
@@ -161,7 +160,7 @@ def export(cfg: ExportConfig) -> dict:
         labels = config["labels"]
         parity = calibration = None
         if data_dir is not None:
-            manifest = manifest_lib.read(data_dir)
+            manifest = manifest_lib.read(data_dir, verify=True)
             if manifest["labels"] != labels:
                 raise SegflowError(
                     f"--calibration {cfg.calibration} has labels {manifest['labels']}, the model {labels}."
@@ -186,8 +185,7 @@ def export(cfg: ExportConfig) -> dict:
         if cfg.precision == "int8":
             log.info("quantising to INT8 on %d calibration images", min(len(calibration), cfg.calibration_images))
             ov_model = quantize(ov_model, calibration, cfg, parity, len(labels))
-        write_metadata(ov_model, config, cfg.precision)
-        ov.save_model(ov_model, str(stage / IR_XML), compress_to_fp16=cfg.precision == "fp16")
+        model_artifact.save_ir(stage, ov_model, config, cfg.precision)
         ir = IRSegmentor(stage)
 
         report = {
@@ -237,7 +235,6 @@ def export(cfg: ExportConfig) -> dict:
             report["passed"] = None
             log.warning("no --calibration data: parity with PyTorch was not checked")
         (stage / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (stage / "config.json").write_text(json.dumps({**config, "precision": cfg.precision}, indent=2) + "\n")
     report["output"] = str(cfg.out)
     return report
 

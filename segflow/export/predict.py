@@ -1,10 +1,13 @@
 """Predict masks for a folder (or one file) of images with an IR or a PyTorch model folder.
 
     OUT/
-      masks/<stem>.png       label ids (uint8)
-      overlays/<stem>.png    prediction colours over the image
-      entropy/<stem>.png     per-pixel normalised entropy, 0-255 (with --entropy)
+      masks/<path>.png       label ids (uint8); <path> is the image's path below the input folder
+      overlays/<path>.png    prediction colours over the image
+      entropy/<path>.png     per-pixel normalised entropy, 0-255 (with --entropy)
       predictions.json       what was done, and which images were skipped and why
+
+Output names keep the input folder's structure, with the extension replaced by ``.png``. Two
+inputs that would get the same name (``a.png`` and ``a.jpg``) are refused before any work.
 
 An IR runs through OpenVINO's asynchronous infer queue (several requests in flight). An
 unreadable image is reported and skipped; the batch goes on.
@@ -27,8 +30,8 @@ from segflow.data.augment import resize_for_eval
 from segflow.data.datasets import IMAGE_SUFFIXES, Normalization, image_files, read_rgb, to_tensor
 from segflow.errors import SegflowError
 from segflow.evaluate.pictures import overlay, palette
-from segflow.export.runtime import IRSegmentor
 from segflow.models import artifact as model_artifact
+from segflow.models.ir import IRSegmentor
 from segflow.progress import progress
 
 
@@ -58,11 +61,30 @@ def model_input(image: np.ndarray, config: dict) -> torch.Tensor:
 def _write(stage: Path, stem: str, image: np.ndarray, probs: np.ndarray, colours: np.ndarray, entropy: bool) -> None:
     """probs: C x H x W at the image's size."""
     mask = probs.argmax(0).astype(np.uint8)
+    folders = ("masks", "overlays") + (("entropy",) if entropy else ())
+    for folder in folders:
+        (stage / folder / stem).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(mask, mode="L").save(stage / "masks" / f"{stem}.png")
     Image.fromarray(overlay(image, mask, colours)).save(stage / "overlays" / f"{stem}.png")
     if entropy:
         h = -(probs * np.log(np.clip(probs, 1e-8, 1))).sum(0) / math.log(probs.shape[0])
         Image.fromarray((255 * np.clip(h, 0, 1)).astype(np.uint8), mode="L").save(stage / "entropy" / f"{stem}.png")
+
+
+def output_names(source: Path, files: list[Path]) -> list[str]:
+    """A stable, unique output name per input (its relative path without the extension)."""
+    names = [p.stem if source.is_file() else p.relative_to(source).with_suffix("").as_posix() for p in files]
+    by_name: dict[str, list[Path]] = {}
+    for name, path in zip(names, files, strict=True):
+        by_name.setdefault(name, []).append(path)
+    clashes = [f"{', '.join(p.name for p in paths)} -> {name}.png" for name, paths in by_name.items() if len(paths) > 1]
+    if clashes:
+        raise SegflowError(
+            f"--input {source}: {len(clashes)} group(s) of images would get the same output name; rename them "
+            "(or predict them separately):",
+            problems=clashes,
+        )
+    return names
 
 
 def probabilities(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -76,17 +98,13 @@ def probabilities(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> n
 def predict(cfg: PredictConfig) -> dict:
     with (
         storage.local_input(cfg.model, "--model") as model_dir,
-        storage.local_input(cfg.input, "--input") as source,
+        storage.local_input(cfg.input, "--input", sealed=False) as source,
         storage.staged_output(cfg.out, cfg.overwrite) as stage,
     ):
         model, config = model_artifact.load(model_dir, "cpu")
         colours = palette(len(config["labels"]))
-        for sub in ("masks", "overlays") + (("entropy",) if cfg.entropy else ()):
-            (stage / sub).mkdir()
         files = _inputs(source)
-        stems = [
-            p.stem if source.is_file() else str(p.relative_to(source).with_suffix("")).replace("/", "__") for p in files
-        ]
+        stems = output_names(source, files)
         skipped: list[dict] = []
         done = 0
 

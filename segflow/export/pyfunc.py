@@ -4,11 +4,15 @@ MLflow has no OpenVINO flavour, so the IR folder travels as a pyfunc artifact an
 runs it. Input: a list of images, or a DataFrame with an ``image`` column; each image is an
 HxWx3 uint8 RGB array, encoded bytes (PNG/JPEG), or a file path. Output: a list of HxW uint8
 label masks, each at its image's size.
+
+The model is logged "from code" (``pyfunc_model.py``): loading it executes that file, and never
+unpickles anything, so a logged model can be loaded without trusting a pickle.
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
@@ -26,9 +30,9 @@ def _to_rgb(item) -> np.ndarray:
 
 class SegmentationModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from segflow.export.runtime import IRSegmentor
+        from segflow.models.artifact import load_ir
 
-        self.model = IRSegmentor(context.artifacts["ir_dir"])
+        self.model, _ = load_ir(context.artifacts["ir_dir"])
 
     def predict(self, context, model_input, params=None) -> list[np.ndarray]:
         from segflow.export.predict import model_input as to_model_input
@@ -49,7 +53,7 @@ def log_ir(ir_dir: str, name: str = "model") -> str:
 
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=SegmentationModel(),
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
         artifacts={"ir_dir": str(ir_dir)},
         pip_requirements=[f"openvino=={openvino.__version__.split('-')[0]}", "segflow"],
     )

@@ -1,9 +1,19 @@
-"""The model artifact: a folder with safetensors weights (no pickle) and a config.json.
+"""Every model artifact segflow reads or writes, in one module.
 
-MODEL_DIR/
-  model.safetensors   state dict of the Segmentor
-  config.json         architecture, labels, input size, normalisation, dataset fingerprint
-  training.json       how it was trained and the metrics that chose it (written by train)
+    MODEL_DIR/     (segflow train)
+      model.safetensors   state dict of the Segmentor (no pickle)
+      config.json         architecture, labels, input size, normalisation, dataset fingerprint
+      training.json       how it was trained and the metrics that chose it
+    BACKBONE_DIR/  (segflow pretrain)
+      backbone.safetensors  config.json (format segflow.backbone/1)
+    IR_DIR/        (segflow export)
+      model.xml model.bin   the OpenVINO IR; its rt_info describes it too
+      config.json           the model's config, precision
+      export_report.json
+
+Every ``config.json`` carries a format tag and the sha256 of the weight files beside it. Loading
+checks both, so a truncated or damaged file is refused by name instead of failing deep inside
+torch or OpenVINO.
 """
 
 from __future__ import annotations
@@ -17,9 +27,12 @@ from safetensors.torch import load_file, save_file
 from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
 from segflow.models import MODEL_NAMES, Segmentor, create_model
+from segflow.storage import sha256_file
 
-FORMAT = "segflow.model/1"
+MODEL_FORMAT = "segflow.model/1"
+BACKBONE_FORMAT = "segflow.backbone/1"
 WEIGHTS = "model.safetensors"
+BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 
 
@@ -27,7 +40,7 @@ def model_config(
     model: Segmentor, labels: list[str], input_size: int, normalization: dict, dataset_fingerprint: str = ""
 ) -> dict:
     return {
-        "format": FORMAT,
+        "format": MODEL_FORMAT,
         "architecture": model.name,
         "num_classes": model.num_classes,
         "labels": labels,
@@ -39,45 +52,152 @@ def model_config(
     }
 
 
-def save(folder: str | Path, model: Segmentor, config: dict) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
+# --- shared helpers -------------------------------------------------------------------------------
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], fmt: str) -> None:
+    """A state dict as safetensors (contiguous CPU tensors), tagged with its format."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"format": fmt})
+
+
+def _write_config(folder: Path, config: dict, weight_files: list[str]) -> None:
+    config = {**config, "files": {name: sha256_file(folder / name) for name in weight_files}}
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def read_config(folder: str | Path) -> dict:
-    path = Path(folder) / CONFIG
+def read_config(folder: str | Path, fmt: str = MODEL_FORMAT) -> dict:
+    """``config.json`` of an artifact of format ``fmt``, checked; its weight files verified."""
+    folder = Path(folder)
+    path = folder / CONFIG
+    what = {MODEL_FORMAT: "model (from `segflow train`)", BACKBONE_FORMAT: "backbone (from `segflow pretrain`)"}
     if not path.exists():
-        raise SegflowError(f"{folder} is not a segflow model (no {CONFIG}): pass a folder written by `segflow train`.")
+        raise SegflowError(f"{folder} is not a segflow {what.get(fmt, fmt)}: it has no {CONFIG}.")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SegflowError(f"{path} is not valid JSON ({exc}).") from None
-    if config.get("format") != FORMAT or config.get("architecture") not in MODEL_NAMES:
-        raise SegflowError(f"{path}: not a {FORMAT} config with a known architecture.")
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise SegflowError(f"{path}: format {found!r} is not {fmt!r}: pass a segflow {what.get(fmt, fmt)}.")
+    if config.get("architecture") not in MODEL_NAMES:
+        raise SegflowError(f"{path}: architecture {config.get('architecture')!r} is not one of {MODEL_NAMES}.")
+    verify_files(folder, config)
     return config
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Segmentor, dict]:
+def verify_files(folder: Path, config: dict) -> None:
+    """Every weight file the config lists exists and has its recorded sha256."""
+    for name, expected in (config.get("files") or {}).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise SegflowError(f"{path} is missing: the artifact is incomplete. Produce it again.")
+        if sha256_file(path) != expected:
+            raise SegflowError(
+                f"{path} is damaged: its sha256 differs from the one recorded in {CONFIG} (truncated or changed "
+                "after it was written). Produce the artifact again."
+            )
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise SegflowError(f"{path} is missing: the artifact is incomplete. Produce it again.")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+        raise SegflowError(f"{path} is not a readable safetensors file ({exc}): produce it again.") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SegflowError(
+            f"{path} holds non-finite values (NaN or inf) in {len(bad)} tensors, e.g. {bad[:3]}: training "
+            "diverged. Train again, with a lower --lr."
+        )
+    return state
+
+
+# --- model dir ------------------------------------------------------------------------------------
+
+
+def save(folder: str | Path, model: Segmentor, config: dict) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / WEIGHTS, model.state_dict(), MODEL_FORMAT)
+    _write_config(folder, config, [WEIGHTS])
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the model from config.json and load its weights; the model is in eval mode.
 
     An OpenVINO IR folder (from `segflow export`) loads as an IRSegmentor with the same calling
     convention, so evaluation and prediction take either.
     """
-    from segflow.export.runtime import IRSegmentor, is_ir
-
     if is_ir(folder):
-        ir = IRSegmentor(folder)
-        return ir, ir.config
+        return load_ir(folder)
     config = read_config(folder)
-    weights = Path(folder) / WEIGHTS
-    if not weights.exists():
-        raise SegflowError(f"{folder} has no {WEIGHTS}.")
     model = create_model(config["architecture"], config["num_classes"], aux=config.get("aux", False))
+    state = _load_weights(Path(folder) / WEIGHTS)
     try:
-        model.load_state_dict(load_file(str(weights), device=str(device)))
+        model.load_state_dict(state)
     except RuntimeError as exc:
-        raise SegflowError(f"{weights} does not fit {config['architecture']}: {str(exc)[:500]}") from None
+        raise SegflowError(
+            f"{Path(folder) / WEIGHTS} does not fit {config['architecture']}: {str(exc)[:500]}"
+        ) from None
     return model.to(device).eval(), config
+
+
+# --- backbone weights (DetCon pretraining) -------------------------------------------------------
+
+
+def save_backbone(folder: str | Path, backbone: torch.nn.Module, config: dict) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / BACKBONE_WEIGHTS, backbone.state_dict(), BACKBONE_FORMAT)
+    _write_config(folder, {**config, "format": BACKBONE_FORMAT}, [BACKBONE_WEIGHTS])
+
+
+def load_backbone(folder: str | Path, architecture: str) -> dict[str, torch.Tensor]:
+    """Backbone weights for ``architecture``, checked: format tag, architecture, checksums."""
+    folder = Path(folder)
+    config = read_config(folder, BACKBONE_FORMAT)
+    if config["architecture"] != architecture:
+        raise SegflowError(
+            f"{folder} holds a {config['architecture']!r} backbone but the model is {architecture!r}: "
+            "pretrain the same architecture, or train that one."
+        )
+    return _load_weights(folder / BACKBONE_WEIGHTS)
+
+
+# --- OpenVINO IR ----------------------------------------------------------------------------------
+
+
+def is_ir(folder: str | Path) -> bool:
+    from segflow.models.ir import IR_XML
+
+    return (Path(folder) / IR_XML).exists()
+
+
+def save_ir(folder: str | Path, ov_model, config: dict, precision: str) -> None:
+    """The IR (FP16 weights only for ``precision="fp16"``), its metadata and checksums."""
+    import openvino as ov
+
+    from segflow.models.ir import IR_BIN, IR_FORMAT, IR_XML, write_metadata
+
+    folder = Path(folder)
+    write_metadata(ov_model, config, precision)
+    ov.save_model(ov_model, str(folder / IR_XML), compress_to_fp16=precision == "fp16")
+    ir_config = {k: v for k, v in config.items() if k != "files"}
+    _write_config(folder, {**ir_config, "format": IR_FORMAT, "precision": precision}, [IR_XML, IR_BIN])
+
+
+def load_ir(folder: str | Path, **kwargs):
+    """An IR folder as an IRSegmentor (checksums verified when its config.json records them)."""
+    from segflow.models.ir import IRSegmentor
+
+    folder = Path(folder)
+    if (folder / CONFIG).exists():
+        try:
+            verify_files(folder, json.loads((folder / CONFIG).read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SegflowError(f"{folder / CONFIG} is not valid JSON: export the IR again.") from None
+    ir = IRSegmentor(folder, **kwargs)
+    return ir, ir.config

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,6 +33,7 @@ from segflow.data.augment import flip
 from segflow.data.datasets import Normalization, image_files, read_rgb, to_tensor
 from segflow.errors import SegflowError
 from segflow.models import MODEL_NAMES
+from segflow.models import artifact as model_artifact
 from segflow.models.lite_hrnet import SPECS, LiteHRNet
 from segflow.progress import progress
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, default_mask_dir, make_pseudo_masks, mask_path_for
@@ -42,7 +42,6 @@ from segflow.train.engine import Dist, EpochSampler, atomic_torch_save, checkpoi
 from segflow.train.objectives import Step, ema_update
 
 log = logging.getLogger(__name__)
-BACKBONE_FORMAT = "segflow.backbone/1"
 
 
 @dataclass(frozen=True)
@@ -190,9 +189,8 @@ def pretrain(cfg: PretrainConfig, on_epoch=None) -> dict:
     """Pseudo masks (when missing), then DetCon; publish backbone weights to ``cfg.out``."""
     cfg.validate()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not storage.is_s3(cfg.out) and Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()) and not cfg.overwrite:
-        raise SegflowError(f"output {cfg.out} already exists: choose a new path, or pass --overwrite.")
-    with storage.local_input(cfg.images, "--images") as images:
+    storage.check_output(cfg.out, cfg.overwrite)
+    with storage.local_input(cfg.images, "--images", sealed=False) as images:
         # Default: detcon_mask/ beside the images (beside the downloaded copy for s3:// images).
         masks_dir = Path(cfg.masks) if cfg.masks else default_mask_dir(images)
         made = make_pseudo_masks(images, masks_dir, cfg.felzenszwalb)
@@ -284,17 +282,14 @@ def pretrain(cfg: PretrainConfig, on_epoch=None) -> dict:
                 on_epoch(epoch, record)
 
         config = {
-            "format": BACKBONE_FORMAT,
             "architecture": cfg.model,
             "normalization": norm.as_dict(),
             "images": len(dataset),
             "history": state["history"],
             "pretrain": asdict(cfg),
         }
-        with storage.staged_output(cfg.out, overwrite=True) as stage:
-            state_dict = {k: v.detach().cpu().contiguous() for k, v in online.backbone.state_dict().items()}
-            save_file(state_dict, str(stage / "backbone.safetensors"), metadata={"format": BACKBONE_FORMAT})
-            (stage / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        with storage.staged_output(cfg.out, cfg.overwrite) as stage:
+            model_artifact.save_backbone(stage, online.backbone, json.loads(json.dumps(config, default=str)))
     return {
         "final_loss": state["history"][-1]["loss"],
         "first_loss": state["history"][0]["loss"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from PIL import Image
 from segflow.data import IGNORE_INDEX
 from segflow.data.datasets import image_files
 from segflow.errors import SegflowError
-from segflow.progress import progress
+from segflow.parallel import map_all
+from segflow.storage import sha256_file
 
 MASK_DIR = "detcon_mask"
 INDEX = "index.json"
@@ -93,21 +93,14 @@ def make_pseudo_masks(
         mask = out / f"{stem}.png"
         entry = index.get(rel) or {}
         same_params = entry.get("params") == params.key() and entry.get("size") == f.stat().st_size
-        if same_params and mask.exists() and entry["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest():
+        if same_params and mask.exists() and entry["sha256"] == sha256_file(f):
             reused += 1
             continue
         todo.append((str(f), str(mask), params))
 
     failed: list[str] = []
-    workers = workers or len(os.sched_getaffinity(0))
     by_path = {str(f): (rel, f) for f, rel in zip(files, names, strict=True)}
-    results = []
-    if todo:
-        if workers == 1 or len(todo) < 4:
-            results = list(progress(map(_work, todo), len(todo), "pseudo masks"))
-        else:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                results = list(progress(pool.imap_unordered(_work, todo, chunksize=4), len(todo), "pseudo masks"))
+    results = map_all(_work, todo, workers, "pseudo masks", ordered=False)
     for image_path, digest, error in results:
         rel, f = by_path[image_path]
         if error:

@@ -3,17 +3,25 @@
 Stages read inputs with :func:`local_input` and write outputs with :func:`staged_output`. Both
 hide where the bytes live:
 
-- a local path is used in place; a local output is built in a hidden sibling folder and renamed
-  into place when complete (rename is atomic on one file system);
-- an ``s3://`` input is downloaded to a temporary folder (checksums verified); an ``s3://`` output
-  is built locally, then published with :func:`segflow.storage.s3.publish_dir`.
+- a local input is used in place; an ``s3://`` input is downloaded to a temporary folder. An
+  artifact (``sealed=True``, the default) must carry its completion marker and every file must
+  match its checksum; raw inputs (a dataset to import, a folder of images) need no marker;
+- an output is built in a staging folder and published only when complete: locally by a rename
+  (atomic on one file system), on S3 by :func:`segflow.storage.s3.publish_dir`.
 
-Either way a failed stage leaves no output behind and never damages one that already exists.
+One overwrite rule for every writer, local or S3 (:func:`check_output`): an existing output is
+refused unless ``overwrite``, and this is checked before any work starts. One writer per
+destination: a second one fails with a clear message instead of silently replacing the first.
+A failed stage leaves no output behind and never damages one that already exists.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -22,6 +30,9 @@ from pathlib import Path
 
 from segflow.errors import SegflowError
 from segflow.storage import s3
+from segflow.storage.paths import confined, sha256_file, walk_files
+
+log = logging.getLogger(__name__)
 
 
 def is_s3(uri: str | Path) -> bool:
@@ -29,11 +40,14 @@ def is_s3(uri: str | Path) -> bool:
 
 
 @contextlib.contextmanager
-def local_input(uri: str | Path, what: str = "input") -> Iterator[Path]:
-    """Yield a local folder (or file) holding ``uri``'s content; temporary when ``uri`` is on S3."""
+def local_input(uri: str | Path, what: str = "input", sealed: bool = True) -> Iterator[Path]:
+    """Yield a local folder (or file) holding ``uri``'s content; temporary when ``uri`` is on S3.
+
+    ``sealed``: ``uri`` must be a segflow artifact (on S3: completion marker and checksums).
+    """
     if is_s3(uri):
         with tempfile.TemporaryDirectory(prefix="segflow-in-") as tmp:
-            yield s3.download(str(uri), Path(tmp) / "data")
+            yield s3.download(str(uri), Path(tmp) / "data", sealed=sealed)
         return
     path = Path(uri).expanduser()
     if not path.exists():
@@ -41,20 +55,39 @@ def local_input(uri: str | Path, what: str = "input") -> Iterator[Path]:
     yield path
 
 
-def _check_free(path: Path, overwrite: bool) -> None:
+def check_output(uri: str | Path, overwrite: bool) -> None:
+    """The one overwrite rule, checked before any work: an output that exists is refused unless
+    ``overwrite``; an S3 bucket must exist and answer; a local path must not be a file."""
+    if is_s3(uri):
+        s3.check_free(str(uri), overwrite)
+        return
+    path = Path(uri).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise SegflowError(f"output {path} exists and is a file: choose a folder path.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise SegflowError(
             f"output {path} already exists and is not empty: choose a new path, or pass --overwrite to replace it."
         )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SegflowError(f"output {path}: {parent} is a file, so no folder can be made below it.")
+            break
 
 
 @contextlib.contextmanager
-def staged_output(uri: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty local folder to build an output in; publish it to ``uri`` only on success."""
+def staged_output(uri: str | Path, overwrite: bool = False, publish: bool = True) -> Iterator[Path]:
+    """Yield an empty local folder to build an output in; publish it to ``uri`` only on success.
+
+    ``publish=False`` (the other processes of a distributed run) yields a scratch folder that is
+    thrown away: exactly one process writes an output.
+    """
+    if not publish:
+        with tempfile.TemporaryDirectory(prefix="segflow-scratch-") as tmp:
+            yield Path(tmp)
+        return
+    check_output(uri, overwrite)
     if is_s3(uri):
-        s3.check_free(str(uri), overwrite)
         with tempfile.TemporaryDirectory(prefix="segflow-out-") as tmp:
             staging = Path(tmp) / "artifact"
             staging.mkdir()
@@ -63,16 +96,78 @@ def staged_output(uri: str | Path, overwrite: bool = False) -> Iterator[Path]:
         return
 
     final = Path(uri).expanduser().absolute()
-    _check_free(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling on the same file system, so the final rename is atomic.
-    staging = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    with exclusive(final):
+        check_output(final, overwrite)  # again, now that no other writer can change it
+        _remove_stale_staging(final)
+        # A sibling on the same file system, so the final rename is atomic.
+        staging = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
+        _mkdir(staging)
+        try:
+            yield staging
+            _swap_into_place(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mkdir(path: Path) -> None:
     try:
-        yield staging
-        _swap_into_place(staging, final)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SegflowError(
+            f"cannot create {path}: {exc.strerror or exc}. Choose an output in a writable place."
+        ) from None
+
+
+@contextlib.contextmanager
+def exclusive(final: Path) -> Iterator[None]:
+    """An exclusive lock on ``.NAME.lock`` beside ``final`` (an output, a checkpoint folder) for as
+    long as the writer runs. The kernel releases it when the process dies, so a killed writer
+    never blocks the next one; a second live writer fails at once with a clear message."""
+    final = Path(final).absolute()
+    _mkdir(final.parent)
+    lock_path = final.parent / f".{final.name}.lock"
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SegflowError(
+                f"cannot write beside {final}: {exc.strerror or exc}. Choose an output in a writable place."
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise SegflowError(
+                    f"another segflow process is writing {final} right now: two writers cannot share one output. "
+                    "Choose another path, or wait for it to finish."
+                ) from None
+            raise
+        # The previous holder may have removed the file between our open and our lock: retry then.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def _remove_stale_staging(final: Path) -> None:
+    """Staging and swap folders of earlier writers that were killed: removed, and said. We hold
+    the lock, so no live writer owns them."""
+    for stale in final.parent.glob(f".{final.name}.staging-*"):
+        log.warning("removing %s, left by an interrupted write to %s", stale, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in final.parent.glob(f".{final.name}.old-*"):
+        log.warning("removing %s, left by an interrupted replacement of %s", stale, final)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _swap_into_place(staging: Path, final: Path) -> None:
@@ -90,4 +185,14 @@ def _swap_into_place(staging: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["is_s3", "local_input", "s3", "staged_output"]
+__all__ = [
+    "check_output",
+    "confined",
+    "exclusive",
+    "is_s3",
+    "local_input",
+    "s3",
+    "sha256_file",
+    "staged_output",
+    "walk_files",
+]

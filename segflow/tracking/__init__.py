@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, is_dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segflow.configs import flatten
 from segflow.errors import SegflowError
 
 DEFAULT_EXPERIMENT = "segflow"
@@ -23,6 +25,7 @@ STAGE_TAG = "segflow.stage"
 FINGERPRINT_TAG = "segflow.dataset_fingerprint"
 
 log = logging.getLogger(__name__)
+_SETTLE_SECONDS = 2.0
 
 
 def home() -> Path:
@@ -38,20 +41,65 @@ def experiment_name(name: str | None = None) -> str:
     return name or os.environ.get("SEGFLOW_EXPERIMENT") or DEFAULT_EXPERIMENT
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first contact with a SQLite store across processes: a fresh store runs its schema
+    migrations on first use, and two processes migrating at once fail (parallel pipeline branches
+    start together). A server store needs no lock: the server migrates once, at its own start."""
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocking: the holder only migrates, which takes seconds
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_READY: set[str] = set()
+
+
 def _mlflow():
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A dead or silent server fails within about a minute instead of retrying for many.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri not in _READY:
+        with _store_lock(uri):
+            try:
+                mlflow.MlflowClient().search_experiments(max_results=1)  # creates / migrates a SQLite store
+            except Exception as exc:
+                raise _unreachable(exc) from None
+        _READY.add(uri)
     return mlflow
 
 
+def _unreachable(exc: Exception) -> SegflowError:
+    return SegflowError(
+        f"cannot reach the MLflow tracking store {tracking_uri()} ({type(exc).__name__}: {str(exc)[:300]}). "
+        "Check MLFLOW_TRACKING_URI, or unset it to track into a local SQLite file."
+    )
+
+
 def ensure_experiment(name: str | None = None) -> str:
-    """The experiment's id, created when missing (local stores keep artifacts under SEGFLOW_HOME)."""
+    """The experiment's id, created when missing (local stores keep artifacts under SEGFLOW_HOME).
+
+    Several stages may create it at the same moment: whoever loses the race reads the winner's.
+    """
     mlflow = _mlflow()
     name = experiment_name(name)
     try:
@@ -61,37 +109,30 @@ def ensure_experiment(name: str | None = None) -> str:
         location = None
         if tracking_uri().startswith("sqlite:"):
             location = (home() / "mlartifacts").as_uri()
-        return mlflow.create_experiment(name, artifact_location=location)
+        try:
+            with _store_lock(tracking_uri()):
+                found = mlflow.get_experiment_by_name(name)
+                if found is not None:
+                    return found.experiment_id
+                return mlflow.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException as exc:
+            found = mlflow.get_experiment_by_name(name)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
+                raise
+            return found.experiment_id
+    except SegflowError:
+        raise
     except Exception as exc:
-        if isinstance(exc, SegflowError):
-            raise
-        raise SegflowError(
-            f"cannot reach the MLflow tracking store {tracking_uri()} ({type(exc).__name__}: {exc}). "
-            "Check MLFLOW_TRACKING_URI, or unset it to track into a local SQLite file."
-        ) from None
-
-
-def flatten(config: Any, prefix: str = "") -> dict[str, str]:
-    """Nested dataclasses / dicts to MLflow params: {"train.lr": "0.001", ...}."""
-    if is_dataclass(config) and not isinstance(config, type):
-        config = asdict(config)
-    flat: dict[str, str] = {}
-    if isinstance(config, Mapping):
-        for key, value in config.items():
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if isinstance(value, Mapping) or (is_dataclass(value) and not isinstance(value, type)):
-                flat.update(flatten(value, name))
-            else:
-                flat[name] = str(value)[:6000]  # MLflow's limit on a param value
-    return flat
+        raise _unreachable(exc) from None
 
 
 def pipeline_parent(run_key: str, run_name: str = "", experiment: str | None = None) -> str:
     """The parent run of pipeline run ``run_key`` (the KFP job id), created by whichever stage asks first.
 
-    Stages of one pipeline run may start at the same moment, so two may create a parent. Each
-    creator then looks again and every stage settles on the oldest (ties: smallest id); a creator
-    whose run lost deletes it. No extra pipeline task is needed and nothing depends on order.
+    Stages of one pipeline run may start at the same moment. On a SQLite store, find-or-create
+    runs under the store's file lock, so exactly one parent is made. On a server, a creator waits
+    a moment and looks again, so that racing creators see each other; all settle on the oldest
+    (ties: smallest id) and the others delete theirs.
     """
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
@@ -102,14 +143,17 @@ def pipeline_parent(run_key: str, run_name: str = "", experiment: str | None = N
         runs = client.search_runs([experiment_id], query, max_results=50)
         return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)) if runs else None
 
-    found = oldest()
-    if found is not None:
-        return found.info.run_id
-    mine = client.create_run(experiment_id, run_name=run_name or run_key, tags={PIPELINE_RUN_TAG: run_key})
-    winner = oldest()
-    if winner is not None and winner.info.run_id != mine.info.run_id:
-        client.delete_run(mine.info.run_id)
-        return winner.info.run_id
+    with _store_lock(tracking_uri()):
+        found = oldest()
+        if found is not None:
+            return found.info.run_id
+        mine = client.create_run(experiment_id, run_name=run_name or run_key, tags={PIPELINE_RUN_TAG: run_key})
+    if _sqlite_path(tracking_uri()) is None:
+        time.sleep(_SETTLE_SECONDS)  # let a creator that raced us commit, so both pick the same winner
+        winner = oldest()
+        if winner is not None and winner.info.run_id != mine.info.run_id:
+            client.delete_run(mine.info.run_id)
+            return winner.info.run_id
     return mine.info.run_id
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
 from segflow import storage, tracking
+from segflow.configs import differences, flatten
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset, UnlabeledImages
 from segflow.errors import SegflowError
@@ -39,6 +40,8 @@ from segflow.train.objectives import MeanTeacher, Objective, Step, SupCon
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
 BEST = "best.safetensors"
+# Settings a resumed run may change: how long it runs and where files go, not what it computes.
+RESUME_MAY_CHANGE = ("epochs", "early_stop_patience", "resume", "overwrite", "loader_workers", "checkpoint_dir", "data")
 
 
 # --- reproducibility and devices -----------------------------------------------------------
@@ -149,31 +152,6 @@ def _atomic_safetensors(model: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_backbone(model: Segmentor, folder: str | Path) -> None:
-    """Initialise the backbone from a pretraining artifact (backbone.safetensors + config.json)."""
-    folder = Path(folder)
-    config_path, weights = folder / "config.json", folder / "backbone.safetensors"
-    if not config_path.exists() or not weights.exists():
-        raise SegflowError(
-            f"--init-backbone {folder}: needs backbone.safetensors and config.json (from `segflow pretrain`)."
-        )
-    config = json.loads(config_path.read_text())
-    if config.get("architecture") != model.name:
-        raise SegflowError(
-            f"--init-backbone {folder} holds a {config.get('architecture')!r} backbone but --model is {model.name!r}."
-        )
-    state = load_file(str(weights))
-    try:
-        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes differ
-        raise SegflowError(f"--init-backbone {folder}: weights do not fit {model.name}: {str(exc)[:400]}") from None
-    if missing or unexpected:
-        raise SegflowError(
-            f"--init-backbone {folder}: weights do not fit {model.name}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})."
-        )
-
-
 # --- the loop -------------------------------------------------------------------------------
 
 
@@ -247,18 +225,19 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None)
     dist = Dist()
     device = dist.device
     ckpt_dir = checkpoint_dir(cfg.out, cfg.checkpoint_dir)
-    if dist.main and not cfg.resume and (ckpt_dir / CHECKPOINT).exists() and not cfg.overwrite:
-        raise SegflowError(
-            f"{ckpt_dir / CHECKPOINT} exists from an earlier run: pass --resume to continue it, "
-            "or --overwrite to start over."
-        )
-    if dist.main and not storage.is_s3(cfg.out):
-        out = Path(cfg.out)
-        if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-            raise SegflowError(f"output {out} already exists: choose a new path, or pass --overwrite.")
-
-    with storage.local_input(cfg.data, "dataset") as data_dir, _maybe_input(cfg) as unlabeled_root:
-        manifest = manifest_lib.read(data_dir)
+    # The output is checked (and locked, locally) before any work; only rank 0 publishes it.
+    with (
+        storage.staged_output(cfg.out, cfg.overwrite, publish=dist.main) as stage,
+        storage.exclusive(ckpt_dir) if dist.main else nullcontext(),
+        storage.local_input(cfg.data, "dataset") as data_dir,
+        _maybe_input(cfg) as unlabeled_root,
+    ):
+        if dist.main and not cfg.resume and (ckpt_dir / CHECKPOINT).exists() and not cfg.overwrite:
+            raise SegflowError(
+                f"{ckpt_dir / CHECKPOINT} exists from an earlier run: pass --resume to continue it, "
+                "or --overwrite to start over."
+            )
+        manifest = manifest_lib.read(data_dir, verify=True)
         labels = manifest["labels"]
         stats = manifest["statistics"]
         norm = Normalization(stats["mean"], stats["std"])
@@ -278,10 +257,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None)
         val_loader = eval_loader(val_ds, cfg.batch_size, uniform)
 
         seed_everything(cfg.seed)
-        model = create_model(cfg.model, len(labels))
-        if cfg.init_backbone:
-            with storage.local_input(cfg.init_backbone, "--init-backbone") as folder:
-                load_backbone(model, folder)
+        with _maybe_backbone(cfg) as backbone:
+            model = create_model(cfg.model, len(labels), backbone_weights=backbone)
         model.to(device)
         channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
         if channels_last:
@@ -313,6 +290,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None)
             persistent_workers=False,
         )
 
+        identity = {**flatten(cfg), "dataset_fingerprint": manifest["fingerprint"]}
         state = {
             "epoch": 0,
             "iteration": 0,
@@ -320,17 +298,29 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None)
             "best_epoch": -1,
             "bad_epochs": 0,
             "history": [],
-            "done": False,
+            "identity": identity,
         }
         if cfg.resume and (ckpt_dir / CHECKPOINT).exists():
-            state = _load_checkpoint(ckpt_dir / CHECKPOINT, model, objective, optimizer, plateau, cfg)
+            saved = _read_checkpoint(ckpt_dir / CHECKPOINT)
+            changed = differences(saved["state"].get("identity", {}), identity, RESUME_MAY_CHANGE)
+            if changed:
+                raise SegflowError(
+                    f"--resume: {ckpt_dir / CHECKPOINT} was made with other settings; resume with the same ones "
+                    f"(only {', '.join(RESUME_MAY_CHANGE)} may change), or pass --overwrite to start over:",
+                    problems=changed,
+                )
+            state = _load_checkpoint(ckpt_dir / CHECKPOINT, saved, model, objective, optimizer, plateau)
+            state["identity"] = identity
             log.info("resuming from %s after epoch %d", ckpt_dir / CHECKPOINT, state["epoch"])
         elif cfg.resume:
             log.info("no checkpoint in %s yet: starting from scratch", ckpt_dir)
         if dist.main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-        while not state["done"] and state["epoch"] < cfg.epochs:
+        def stopped_early() -> bool:  # evaluated with this run's settings, so a resume may relax them
+            return state["epoch"] >= cfg.early_stop_start and state["bad_epochs"] >= cfg.early_stop_patience
+
+        while state["epoch"] < cfg.epochs and not stopped_early():
             epoch = state["epoch"]
             started = time.monotonic()
             train_ds.epoch = sampler.epoch = epoch
@@ -375,11 +365,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None)
                 state["bad_epochs"] += 1
             state["history"].append({"epoch": epoch, **record})
             state["epoch"] = epoch + 1
-            if epoch + 1 >= cfg.early_stop_start and state["bad_epochs"] >= cfg.early_stop_patience:
+            if stopped_early():
                 log.info("early stop after epoch %d: no val mDice gain for %d epochs", epoch + 1, state["bad_epochs"])
-                state["done"] = True
-            if state["epoch"] >= cfg.epochs:
-                state["done"] = True
             if dist.main:
                 _save_checkpoint(ckpt_dir / CHECKPOINT, model, objective, optimizer, plateau, state)
                 log.info(
@@ -409,9 +396,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None)
         if dist.main:
             model.load_state_dict(load_file(str(ckpt_dir / BEST)))
             config = model_artifact.model_config(model, labels, cfg.input_size, norm.as_dict(), manifest["fingerprint"])
-            with storage.staged_output(cfg.out, overwrite=True) as stage:
-                model_artifact.save(stage, model, config)
-                (stage / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            model_artifact.save(stage, model, config)
+            (stage / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         dist.barrier()
         return summary
 
@@ -419,7 +405,13 @@ def train(cfg: TrainConfig, on_epoch: Callable[[int, dict], None] | None = None)
 def _maybe_input(cfg: TrainConfig):
     if cfg.mean_teacher is None:
         return nullcontext(None)
-    return storage.local_input(cfg.mean_teacher.unlabeled, "--unlabeled")
+    return storage.local_input(cfg.mean_teacher.unlabeled, "--unlabeled", sealed=False)
+
+
+def _maybe_backbone(cfg: TrainConfig):
+    if not cfg.init_backbone:
+        return nullcontext(None)
+    return storage.local_input(cfg.init_backbone, "--init-backbone")
 
 
 def _save_checkpoint(path: Path, model, objective: Objective, optimizer, plateau, state: dict) -> None:
@@ -435,9 +427,17 @@ def _save_checkpoint(path: Path, model, objective: Objective, optimizer, plateau
     )
 
 
-def _load_checkpoint(path: Path, model, objective: Objective, optimizer, plateau, cfg: TrainConfig) -> dict:
+def _read_checkpoint(path: Path) -> dict:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file: torch raises several types
+        raise SegflowError(
+            f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): pass --overwrite to start over."
+        ) from None
+
+
+def _load_checkpoint(path: Path, ckpt: dict, model, objective: Objective, optimizer, plateau) -> dict:
+    try:
         model.load_state_dict(ckpt["model"])
         for name, module in {**objective.modules(), **objective.frozen()}.items():
             module.load_state_dict(ckpt["objective"][name])

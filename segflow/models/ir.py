@@ -18,6 +18,8 @@ from segflow.errors import SegflowError
 from segflow.models import SegOutput
 
 IR_XML = "model.xml"
+IR_BIN = "model.bin"
+IR_FORMAT = "segflow.ir/1"
 META_KEYS = ("format", "architecture", "labels", "normalization", "input_size", "dataset_fingerprint", "precision")
 
 
@@ -27,7 +29,7 @@ def is_ir(folder: str | Path) -> bool:
 
 def write_metadata(ov_model, config: dict, precision: str) -> None:
     """Store the model's config in the IR's rt_info (JSON strings under model_info)."""
-    meta = {**{k: config[k] for k in META_KEYS if k in config}, "format": "segflow.ir/1", "precision": precision}
+    meta = {**{k: config[k] for k in META_KEYS if k in config}, "format": IR_FORMAT, "precision": precision}
     for key, value in meta.items():
         ov_model.set_rt_info(json.dumps(value), ["model_info", key])
 
@@ -37,7 +39,7 @@ def read_metadata(ov_model) -> dict:
     for key in META_KEYS:
         if ov_model.has_rt_info(["model_info", key]):
             meta[key] = json.loads(ov_model.get_rt_info(["model_info", key]).astype(str))
-    if meta.get("format") != "segflow.ir/1":
+    if meta.get("format") != IR_FORMAT:
         raise SegflowError("this IR carries no segflow metadata (rt_info model_info): export it with `segflow export`.")
     meta["num_classes"] = len(meta["labels"])
     return meta
@@ -59,7 +61,14 @@ class IRSegmentor:
 
         folder = Path(folder)
         core = ov.Core()
-        model = core.read_model(folder / IR_XML)
+        try:
+            model = core.read_model(folder / IR_XML)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1]
+            raise SegflowError(
+                f"{folder / IR_XML} cannot be read by OpenVINO ({reason}): the IR is damaged (a truncated "
+                f"{IR_BIN}?). Export it again with `segflow export`."
+            ) from None
         self.config = read_metadata(model)
         shape = model.input(0).get_partial_shape()
         self.static = shape.is_static

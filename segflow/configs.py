@@ -1,0 +1,33 @@
+"""Typed configs as flat ``{"a.b": "value"}`` dicts: for MLflow params and for comparing two runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dataclasses / dicts to strings: {"train.lr": "0.001", ...} (MLflow's 6000-char limit)."""
+    if is_dataclass(config) and not isinstance(config, type):
+        config = asdict(config)
+    flat: dict[str, str] = {}
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, Mapping) or (is_dataclass(value) and not isinstance(value, type)):
+                flat.update(flatten(value, name))
+            else:
+                flat[name] = str(value)[:6000]
+    return flat
+
+
+def differences(before: Mapping[str, str], now: Mapping[str, str], may_change: Iterable[str] = ()) -> list[str]:
+    """``name: before -> now`` for every setting that differs, except those in ``may_change``."""
+    allowed = set(may_change)
+    keys = sorted((set(before) | set(now)) - allowed)
+    return [
+        f"{key}: {before.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
+        for key in keys
+        if before.get(key) != now.get(key)
+    ]
