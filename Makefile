@@ -14,10 +14,12 @@ DEMO_DATA := $(CURDIR)/runs/demo/data
 
 setup: $(STAMP)
 
+# components/ installs as segflow_components (package-dir), and setuptools says so on every editable
+# install ("Editable installation"): the one warning filtered here.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 # The demo: synthetic target-domain scenes (64 labelled, 96 unlabelled), then the main pipeline
@@ -27,13 +29,11 @@ demo: $(STAMP)
 	$(BIN)/segflow data synth $(DEMO_DATA)/target --domain target --num-images 64 --size 96 --seed 1
 	$(BIN)/segflow data synth $(DEMO_DATA)/unlabeled --domain target --num-images 96 --size 96 --seed 2 --unlabeled
 	$(BIN)/segflow run pipelines/selfsl_then_finetune.py --local
-	@echo
-	@echo "Demo outputs: $(SEGFLOW_HOME)/kfp (one folder per pipeline run and task)"
-	@echo "Evaluation: find $(SEGFLOW_HOME)/kfp -path '*evaluation/*' -name '*.png' -o -name metrics.json"
-	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(SEGFLOW_HOME)/mlflow.db"
+	@echo "Pictures and metrics of the demo model: the evaluate-model/evaluation/ folder of that run."
 
+# Two worker processes (pytest-xdist) share the cores; each gives torch its share of threads.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segflow.data.importer import ImportConfig, import_dataset
+from segflow.data.importer import ImportConfig
 from segflow.data.synth import synthesize
+from segflow.stages import import_stage
 
 
 def cpu_seconds() -> float:
@@ -65,7 +66,7 @@ def main() -> None:
 
         def stage(workers: int):
             out = tmp / f"out-{workers}"
-            return lambda: import_dataset(ImportConfig(str(data), str(out), workers=workers, overwrite=True))
+            return lambda: import_stage(ImportConfig(str(data), str(out), workers=workers, overwrite=True), track=False)
 
         runs = {
             "plain PIL decode (1 process)": lambda: plain_decode(data),

@@ -85,11 +85,12 @@ def write_untrained(name: str, folder: Path, size: int) -> None:
 
 
 def calibration_data(root: Path, size: int) -> Path:
-    from segflow.data.importer import ImportConfig, import_dataset
+    from segflow.data.importer import ImportConfig
     from segflow.data.synth import synthesize
+    from segflow.stages import import_stage
 
     raw = synthesize(root / "calib_raw", "target", 32, size, seed=5)
-    import_dataset(ImportConfig(str(raw), str(root / "calib")))
+    import_stage(ImportConfig(str(raw), str(root / "calib")), track=False)
     return root / "calib"
 
 
@@ -103,8 +104,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from segflow.export.openvino_ir import ExportConfig, export
+    from segflow.export.openvino_ir import ExportConfig
     from segflow.models import artifact
+    from segflow.stages import export_stage
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +121,7 @@ def main() -> None:
             for precision in ("fp32", "fp16", "int8"):
                 ir = tmp / f"{name}-{precision}"
                 # Parity is checked by the tests and the accuracy part below; untrained weights here.
-                export(
+                export_stage(
                     ExportConfig(
                         model=str(model_dir),
                         out=str(ir),
@@ -128,7 +130,8 @@ def main() -> None:
                         parity_images=0,
                         calibration_images=32,
                         max_drop=100.0,
-                    )
+                    ),
+                    track=False,
                 )
                 rows.append((name, f"openvino {precision}", *ov_speed(ir, args.size, args.runs, args.threads), eager))
 
@@ -148,15 +151,15 @@ def main() -> None:
 
 
 def accuracy(tmp: Path) -> None:
-    from segflow.data.importer import ImportConfig, import_dataset
+    from segflow.data.importer import ImportConfig
     from segflow.data.synth import synthesize
-    from segflow.export.openvino_ir import ExportConfig, export
+    from segflow.export.openvino_ir import ExportConfig
+    from segflow.stages import export_stage, import_stage, train_stage
     from segflow.train.config import TrainConfig
-    from segflow.train.engine import train
 
     raw = synthesize(tmp / "acc_raw", "target", 96, 128, seed=9)
-    import_dataset(ImportConfig(str(raw), str(tmp / "acc")))
-    train(
+    import_stage(ImportConfig(str(raw), str(tmp / "acc")), track=False)
+    train_stage(
         TrainConfig(
             data=str(tmp / "acc"),
             out=str(tmp / "acc_model"),
@@ -164,18 +167,20 @@ def accuracy(tmp: Path) -> None:
             epochs=25,
             iters_per_epoch=10,
             early_stop_patience=100,
-        )
+        ),
+        track=False,
     )
     print("\nINT8 accuracy, lite_hrnet_s trained on 128 px synthetic target scenes, scored on its val subset")
     for precision in ("fp32", "int8"):
-        report = export(
+        report = export_stage(
             ExportConfig(
                 model=str(tmp / "acc_model"),
                 out=str(tmp / f"acc_{precision}"),
                 precision=precision,
                 calibration=str(tmp / "acc"),
                 max_drop=100.0,
-            )
+            ),
+            track=False,
         )
         print(
             f"  {precision}: PyTorch mDice {100 * report['torch_mDice']:.2f}, IR mDice {100 * report['ir_mDice']:.2f}"

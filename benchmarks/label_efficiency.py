@@ -28,13 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from segflow.data.importer import ImportConfig, import_dataset
+from segflow.data.importer import ImportConfig
 from segflow.data.synth import synthesize
-from segflow.evaluate.evaluation import EvalConfig, run_evaluation
-from segflow.selfsl.detcon import PretrainConfig, pretrain
+from segflow.evaluate.evaluation import EvalConfig
+from segflow.selfsl.detcon import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams
+from segflow.stages import detcon_stage, evaluate_stage, import_stage, train_stage
 from segflow.train.config import TrainConfig, method_settings
-from segflow.train.engine import train
 
 
 def build_data(root: Path, size: int) -> dict[str, Path]:
@@ -46,8 +46,8 @@ def build_data(root: Path, size: int) -> dict[str, Path]:
         p.rename(p.with_name("v" + p.name))
     synthesize(root / "test_raw" / "val", "target", 48, size, seed=102)  # a val subset only: all 48 scored
     unlabeled = synthesize(root / "unlabeled", "target", 96, size, seed=103, unlabeled=True)
-    import_dataset(ImportConfig(str(pool), str(root / "pool")))
-    import_dataset(ImportConfig(str(root / "test_raw"), str(root / "test")))
+    import_stage(ImportConfig(str(pool), str(root / "pool")), track=False)
+    import_stage(ImportConfig(str(root / "test_raw"), str(root / "test")), track=False)
     return {"pool": root / "pool", "test": root / "test", "unlabeled": unlabeled}
 
 
@@ -55,7 +55,7 @@ def pretrained_backbone(data: dict[str, Path], work: Path, seed: int, args) -> P
     """DetCon on the unlabelled images, once per seed (it does not depend on the labelled count)."""
     out = work / f"detcon-{seed}"
     if not out.exists():
-        pretrain(
+        detcon_stage(
             PretrainConfig(
                 images=str(data["unlabeled"]),
                 out=str(out),
@@ -67,7 +67,8 @@ def pretrained_backbone(data: dict[str, Path], work: Path, seed: int, args) -> P
                 lr=args.pretrain_lr,
                 masks=str(work / "detcon_mask"),
                 felzenszwalb=FelzenszwalbParams(scale=100, sigma=0.8, min_size=40),
-            )
+            ),
+            track=False,
         )
     return out
 
@@ -75,6 +76,8 @@ def pretrained_backbone(data: dict[str, Path], work: Path, seed: int, args) -> P
 def run_one(data: dict[str, Path], work: Path, method: str, labeled: int, seed: int, args) -> float:
     out = work / f"{method}-{labeled}-{seed}"
     backbone = str(pretrained_backbone(data, work, seed, args)) if method == "selfsl" else ""
+    train_method = "supervised" if method == "selfsl" else method
+    unlabeled = str(data["unlabeled"]) if method == "mean_teacher" else ""
     cfg = TrainConfig(
         data=str(data["pool"]),
         out=str(out),
@@ -87,10 +90,11 @@ def run_one(data: dict[str, Path], work: Path, method: str, labeled: int, seed: 
         iters_per_epoch=args.iters,
         early_stop_patience=args.epochs,
         init_backbone=backbone,
-        **method_settings("supervised" if method == "selfsl" else method, str(data["unlabeled"])),
+        **method_settings(train_method, unlabeled),
     )
-    train(cfg)
-    metrics = run_evaluation(EvalConfig(model=str(out), data=str(data["test"]), out=str(work / f"eval-{out.name}")))
+    train_stage(cfg, track=False)
+    evaluation = EvalConfig(model=str(out), data=str(data["test"]), out=str(work / f"eval-{out.name}"))
+    metrics = evaluate_stage(evaluation, track=False)
     return metrics["mDice"]
 
 

@@ -22,31 +22,28 @@ import subprocess
 import sys
 import time
 
-REFERENCE = {"lite_hrnet_s": 15.0, "lite_hrnet_18": 6.2, "lite_hrnet_x": 1.4}  # OTX 2.6, img/s, REFERENCE.md
+# OTX 2.6 img/s, measured in an earlier session (issue 13 replaces this with a same-run measurement)
+REFERENCE = {"lite_hrnet_s": 15.0, "lite_hrnet_18": 6.2, "lite_hrnet_x": 1.4}
 
 
 def measure(name: str, setting: str, size: int, batch: int, threads: int, steps: int) -> dict:
     import torch
 
     from segflow.models import create_model
-    from segflow.train.config import TrainConfig
-    from segflow.train.engine import Dist, autocast_for, make_optimizer, train_step
-    from segflow.train.objectives import Objective, Step
+    from segflow.train.engine import MAIN, Dist, Objective, Part, Recipe, Step, autocast_for, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dist = Dist()
     device = dist.device
     model = create_model(name, 7).to(device)
-    cfg = TrainConfig(data="-", out="-", model=name, amp="auto" if setting == "shipped" else "off")
-    autocast, scaler = autocast_for(cfg, device)
-    params = list(model.parameters())
+    autocast, scaler = autocast_for("auto" if setting == "shipped" else "off", device)
+    part = Part(MAIN, list(model.parameters()), Recipe(optimizer="adam", lr=1e-3, clip_norm=40.0))
+    channels_last = False
     if setting == "shipped":
-        optimizer = make_optimizer(params, 1e-3, 0.0)
         channels_last = device.type == "cuda"
-    else:
-        optimizer = torch.optim.Adam(params, 1e-3, foreach=False)
-        channels_last = False
+    else:  # plain Adam: a per-parameter loop instead of the fused kernel
+        part.optimizer = torch.optim.Adam(part.params, 1e-3, foreach=False)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     image = torch.randn(batch, 3, size, size, device=device)
@@ -56,7 +53,7 @@ def measure(name: str, setting: str, size: int, batch: int, threads: int, steps:
     objective = Objective()
 
     def run(i: int) -> None:
-        train_step(model, objective, optimizer, params, batch_dict, Step(0, i, 0), 40.0, autocast, scaler, dist)
+        train_step(model, objective, [part], batch_dict, Step(0, i, 0), autocast, scaler, dist)
 
     for i in range(2):  # warm-up
         run(i)

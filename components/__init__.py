@@ -1,5 +1,7 @@
-"""KFP components: one per stage. Each takes typed artifacts and parameters, calls one segflow
-library function, and returns artifacts and metadata. The work itself lives in ``segflow``.
+"""KFP components, one per stage, installed with segflow as ``segflow_components``.
+
+Each component takes typed artifacts and parameters, calls one ``segflow.stages`` function, and
+returns artifacts, metadata and the stage's metrics. The work itself lives in ``segflow``.
 
 The component image is the project's own (``images/Dockerfile``), which already holds kfp and
 segflow, so components never pip-install at start (``install_kfp_package=False``).

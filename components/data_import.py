@@ -2,8 +2,7 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Metrics, Output
-
-from components import SEGFLOW_IMAGE
+from segflow_components import SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
@@ -21,7 +20,7 @@ def import_data(
 ):
     """Read SOURCE_URI (local path or s3://) with Datumaro, validate every item, write the artifact."""
     from segflow.data.importer import ImportConfig
-    from segflow.stages import import_stage
+    from segflow.stages import import_stage, log_metrics_to
     from segflow.tracking import RunContext
 
     cfg = ImportConfig(
@@ -36,7 +35,4 @@ def import_data(
             "source": source_uri,
         }
     )
-    for subset, count in result["counts"].items():
-        metrics.log_metric(f"images_{subset}", count)
-    metrics.log_metric("labels", len(result["labels"]))
-    metrics.log_metric("warnings", len(result["warnings"]))
+    log_metrics_to(metrics, result["metrics"])

@@ -2,8 +2,7 @@
 
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
-
-from components import SEGFLOW_IMAGE
+from segflow_components import SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
@@ -20,15 +19,11 @@ def evaluate_model(
     experiment: str = "",
 ):
     from segflow.evaluate.evaluation import EvalConfig
-    from segflow.stages import evaluate_stage
+    from segflow.stages import evaluate_stage, log_metrics_to
     from segflow.tracking import RunContext
 
-    cfg = EvalConfig(model=model.path, data=dataset.path, out=evaluation.path, subset=subset)
+    cfg = EvalConfig(model=model.path, data=dataset.path, out=evaluation.path, subset=subset, overwrite=True)
     result = evaluate_stage(cfg, RunContext(run_key, run_name, experiment), markdown_out=report.path)
-    for key in ("mDice", "mIoU", "pixel_accuracy"):
-        metrics.log_metric(key, result[key])
-    for name, scores in result["per_class"].items():
-        if scores["dice"] is not None:
-            metrics.log_metric(f"dice_{name}", scores["dice"])
+    log_metrics_to(metrics, result["metrics"])
     confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
     evaluation.metadata.update({"mDice": result["mDice"], "mIoU": result["mIoU"], "subset": subset})

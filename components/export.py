@@ -1,9 +1,8 @@
 """Export a trained model to OpenVINO IR, checked against PyTorch; the IR is logged to MLflow."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model, Output
-
-from components import SEGFLOW_IMAGE
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from segflow_components import SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
@@ -11,6 +10,7 @@ def export_model(
     model: Input[Model],
     dataset: Input[Dataset],
     ir: Output[Model],
+    metrics: Output[Metrics],
     precision: str = "fp32",
     max_drop: float = 1.0,
     run_key: str = "",
@@ -19,10 +19,12 @@ def export_model(
 ):
     """PRECISION: fp32, fp16 or int8 (calibrated on DATASET). Fails when the IR disagrees with PyTorch."""
     from segflow.export.openvino_ir import ExportConfig
-    from segflow.stages import export_stage
+    from segflow.stages import export_stage, log_metrics_to
     from segflow.tracking import RunContext
 
-    cfg = ExportConfig(model=model.path, out=ir.path, precision=precision, calibration=dataset.path, max_drop=max_drop)
+    cfg = ExportConfig(
+        model=model.path, out=ir.path, precision=precision, calibration=dataset.path, max_drop=max_drop, overwrite=True
+    )
     report = export_stage(cfg, RunContext(run_key, run_name, experiment))
     ir.metadata.update(
         {
@@ -36,3 +38,4 @@ def export_model(
             "mlflow_model_uri": report.get("model_uri", ""),
         }
     )
+    log_metrics_to(metrics, report["metrics"])

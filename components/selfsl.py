@@ -2,14 +2,14 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
-from components import SEGFLOW_GPU_IMAGE, SEGFLOW_IMAGE
+from segflow_components import SEGFLOW_GPU_IMAGE, SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
 def pseudo_masks(
     images_uri: str,
     masks: Output[Dataset],
+    metrics: Output[Metrics],
     scale: float = 1000.0,
     sigma: float = 0.8,
     min_size: int = 1000,
@@ -19,12 +19,13 @@ def pseudo_masks(
 ):
     """Felzenszwalb masks of every image under IMAGES_URI (local path or s3://; no labels needed)."""
     from segflow.selfsl.pseudo_masks import FelzenszwalbParams
-    from segflow.stages import pseudo_masks_stage
+    from segflow.stages import log_metrics_to, pseudo_masks_stage
     from segflow.tracking import RunContext
 
     params = FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size)
     result = pseudo_masks_stage(images_uri, masks.path, params, run=RunContext(run_key, run_name, experiment))
     masks.metadata.update({"images": result["images"], "source": images_uri, "scale": scale, "min_size": min_size})
+    log_metrics_to(metrics, result["metrics"])
 
 
 @dsl.component(base_image=SEGFLOW_GPU_IMAGE, install_kfp_package=False)
@@ -46,7 +47,7 @@ def pretrain_backbone(
 ):
     """DetCon-B pretraining of the backbone on the images and their pseudo masks."""
     from segflow.selfsl.detcon import PretrainConfig
-    from segflow.stages import pretrain_stage
+    from segflow.stages import detcon_stage, log_metrics_to
     from segflow.tracking import RunContext
 
     cfg = PretrainConfig(
@@ -61,10 +62,8 @@ def pretrain_backbone(
         iters_per_epoch=iters_per_epoch,
         seed=seed,
         resume=True,  # a retried task continues from its last checkpoint
+        overwrite=True,  # the output path is this task's own
     )
-    result = pretrain_stage(cfg, RunContext(run_key, run_name, experiment))
-    backbone.metadata.update(
-        {"architecture": model_name, "final_loss": result["final_loss"], "images": result["images"]}
-    )
-    metrics.log_metric("first_loss", result["first_loss"])
-    metrics.log_metric("final_loss", result["final_loss"])
+    result = detcon_stage(cfg, RunContext(run_key, run_name, experiment))
+    backbone.metadata.update({"architecture": model_name, **result["metrics"]})
+    log_metrics_to(metrics, result["metrics"])

@@ -1,8 +1,7 @@
 """Close the MLflow parent run of a pipeline run (stages open it: see segflow.tracking)."""
 
 from kfp import dsl
-
-from components import SEGFLOW_IMAGE
+from segflow_components import SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
@@ -25,7 +24,7 @@ def run_context(experiment: str) -> dict:
 def tracked(experiment: str) -> tuple[dict, dsl.ExitHandler]:
     """(stage arguments, exit handler) of a tracked pipeline: stages inside the handler nest under
     one MLflow parent run, which the handler closes FINISHED or FAILED."""
-    from components.platform import on_cluster
+    from segflow_components.platform import on_cluster
 
     track = run_context(experiment)
     finish = finish_tracking(run_key=track["run_key"], experiment=experiment)

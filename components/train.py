@@ -2,8 +2,7 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
-from components import SEGFLOW_GPU_IMAGE
+from segflow_components import SEGFLOW_GPU_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_GPU_IMAGE, install_kfp_package=False)
@@ -26,7 +25,7 @@ def train_model(
 ):
     """METHOD: supervised, supcon, or mean_teacher (needs UNLABELED_URI, a folder of images).
     INIT_BACKBONE (optional): DetCon-pretrained backbone weights to start from."""
-    from segflow.stages import train_stage
+    from segflow.stages import log_metrics_to, train_stage
     from segflow.tracking import RunContext
     from segflow.train.config import TrainConfig, method_settings
 
@@ -41,17 +40,17 @@ def train_model(
         init_backbone=init_backbone.path if init_backbone is not None else "",
         iters_per_epoch=iters_per_epoch,
         resume=True,  # a retried task continues from its last checkpoint
+        overwrite=True,  # the output path is this task's own
         **method_settings(method, unlabeled_uri),
     )
-    summary = train_stage(cfg, RunContext(run_key, run_name, experiment))
+    result = train_stage(cfg, RunContext(run_key, run_name, experiment))
     model.metadata.update(
         {
             "architecture": model_name,
             "method": method,
-            "best_val_mDice": summary["best_val_mDice"],
-            "best_epoch": summary["best_epoch"],
-            "dataset_fingerprint": summary["dataset_fingerprint"],
+            "best_val_mDice": result["best_val_mDice"],
+            "best_epoch": result["best_epoch"],
+            "dataset_fingerprint": result["dataset_fingerprint"],
         }
     )
-    metrics.log_metric("best_val_mDice", summary["best_val_mDice"])
-    metrics.log_metric("epochs_run", summary["epochs_run"])
+    log_metrics_to(metrics, result["metrics"])

@@ -4,16 +4,10 @@ segflow run pipelines/prepare_data.py --local
 segflow compile pipelines/prepare_data.py --output prepare_data.yaml
 """
 
-import sys
-from pathlib import Path
-
 from kfp import dsl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `components` from this checkout
-
-from components.data_import import import_data
-from components.platform import on_cluster
-from components.tracking import tracked
+from segflow_components.data_import import import_data
+from segflow_components.platform import on_cluster
+from segflow_components.tracking import tracked
 
 
 @dsl.pipeline(name="prepare-data", description="Import and validate source and target datasets.")

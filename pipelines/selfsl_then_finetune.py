@@ -12,20 +12,12 @@ felzenszwalb_scale=1000, felzenszwalb_min_size=1000, pretrain_input_size=224, pr
 input_size=512, epochs=300.
 """
 
-import sys
-from pathlib import Path
-
 from kfp import dsl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `components` from this checkout
-
-from components.data_import import import_data
-from components.evaluate import evaluate_model
-from components.export import export_model
-from components.platform import on_cluster
-from components.selfsl import pretrain_backbone, pseudo_masks
-from components.tracking import tracked
-from components.train import train_model
+from segflow_components.data_import import import_data
+from segflow_components.flows import train_evaluate_export
+from segflow_components.platform import on_cluster
+from segflow_components.selfsl import pretrain_backbone, pseudo_masks
+from segflow_components.tracking import tracked
 
 
 @dsl.pipeline(name="selfsl-then-finetune", description="DetCon self-supervised pretraining, then fine-tuning.")
@@ -69,8 +61,10 @@ def selfsl_then_finetune(
             **track,
         )
         on_cluster(backbone, gpu=True, cpu="4", memory="16G", cache=False)
-        trained = train_model(
-            dataset=data.outputs["dataset"],
+        train_evaluate_export(
+            data.outputs["dataset"],
+            track,
+            export_precision=export_precision,
             init_backbone=backbone.outputs["backbone"],
             model_name=model_name,
             method=finetune_method,
@@ -79,12 +73,4 @@ def selfsl_then_finetune(
             input_size=input_size,
             iters_per_epoch=iters_per_epoch,
             seed=seed,
-            **track,
         )
-        on_cluster(trained, gpu=True, cpu="4", memory="16G", cache=False)
-        evaluated = evaluate_model(model=trained.outputs["model"], dataset=data.outputs["dataset"], **track)
-        on_cluster(evaluated, cache=False)
-        exported = export_model(
-            model=trained.outputs["model"], dataset=data.outputs["dataset"], precision=export_precision, **track
-        )
-        on_cluster(exported.after(evaluated), cache=False)

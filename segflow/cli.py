@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,13 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Make, import and validate datasets.")
 app.add_typer(data_app, name="data")
+
+
+def from_options(config: type, options: dict, **more):
+    """A stage's typed config from a command's options: every option named like one of the
+    config's fields fills it (flags and fields share their names); ``more`` adds the rest."""
+    names = {f.name for f in fields(config)} - set(more)
+    return config(**{k: v for k, v in options.items() if k in names}, **more)
 
 
 @data_app.command("synth")
@@ -68,16 +76,7 @@ def data_import(
     from segflow.data.importer import ImportConfig
     from segflow.stages import import_stage
 
-    cfg = ImportConfig(
-        source=src,
-        out=out,
-        format=data_format,
-        val_fraction=val_fraction,
-        seed=seed,
-        workers=workers,
-        overwrite=overwrite,
-    )
-    report = import_stage(cfg, track=track)
+    report = import_stage(from_options(ImportConfig, locals(), source=src, format=data_format), track=track)
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
     typer.echo(f"imported {counts} images, {len(report['labels'])} labels -> {out}")
     typer.echo(f"fingerprint {report['fingerprint']}")
@@ -89,6 +88,8 @@ def train_cmd(
     data: Annotated[str, typer.Option(help="Dataset artifact (from `segflow data import`): path or s3://.")],
     out: Annotated[str, typer.Option(help="Model folder to create: path or s3://.")],
     model: Annotated[str, typer.Option(help="lite_hrnet_s, lite_hrnet_18 or lite_hrnet_x.")] = "lite_hrnet_s",
+    method: Annotated[str, typer.Option(help="supervised, supcon, or mean_teacher (with --unlabeled).")] = "supervised",
+    unlabeled: Annotated[str, typer.Option(help="Folder of unlabelled images for --method mean_teacher.")] = "",
     epochs: Annotated[int, typer.Option()] = 30,
     batch_size: Annotated[int, typer.Option()] = 8,
     input_size: Annotated[int, typer.Option(help="Training crop side in pixels (multiple of 32).")] = 256,
@@ -99,9 +100,6 @@ def train_cmd(
     early_stop_patience: Annotated[int, typer.Option()] = 8,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over; replace OUT.")] = False,
-    supcon: Annotated[bool, typer.Option("--supcon", help="Add the contrastive branch (SupCon).")] = False,
-    mean_teacher: Annotated[bool, typer.Option("--mean-teacher", help="Semi-supervised with --unlabeled.")] = False,
-    unlabeled: Annotated[str, typer.Option(help="Folder of unlabelled images for --mean-teacher.")] = "",
     init_backbone: Annotated[str, typer.Option(help="Backbone weights from `segflow pretrain`.")] = "",
     amp: Annotated[str, typer.Option(help="auto, off, bf16 or fp16.")] = "auto",
     loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
@@ -112,34 +110,12 @@ def train_cmd(
     Several processes: `torchrun --nproc-per-node N -m segflow.cli train ...` (DDP).
     """
     from segflow.stages import train_stage
-    from segflow.train.config import MeanTeacherConfig, SupConConfig, TrainConfig
+    from segflow.train.config import TrainConfig, method_settings
 
-    cfg = TrainConfig(
-        data=data,
-        out=out,
-        model=model,
-        epochs=epochs,
-        batch_size=batch_size,
-        input_size=input_size,
-        seed=seed,
-        lr=lr,
-        max_labeled=max_labeled,
-        early_stop_patience=early_stop_patience,
-        resume=resume,
-        overwrite=overwrite,
-        init_backbone=init_backbone,
-        amp=amp,
-        loader_workers=loader_workers,
-        supcon=SupConConfig() if supcon else None,
-        mean_teacher=MeanTeacherConfig(unlabeled=unlabeled) if mean_teacher else None,
-        iters_per_epoch=iters_per_epoch,
-    )
-    if unlabeled and not mean_teacher:
-        raise SegflowError("--unlabeled is only used with --mean-teacher.")
-    summary = train_stage(cfg, track=track)
+    result = train_stage(from_options(TrainConfig, locals(), **method_settings(method, unlabeled)), track=track)
     typer.echo(
-        f"best val mDice {summary['best_val_mDice']:.4f} at epoch {summary['best_epoch']} "
-        f"({summary['epochs_run']} epochs) -> {out}"
+        f"best val mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
+        f"({result['epochs_run']} epochs) -> {out}"
     )
 
 
@@ -151,6 +127,7 @@ def pseudo_masks_cmd(
     scale: Annotated[float, typer.Option(help="Felzenszwalb scale.")] = 1000.0,
     sigma: Annotated[float, typer.Option(help="Felzenszwalb Gaussian sigma.")] = 0.8,
     min_size: Annotated[int, typer.Option(help="Felzenszwalb minimum region size (pixels).")] = 1000,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an s3:// OUT that exists.")] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = False,
 ) -> None:
     """Felzenszwalb pseudo masks for DetCon; masks already made for the same image and parameters are reused."""
@@ -158,12 +135,12 @@ def pseudo_masks_cmd(
     from segflow.stages import pseudo_masks_stage
 
     params = FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size)
-    result = pseudo_masks_stage(images, out, params, workers, track=track)
+    result = pseudo_masks_stage(images, out, params, workers, track=track, overwrite=overwrite)
     typer.echo(f"{result['images']} images: {result['made']} masks made, {result['reused']} reused -> {result['out']}")
 
 
 @app.command("pretrain")
-def pretrain_cmd(
+def detcon_cmd(
     images: Annotated[str, typer.Option(help="Folder of unlabelled images (local or s3://).")],
     out: Annotated[str, typer.Option(help="Folder to create for the backbone weights.")],
     model: Annotated[str, typer.Option(help="lite_hrnet_s, lite_hrnet_18 or lite_hrnet_x.")] = "lite_hrnet_s",
@@ -179,25 +156,12 @@ def pretrain_cmd(
 ) -> None:
     """DetCon self-supervised pretraining of a backbone (pseudo masks are made first when missing)."""
     from segflow.selfsl.detcon import PretrainConfig
-    from segflow.stages import pretrain_stage
+    from segflow.stages import detcon_stage
 
-    cfg = PretrainConfig(
-        images=images,
-        out=out,
-        model=model,
-        epochs=epochs,
-        batch_size=batch_size,
-        input_size=input_size,
-        lr=lr,
-        iters_per_epoch=iters_per_epoch,
-        seed=seed,
-        resume=resume,
-        overwrite=overwrite,
-    )
-    result = pretrain_stage(cfg, track=track)
+    metrics = detcon_stage(from_options(PretrainConfig, locals()), track=track)["metrics"]
     typer.echo(
-        f"DetCon loss {result['first_loss']:.3f} -> {result['final_loss']:.3f} over {result['epochs']} epochs "
-        f"on {result['images']} images -> {out}  (use: segflow train --init-backbone {out})"
+        f"DetCon loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} over {metrics['epochs']} epochs "
+        f"on {metrics['images']} images -> {out}  (use: segflow train --init-backbone {out})"
     )
 
 
@@ -214,9 +178,7 @@ def evaluate_cmd(
     from segflow.evaluate.evaluation import EvalConfig
     from segflow.stages import evaluate_stage
 
-    metrics = evaluate_stage(
-        EvalConfig(model=model, data=data, out=out, subset=subset, overwrite=overwrite), track=track
-    )
+    metrics = evaluate_stage(from_options(EvalConfig, locals()), track=track)
     typer.echo(
         f"mDice {metrics['mDice']:.4f}  mIoU {metrics['mIoU']:.4f}  pixel accuracy "
         f"{metrics['pixel_accuracy']:.4f} on {metrics['images']} {subset} images -> {out}"
@@ -242,18 +204,7 @@ def export_cmd(
     from segflow.export.openvino_ir import ExportConfig
     from segflow.stages import export_stage
 
-    cfg = ExportConfig(
-        model=model,
-        out=out,
-        precision=precision,
-        calibration=calibration,
-        input_size=input_size,
-        dynamic=dynamic,
-        max_drop=max_drop,
-        accuracy_control=accuracy_control,
-        overwrite=overwrite,
-    )
-    report = export_stage(cfg, track=track)
+    report = export_stage(from_options(ExportConfig, locals()), track=track)
     parity = ""
     if report.get("passed") is not None:
         parity = (
@@ -272,9 +223,10 @@ def predict_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Masks and colour overlays for images; unreadable images are reported and skipped."""
-    from segflow.export.predict import PredictConfig, predict
+    from segflow.export.predict import PredictConfig
+    from segflow.stages import predict_stage
 
-    summary = predict(PredictConfig(model=model, input=input, out=out, entropy=entropy, overwrite=overwrite))
+    summary = predict_stage(from_options(PredictConfig, locals()))
     typer.echo(
         f"{summary['predicted']} images predicted ({summary['runtime']}), {len(summary['skipped'])} skipped -> {out}"
     )
@@ -287,23 +239,23 @@ def models_cmd(
     size: Annotated[int, typer.Option(help="Input side for the GFLOPs column.")] = 512,
     num_classes: Annotated[int, typer.Option()] = 3,
 ) -> None:
-    """The model family beside the seed's table: parameters, MiB, GMAC and GFLOPs."""
-    from segflow.models import MODEL_NAMES, REFERENCE, model_cost
+    """The model family beside the published figures: parameters, MiB, GMAC and GFLOPs."""
+    from segflow.models import MODEL_NAMES, PUBLISHED, model_cost
 
     typer.echo(
-        f"{'model':15s} {'params':>10s} {'ref params':>10s} {'MiB':>6s} {'seed MB':>7s} "
-        f"{'GMAC':>6s} {'GFLOPs':>7s} {'seed GFLOPs':>11s}"
+        f"{'model':15s} {'params':>10s} {'published':>10s} {'MiB':>6s} {'pub. MB':>7s} "
+        f"{'GMAC':>6s} {'GFLOPs':>7s} {'pub. GFLOPs':>11s}"
     )
     for name in MODEL_NAMES:
         cost = model_cost(name, num_classes, size)
-        ref = REFERENCE[name]
+        ref = PUBLISHED[name]
         typer.echo(
             f"{name:15s} {cost['params']:>10,d} {ref['params']:>10,d} {cost['mib']:6.2f} "
-            f"{ref['mib_seed']:7.1f} {cost['gmac']:6.2f} {2 * cost['gmac']:7.2f} {ref['gflops_seed']:11.2f}"
+            f"{ref['mb']:7.1f} {cost['gmac']:6.2f} {2 * cost['gmac']:7.2f} {ref['gflops']:11.2f}"
         )
     typer.echo(
-        f"(GMAC counts convolutions and matmuls at {size}x{size}; the seed's GFLOPs also count "
-        "normalisation, activations and resizing.)"
+        f"(GMAC counts convolutions and matmuls at {size}x{size}. The published figures are OpenVINO Training "
+        "Extensions' (3 classes); their GFLOPs also count normalisation, activations and resizing.)"
     )
 
 
@@ -322,16 +274,16 @@ def run(
             "--output p.yaml`, then `kfp run create -e EXPERIMENT -r NAME -f p.yaml`."
         )
     params = orchestration.parse_params(orchestration.load_pipeline(pipeline), param or [])
-    result = orchestration.run_local(pipeline, params)
-    typer.echo("")
-    typer.echo(f"pipeline {pipeline.name} finished; outputs in {result['job_dir'] or result['pipeline_root']}")
-    for task, paths in result["artifacts"].items():
-        for path in paths:
-            typer.echo(f"  {task:24s} {path}")
+    typer.echo(f"running {pipeline.name} locally (one line per task as it finishes)")
+    result = orchestration.run_local(pipeline, params, show=sys.stdout)
+    seconds = sum(t["seconds"] for t in result["tasks"].values())
+    typer.echo(f"pipeline {pipeline.name} finished: {len(result['tasks'])} tasks, {seconds:.0f} s of task time")
+    typer.echo(f"  outputs:  {result['job_dir'] or result['pipeline_root']}  (one folder per task)")
     for name, value in result["outputs"].items():
         typer.echo(f"  output {name}: {getattr(value, 'uri', value)}")
-    typer.echo(f"MLflow parent run {result['mlflow_run_id'] or '(none)'} in {tracking.tracking_uri()}")
-    typer.echo(f"  browse: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    typer.echo(f"  full log: {result['log']}")
+    typer.echo(f"  MLflow:   parent run {result['mlflow_run_id'] or '(none)'} in {tracking.tracking_uri()}")
+    typer.echo(f"  browse:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
 
 
 @app.command("compile")

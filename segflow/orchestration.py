@@ -6,9 +6,14 @@ runs as a subprocess of this Python, so the installed segflow is the code that r
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
+import logging
 import os
-import sys
+import re
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -102,19 +107,35 @@ def compile_pipeline(path: str | Path, output: str | Path) -> Path:
     return output
 
 
-def run_local(path: str | Path, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run a pipeline on this machine with kfp.local; return its outputs (and where they are)."""
+def run_local(path: str | Path, params: dict[str, Any] | None = None, show=None) -> dict[str, Any]:
+    """Run a pipeline on this machine with kfp.local; return its outputs (and where they are).
+
+    Everything the runner and the tasks print goes to a log file under $SEGFLOW_HOME/logs; ``show``
+    (a text stream, e.g. the terminal) gets one line per task as it finishes: name, state, seconds
+    and its headline metric, plus a live status line on a terminal.
+    """
     import kfp.local
 
     pipeline = load_pipeline(path)
     root = tracking.home() / "kfp"
     root.mkdir(parents=True, exist_ok=True)
+    logs = tracking.home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{Path(path).stem}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     before = {p.name for p in root.iterdir()}
     # Tasks are subprocesses: make them agree with this process on where runs are tracked.
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    with warnings.catch_warnings():
+    failure = ""
+    with (
+        _runner_logs_to(log_path),
+        open(log_path, "a", buffering=1) as log_file,  # O_APPEND: shared with the log handler
+        TaskWatcher(log_path, root, before, show) as watcher,
+        contextlib.redirect_stdout(log_file),
+        contextlib.redirect_stderr(log_file),
+        warnings.catch_warnings(),
+    ):
         # The runner warns that our image name lacks "python"; locally no image is used at all.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*kfp-kubernetes.*")
@@ -122,8 +143,12 @@ def run_local(path: str | Path, params: dict[str, Any] | None = None) -> dict[st
         try:
             task = pipeline(**(params or {}))
         except Exception as exc:
-            raise SegflowError(f"pipeline {Path(path).name} failed: {exc}") from None
-    sys.stdout.flush()
+            failure = str(exc)
+    if failure:
+        raise SegflowError(
+            f"pipeline {Path(path).name} failed: {_first_line(failure)}",
+            problems=[*watcher.last_errors(), f"the whole log: {log_path}"],
+        )
     outputs = dict(getattr(task, "outputs", {}) or {})
     new = sorted((p for p in root.iterdir() if p.name not in before), key=lambda p: p.stat().st_mtime)
     job_dir = new[-1] if new else None
@@ -131,9 +156,123 @@ def run_local(path: str | Path, params: dict[str, Any] | None = None) -> dict[st
         "pipeline_root": str(root),
         "outputs": outputs,
         "job_dir": job_dir,
+        "log": log_path,
+        "tasks": watcher.finished,
         "artifacts": _artifacts(job_dir),
         "mlflow_run_id": _parent_run_id(job_dir),
     }
+
+
+@contextlib.contextmanager
+def _runner_logs_to(log_path: Path):
+    """kfp.local logs through the root logger, also after its own log context ends ("Cleaned up
+    workspace"): while a pipeline runs, those records go to the run's log file, not the terminal."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(log_path)  # append mode, like the redirected output beside it
+    quiet = [(h, h.level) for h in root.handlers]
+    for h, _ in quiet:
+        h.setLevel(logging.WARNING)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for h, level in quiet:
+            h.setLevel(level)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_PROGRESS = re.compile(r"INFO segflow\.[\w.]+: (.*)")
+# The figure to show for a task: the first of these its metrics hold.
+HEADLINE = ("mDice", "best_val_mDice", "final_loss", "ir_mDice", "images_train", "images", "latency_ms")
+
+
+def _first_line(text: str) -> str:
+    return _ANSI.sub("", text).strip().splitlines()[0] if text.strip() else ""
+
+
+class TaskWatcher:
+    """Follows the run's log file from a thread: notes when each task starts and ends, and prints
+    one line per finished task (with its headline metric) to ``show``."""
+
+    def __init__(self, log_path: Path, root: Path, before: set[str], show=None) -> None:
+        self.log_path, self.root, self.before, self.show = log_path, root, before, show
+        self.live = bool(show is not None and getattr(show, "isatty", lambda: False)())
+        self.started: dict[str, float] = {}
+        self.finished: dict[str, dict] = {}
+        self.recent: list[str] = []  # the last lines of output, for a failure's message
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> TaskWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        with open(self.log_path) as log:
+            while True:
+                line = log.readline()
+                if line:
+                    self._read(_ANSI.sub("", line).rstrip())
+                    continue
+                if self._stop.is_set():
+                    break
+                self._status()
+                time.sleep(0.2)
+        if self.live:
+            self.show.write("\r\033[K")
+
+    def _read(self, line: str) -> None:
+        if line.strip():
+            self.recent = [*self.recent[-40:], line.strip()]
+        if match := _STARTED.search(line):
+            self.started[match[1]] = time.monotonic()
+        elif match := _FINISHED.search(line):
+            name, state = match[1], match[2]
+            seconds = time.monotonic() - self.started.get(name, time.monotonic())
+            metrics = self._metrics(name)
+            self.finished[name] = {"state": state, "seconds": seconds, "metrics": metrics}
+            if self.show is not None:
+                headline = next((f"{k} {metrics[k]:.4g}" for k in HEADLINE if k in metrics), "")
+                mark = "ok " if state == "SUCCESS" else "FAILED"
+                clear = "\r\033[K" if self.live else ""
+                self.show.write(f"{clear}  {mark:6s} {name:28s} {seconds:7.1f} s  {headline}\n")
+                self.show.flush()
+
+    def _status(self) -> None:
+        running = [n for n in self.started if n not in self.finished]
+        if not self.live or not running:
+            return
+        name = running[-1]
+        seconds = time.monotonic() - self.started[name]
+        # The running task's latest progress line (segflow logs "epoch 3/12 loss ...", "checking items: 8/48").
+        progress = next((m[1] for r in reversed(self.recent) if (m := _PROGRESS.search(r))), "")
+        self.show.write(f"\r\033[K  ...    {name:28s} {seconds:7.1f} s  {progress[:70]}")
+        self.show.flush()
+
+    def _metrics(self, task: str) -> dict[str, float]:
+        """The task's Metrics artifact values (from its executor output)."""
+        jobs = sorted((p for p in self.root.iterdir() if p.name not in self.before), key=lambda p: p.stat().st_mtime)
+        found: dict[str, float] = {}
+        if not jobs:
+            return found
+        output = jobs[-1] / task / "executor_output.json"
+        if output.exists():
+            for artifacts in json.loads(output.read_text()).get("artifacts", {}).values():
+                for artifact in artifacts.get("artifacts", []):
+                    found |= {k: v for k, v in artifact.get("metadata", {}).items() if isinstance(v, int | float)}
+        return found
+
+    def last_errors(self) -> list[str]:
+        errors = [r for r in self.recent if "error" in r.lower() or "Traceback" in r or "failed" in r.lower()]
+        return errors[-6:] or self.recent[-6:]
 
 
 def _artifacts(job_dir: Path | None) -> dict[str, list[Path]]:

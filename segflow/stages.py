@@ -1,22 +1,52 @@
-"""Each pipeline stage as one call: the work plus its MLflow run.
+"""Each pipeline stage as one call: storage at the edges, the library's work, its MLflow run.
 
-The CLI, the KFP components and the tests all call these, so a stage behaves the same on a
-laptop and in a cluster.
+The CLI, the KFP components and the tests call these, so a stage behaves the same on a laptop
+and in a cluster. A stage:
+
+1. checks its settings;
+2. opens its output (checked before any work, locked, published only when complete) and brings
+   s3:// inputs to local folders (artifacts only when sealed; raw data and images as they are);
+3. calls one library function on local paths;
+4. returns one result dict. Its ``metrics`` (numbers) are the stage's headline figures: MLflow
+   and the KFP Metrics artifact both log that dict, so they are chosen once, here.
+
+In a distributed run (torchrun) only rank 0 publishes and tracks.
 """
 
 from __future__ import annotations
 
-import tempfile
-from contextlib import nullcontext
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from segflow import tracking
+from segflow import storage, tracking
 from segflow.data import manifest as manifest_lib
 from segflow.data.importer import ImportConfig, import_dataset
 from segflow.errors import SegflowError
 from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluation
-from segflow.storage import is_s3, local_input, staged_output
+from segflow.export.openvino_ir import ExportConfig, export
+from segflow.export.predict import PredictConfig, predict
+from segflow.selfsl.detcon import PretrainConfig, train_detcon
+from segflow.selfsl.pseudo_masks import FelzenszwalbParams, default_mask_dir, make_pseudo_masks
 from segflow.train.config import TrainConfig
+from segflow.train.engine import Dist, is_main_process
+from segflow.train.segmentation import train_segmenter
+
+
+@contextlib.contextmanager
+def _optional_input(uri: str, what: str, sealed: bool = True) -> Iterator[Path | None]:
+    if not uri:
+        yield None
+        return
+    with storage.local_input(uri, what, sealed=sealed) as path:
+        yield path
+
+
+def log_metrics_to(artifact, metrics: dict) -> None:
+    """A stage's metrics into a KFP Metrics artifact (anything with ``log_metric``)."""
+    for name, value in metrics.items():
+        if value is not None:
+            artifact.log_metric(name, float(value))
 
 
 def import_stage(
@@ -27,54 +57,104 @@ def import_stage(
     ``markdown_out``: also write the report there as one self-contained Markdown file (plot
     inlined), which is what the KFP UI can show.
     """
-    if not track:
-        report = import_dataset(cfg)
-        _write_markdown(report, markdown_out)
-        return report
+    cfg.validate()
     label = str(cfg.source).rstrip("/").rsplit("/", 1)[-1]
-    with tracking.stage_run("import", cfg, run, label=label) as active:
-        report = import_dataset(cfg)
-        import mlflow
-
-        mlflow.set_tag(tracking.FINGERPRINT_TAG, report["fingerprint"])
-        mlflow.log_metrics({f"images_{name}": n for name, n in report["counts"].items()})
-        mlflow.log_metrics({"labels": len(report["labels"]), "warnings": len(report["warnings"])})
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            plot = manifest_lib.plot_class_distribution(report, folder / "class_distribution.png")
-            (folder / "report.md").write_text(manifest_lib.render_markdown(report, plot))
-            mlflow.log_dict(report, "report.json")
-            mlflow.log_artifacts(tmp)
-            report["mlflow_run_id"] = active.info.run_id
-            _write_markdown(report, markdown_out, plot)
+    with (
+        tracking.stage_log("import", cfg, run, label, enabled=track) as log,
+        storage.staged_output(cfg.out, cfg.overwrite) as out,
+        storage.local_input(cfg.source, "dataset", sealed=False) as src,  # raw data: no marker needed
+    ):
+        report = import_dataset(cfg, src, out)
+        log.tag(tracking.FINGERPRINT_TAG, report["fingerprint"])
+        log.result(report, "report.json", files=[out / "report.md", out / "class_distribution.png"])
+        if markdown_out:
+            plot = out / "class_distribution.png"
+            _write(markdown_out, manifest_lib.render_markdown(report, plot, embed_plot=True))
     return report
-
-
-def _write_markdown(report: dict, path: str | None, plot: Path | None = None) -> None:
-    if not path:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        plot = plot if plot and plot.exists() else manifest_lib.plot_class_distribution(report, Path(tmp) / "p.png")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(manifest_lib.render_markdown(report, plot, embed_plot=True))
 
 
 def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
     """Train a model; per-epoch metrics, the summary and the model's config go to MLflow."""
-    from segflow.train.engine import train
+    cfg.validate()
+    main = is_main_process()
+    unlabeled = cfg.mean_teacher.unlabeled if cfg.mean_teacher else ""
+    with (
+        tracking.stage_log("train", cfg, run, f"{cfg.model} {cfg.method}", enabled=track and main) as log,
+        storage.staged_output(cfg.out, cfg.overwrite, publish=main) as out,
+        storage.local_input(cfg.data, "--data") as data,
+        _optional_input(unlabeled, "--unlabeled", sealed=False) as unlabeled_dir,
+        _optional_input(cfg.init_backbone, "--init-backbone") as backbone,
+    ):
+        checkpoints = storage.checkpoint_dir(cfg.out, cfg.checkpoint_dir)
+        result = train_segmenter(cfg, data, out, checkpoints, unlabeled_dir, backbone, on_epoch=log.epoch)
+        log.tag(tracking.FINGERPRINT_TAG, result["dataset_fingerprint"])
+        log.result(result, "training.json")
+    return result
 
-    if not track:
-        return train(cfg)
-    method = "supcon" if cfg.supcon else "mean_teacher" if cfg.mean_teacher else "supervised"
-    with tracking.stage_run("train", cfg, run, label=f"{cfg.model} {method}") as active:
-        import mlflow
 
-        summary = train(cfg, on_epoch=lambda epoch, record: mlflow.log_metrics(record, step=epoch + 1))
-        mlflow.set_tag(tracking.FINGERPRINT_TAG, summary["dataset_fingerprint"])
-        mlflow.log_metrics({"best_val_mDice": summary["best_val_mDice"], "best_epoch": summary["best_epoch"]})
-        mlflow.log_dict({k: v for k, v in summary.items() if k != "config"}, "training.json")
-        summary["mlflow_run_id"] = active.info.run_id
-    return summary
+def pseudo_masks_stage(
+    images: str,
+    out: str = "",
+    params: FelzenszwalbParams | None = None,
+    workers: int = 0,
+    run: tracking.RunContext | None = None,
+    track: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Felzenszwalb pseudo masks of a folder of images.
+
+    Local images, local masks: the mask folder is a cache, updated in place (a mask is reused when
+    its image and parameters match). With s3:// on either side, the masks are made into a new
+    output, published whole like any artifact.
+    """
+    params = params or FelzenszwalbParams()
+    config = {"images": images, "out": out, **params.__dict__}
+    with tracking.stage_log("pseudo_masks", config, run, enabled=track) as log:
+        if not storage.is_s3(images) and not storage.is_s3(out):
+            result = make_pseudo_masks(Path(images), Path(out) if out else None, params, workers)
+        else:
+            if not out:
+                raise SegflowError("pseudo masks of s3:// images need --out (a local folder or s3:// prefix).")
+            with (
+                storage.staged_output(out, overwrite) as stage,
+                storage.local_input(images, "IMAGES", sealed=False) as folder,
+            ):
+                result = make_pseudo_masks(folder, stage, params, workers) | {"out": out}
+        result["metrics"] = {k: result[k] for k in ("images", "made", "reused")}
+        log.result(result)
+    return result
+
+
+def detcon_masks_dir(cfg: PretrainConfig, images: Path) -> Path:
+    return Path(cfg.masks) if cfg.masks else default_mask_dir(images)
+
+
+def detcon_masks(cfg: PretrainConfig, images: Path) -> tuple[Path, dict]:
+    """The pseudo masks DetCon trains on: ``--masks`` or detcon_mask/ beside the images, made when missing."""
+    masks = detcon_masks_dir(cfg, images)
+    return masks, make_pseudo_masks(images, masks, cfg.felzenszwalb)
+
+
+def detcon_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+    """DetCon pretraining (pseudo masks first, when missing); per-epoch loss to MLflow."""
+    cfg.validate()
+    main = is_main_process()
+    with (
+        tracking.stage_log("pretrain", cfg, run, f"{cfg.model} detcon", enabled=track and main) as log,
+        storage.staged_output(cfg.out, cfg.overwrite, publish=main) as out,
+        storage.local_input(cfg.images, "--images", sealed=False) as images,
+    ):
+        # One process makes the masks and the others (torchrun) wait for them, unless every process
+        # has its own download of s3:// images, beside which each makes its own.
+        dist = Dist()
+        own_copy = storage.is_s3(cfg.images)
+        masks, made = detcon_masks(cfg, images) if main or own_copy else (detcon_masks_dir(cfg, images), {})
+        dist.barrier()
+        checkpoints = storage.checkpoint_dir(cfg.out)
+        result = train_detcon(cfg, images, masks, out, checkpoints, on_epoch=log.epoch)
+        result["pseudo_masks"] = made
+        log.result(result, "pretraining.json")
+    return result
 
 
 def evaluate_stage(
@@ -84,86 +164,44 @@ def evaluate_stage(
 
     ``markdown_out``: also write the report with its pictures inlined (for the KFP UI).
     """
-    with tracking.stage_run("evaluate", cfg, run, label=cfg.subset) if track else nullcontext() as active:
-        metrics = run_evaluation(cfg)
-        with local_input(cfg.out, "evaluation output") as folder:
-            if markdown_out:
-                Path(markdown_out).parent.mkdir(parents=True, exist_ok=True)
-                has_pictures = (folder / "predictions.png").exists()
-                Path(markdown_out).write_text(render_markdown(metrics, has_pictures, embed_dir=folder))
-            if track:
-                import mlflow
-
-                mlflow.set_tag(tracking.FINGERPRINT_TAG, metrics["dataset_fingerprint"])
-                mlflow.log_metrics({k: metrics[k] for k in ("mDice", "mIoU", "pixel_accuracy")})
-                per_class = metrics["per_class"].items()
-                mlflow.log_metrics({f"dice_{name}": v["dice"] for name, v in per_class if v["dice"] is not None})
-                mlflow.log_artifacts(str(folder))
-                metrics["mlflow_run_id"] = active.info.run_id
+    with (
+        tracking.stage_log("evaluate", cfg, run, cfg.subset, enabled=track) as log,
+        storage.staged_output(cfg.out, cfg.overwrite) as out,
+        storage.local_input(cfg.model, "--model") as model_dir,
+        storage.local_input(cfg.data, "--data") as data_dir,
+    ):
+        metrics = run_evaluation(cfg, model_dir, data_dir, out)
+        if markdown_out:
+            _write(markdown_out, render_markdown(metrics, (out / "predictions.png").exists(), embed_dir=out))
+        log.tag(tracking.FINGERPRINT_TAG, metrics["dataset_fingerprint"])
+        log.result(metrics, "metrics.json", folder=out)
     return metrics
 
 
-def pseudo_masks_stage(
-    images: str,
-    out: str = "",
-    params=None,
-    workers: int = 0,
-    run: tracking.RunContext | None = None,
-    track: bool = True,
-) -> dict:
-    """Felzenszwalb pseudo masks for a folder of images (local, or s3:// with OUT given)."""
-    from segflow.selfsl.pseudo_masks import FelzenszwalbParams, make_pseudo_masks
-
-    params = params or FelzenszwalbParams()
-
-    def work() -> dict:
-        if not is_s3(images) and not is_s3(out):
-            return make_pseudo_masks(Path(images), Path(out) if out else None, params, workers)
-        if not out:
-            raise SegflowError("pseudo masks of s3:// images need --out (a local folder or s3:// prefix).")
-        with local_input(images, "IMAGES") as folder, staged_output(out, overwrite=True) as stage:
-            return make_pseudo_masks(folder, stage, params, workers) | {"out": out}
-
-    if not track:
-        return work()
-    with tracking.stage_run("pseudo_masks", {"images": images, "out": out, **params.__dict__}, run):
-        import mlflow
-
-        result = work()
-        mlflow.log_metrics({"images": result["images"], "made": result["made"], "reused": result["reused"]})
-    return result
-
-
-def pretrain_stage(cfg, run: tracking.RunContext | None = None, track: bool = True) -> dict:
-    """DetCon pretraining; per-epoch loss to MLflow."""
-    from segflow.selfsl.detcon import pretrain
-
-    if not track:
-        return pretrain(cfg)
-    with tracking.stage_run("pretrain", cfg, run, label=f"{cfg.model} detcon"):
-        import mlflow
-
-        result = pretrain(cfg, on_epoch=lambda epoch, record: mlflow.log_metrics(record, step=epoch + 1))
-        mlflow.log_metrics({"final_loss": result["final_loss"]})
-    return result
-
-
-def export_stage(cfg, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+def export_stage(cfg: ExportConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
     """OpenVINO export with its parity check; the IR is logged to MLflow as a pyfunc model."""
-    from segflow.export.openvino_ir import export
-
-    if not track:
-        return export(cfg)
-    with tracking.stage_run("export", cfg, run, label=cfg.precision):
-        import mlflow
-
-        from segflow.export.pyfunc import log_ir
-
-        report = export(cfg)
-        mlflow.log_metrics(
-            {k: float(v) for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        )
-        mlflow.log_dict(report, "export_report.json")
-        with local_input(cfg.out, "export output") as ir_dir:
-            report["model_uri"] = log_ir(str(ir_dir))
+    with (
+        tracking.stage_log("export", cfg, run, cfg.precision, enabled=track) as log,
+        storage.staged_output(cfg.out, cfg.overwrite) as out,
+        storage.local_input(cfg.model, "--model") as model_dir,
+        _optional_input(cfg.calibration, "--calibration") as data_dir,
+    ):
+        report = export(cfg, model_dir, data_dir, out)
+        log.result(report, "export_report.json")
+        report["model_uri"] = log.model(out)
     return report
+
+
+def predict_stage(cfg: PredictConfig) -> dict:
+    """Masks, overlays and entropy maps for a folder (or file) of images."""
+    with (
+        storage.staged_output(cfg.out, cfg.overwrite) as out,
+        storage.local_input(cfg.model, "--model") as model_dir,
+        storage.local_input(cfg.input, "--input", sealed=False) as source,  # the user's images
+    ):
+        return predict(cfg, model_dir, source, out)
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)

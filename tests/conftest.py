@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,17 @@ import pytest
 from segflow.data.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, the workers share the cores: torch gets its share of threads each."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        from segflow.parallel import cpu_count
+
+        torch.set_num_threads(max(1, cpu_count() // workers))
 
 
 @pytest.fixture(autouse=True)
@@ -70,24 +82,60 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
+# The stages with tracking off: what most tests run (tests/test_tracking.py covers MLflow).
+def run_import(src, out, **settings) -> dict:
+    from segflow.data.importer import ImportConfig
+    from segflow.stages import import_stage
+
+    return import_stage(ImportConfig(source=str(src), out=str(out), **settings), track=False)
+
+
+def run_train(cfg) -> dict:
+    from segflow.stages import train_stage
+
+    return train_stage(cfg, track=False)
+
+
+def run_pretrain(cfg) -> dict:
+    from segflow.stages import detcon_stage
+
+    return detcon_stage(cfg, track=False)
+
+
+def run_evaluate(cfg) -> dict:
+    from segflow.stages import evaluate_stage
+
+    return evaluate_stage(cfg, track=False)
+
+
+def run_export(cfg) -> dict:
+    from segflow.stages import export_stage
+
+    return export_stage(cfg, track=False)
+
+
+def run_predict(cfg) -> dict:
+    from segflow.stages import predict_stage
+
+    return predict_stage(cfg)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    """One tiny trained model for the whole session (lite_hrnet_s, 64 px, 24 target scenes):
+    """One tiny trained model for the whole session (lite_hrnet_s, 64 px, 24 target scenes, 8 x 6 steps):
     `data` (imported dataset), `model`, `images` (the raw images), `raw` (the raw dataset)."""
-    from segflow.data.importer import ImportConfig, import_dataset
     from segflow.train.config import TrainConfig
-    from segflow.train.engine import train
 
     root = tmp_path_factory.mktemp("tiny")
     raw = synthesize(root / "raw", "target", num_images=24, size=64, seed=21)
-    import_dataset(ImportConfig(str(raw), str(root / "ds"), val_fraction=0.25))
-    summary = train(
+    run_import(raw, root / "ds", val_fraction=0.25)
+    summary = run_train(
         TrainConfig(
             data=str(root / "ds"),
             out=str(root / "model"),
             input_size=64,
             batch_size=4,
-            epochs=6,
+            epochs=8,
             iters_per_epoch=6,
             early_stop_patience=100,
         )
@@ -100,6 +148,17 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "images": raw / "images",
         "summary": summary,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_ir(tiny, tmp_path_factory) -> dict:
+    """The session model exported once to an FP32 IR (parity-checked on its val images):
+    `ir` (the folder) and `report` (export_report.json)."""
+    from segflow.export.openvino_ir import ExportConfig
+
+    out = tmp_path_factory.mktemp("tiny_ir") / "ir"
+    report = run_export(ExportConfig(model=str(tiny["model"]), out=str(out), calibration=str(tiny["data"])))
+    return {"ir": out, "report": report}
 
 
 def run_cli(*args) -> tuple[int, str, str]:

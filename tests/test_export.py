@@ -8,13 +8,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from conftest import run_evaluate, run_export, run_predict
 from PIL import Image
 
 from segflow import tracking
 from segflow.errors import SegflowError
-from segflow.evaluate.evaluation import EvalConfig, run_evaluation
-from segflow.export.openvino_ir import ExportConfig, export
-from segflow.export.predict import PredictConfig, predict
+from segflow.evaluate.evaluation import EvalConfig
+from segflow.export.openvino_ir import ExportConfig
+from segflow.export.predict import PredictConfig
 
 
 @pytest.fixture
@@ -22,25 +23,21 @@ def trained(tiny) -> dict[str, Path]:
     return tiny
 
 
-def test_fp32_ir_matches_pytorch_and_describes_itself(trained, tmp_path):
+def test_fp32_ir_matches_pytorch_and_describes_itself(trained, tiny_ir, tmp_path):
     import openvino as ov
 
-    report = export(
-        ExportConfig(model=str(trained["model"]), out=str(tmp_path / "ir"), calibration=str(trained["data"]))
-    )
+    report = tiny_ir["report"]
     assert report["passed"] and report["argmax_agreement"] > 0.999
     assert report["max_abs_logit_diff"] <= report["tolerance"]
     assert report["ir_mDice"] == pytest.approx(report["torch_mDice"], abs=1e-4)
-    ir = ov.Core().read_model(tmp_path / "ir" / "model.xml")
+    ir = ov.Core().read_model(tiny_ir["ir"] / "model.xml")
     labels = json.loads(ir.get_rt_info(["model_info", "labels"]).astype(str))
     assert labels[0] == "sky" and json.loads(ir.get_rt_info(["model_info", "input_size"]).astype(str)) == 64
     assert json.loads(ir.get_rt_info(["model_info", "precision"]).astype(str)) == "fp32"
 
     # evaluate takes the IR folder exactly like a model folder
-    ir_metrics = run_evaluation(
-        EvalConfig(model=str(tmp_path / "ir"), data=str(trained["data"]), out=str(tmp_path / "e"))
-    )
-    pt_metrics = run_evaluation(
+    ir_metrics = run_evaluate(EvalConfig(model=str(tiny_ir["ir"]), data=str(trained["data"]), out=str(tmp_path / "e")))
+    pt_metrics = run_evaluate(
         EvalConfig(model=str(trained["model"]), data=str(trained["data"]), out=str(tmp_path / "e2"))
     )
     assert ir_metrics["mDice"] == pytest.approx(pt_metrics["mDice"], abs=1e-3)
@@ -48,7 +45,7 @@ def test_fp32_ir_matches_pytorch_and_describes_itself(trained, tmp_path):
 
 @pytest.mark.parametrize("precision, control", [("fp16", False), ("int8", False), ("int8", True)])
 def test_fp16_and_int8_keep_mdice_within_the_allowed_drop(trained, tmp_path, precision, control):
-    report = export(
+    report = run_export(
         ExportConfig(
             model=str(trained["model"]),
             out=str(tmp_path / precision),
@@ -64,7 +61,7 @@ def test_fp16_and_int8_keep_mdice_within_the_allowed_drop(trained, tmp_path, pre
 
 def test_disagreeing_ir_fails_and_leaves_nothing(trained, tmp_path):
     with pytest.raises(SegflowError, match="disagrees with the PyTorch model"):
-        export(
+        run_export(
             ExportConfig(
                 model=str(trained["model"]), out=str(tmp_path / "ir"), calibration=str(trained["data"]), tolerance=1e-12
             )
@@ -73,7 +70,7 @@ def test_disagreeing_ir_fails_and_leaves_nothing(trained, tmp_path):
 
 
 def test_dynamic_ir_takes_other_sizes(trained, tmp_path):
-    report = export(
+    report = run_export(
         ExportConfig(
             model=str(trained["model"]), out=str(tmp_path / "ir"), dynamic=True, calibration=str(trained["data"])
         )
@@ -83,16 +80,15 @@ def test_dynamic_ir_takes_other_sizes(trained, tmp_path):
 
 def test_bad_export_settings(trained, tmp_path):
     with pytest.raises(SegflowError, match="--calibration"):
-        export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int8"))
+        run_export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int8"))
     with pytest.raises(SegflowError, match="--precision"):
-        export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int4"))
+        run_export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int4"))
     with pytest.raises(SegflowError, match="not a segflow model"):
-        export(ExportConfig(model=str(tmp_path), out=str(tmp_path / "x")))
+        run_export(ExportConfig(model=str(tmp_path), out=str(tmp_path / "x")))
 
 
-def test_predict_with_ir_and_pytorch_skips_unreadable_images(trained, tmp_path):
-    ir = tmp_path / "ir"
-    export(ExportConfig(model=str(trained["model"]), out=str(ir)))
+def test_predict_with_ir_and_pytorch_skips_unreadable_images(trained, tiny_ir, tmp_path):
+    ir = tiny_ir["ir"]
     images = tmp_path / "images"
     images.mkdir()
     for p in sorted(trained["images"].iterdir())[:4]:
@@ -100,7 +96,9 @@ def test_predict_with_ir_and_pytorch_skips_unreadable_images(trained, tmp_path):
     (images / "broken.png").write_bytes(b"garbage")
     Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(images / "odd_size.jpg")
     for name, model in (("ov", ir), ("pt", trained["model"])):
-        summary = predict(PredictConfig(model=str(model), input=str(images), out=str(tmp_path / name), entropy=True))
+        summary = run_predict(
+            PredictConfig(model=str(model), input=str(images), out=str(tmp_path / name), entropy=True)
+        )
         assert summary["predicted"] == 5 and [s["image"].endswith("broken.png") for s in summary["skipped"]] == [True]
         mask = np.asarray(Image.open(tmp_path / name / "masks" / "odd_size.png"))
         assert mask.shape == (50, 70) and mask.max() < 7
@@ -110,17 +108,19 @@ def test_predict_with_ir_and_pytorch_skips_unreadable_images(trained, tmp_path):
     b = np.asarray(Image.open(tmp_path / "pt" / "masks" / "target_00000.png"))
     assert (a == b).mean() > 0.99
     with pytest.raises(SegflowError, match="no image could be read"):
-        predict(PredictConfig(model=str(ir), input=str(images / "broken.png"), out=str(tmp_path / "none")))
+        run_predict(PredictConfig(model=str(ir), input=str(images / "broken.png"), out=str(tmp_path / "none")))
 
 
-def test_ir_as_mlflow_pyfunc(trained, tmp_path):
+def test_ir_as_mlflow_pyfunc_logged_from_code(trained, tiny_ir, tmp_path):
+    """The logged model loads and predicts from arrays, bytes and paths, and unpickles nothing."""
     from segflow.export.pyfunc import log_ir
 
-    export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "ir")))
-    tracking.ensure_experiment()
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(experiment_id=tracking.ensure_experiment()):
-        uri = log_ir(str(tmp_path / "ir"))
+        uri = log_ir(str(tiny_ir["ir"]))
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "logged")))
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    assert "pyfunc_model.py" in (local / "MLmodel").read_text()
     loaded = mlflow.pyfunc.load_model(uri)
     image_path = sorted(trained["images"].iterdir())[0]
     rgb = np.asarray(Image.open(image_path).convert("RGB"))

@@ -19,9 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_import, run_train
 from PIL import Image
 
 from segflow import tracking
@@ -271,10 +270,8 @@ def test_non_finite_weights_are_refused(tiny, tmp_path):
     assert_exit_2(run_cli("export", "--model", tmp_path / "m", "--out", tmp_path / "ir", "--no-track"), "NaN")
 
 
-def test_truncated_ir_is_named(tiny, tmp_path):
-    code, _, err = run_cli("export", "--model", tiny["model"], "--out", tmp_path / "ir", "--no-track")
-    assert code == 0, err
-    ir = damaged_copy(tmp_path / "ir", tmp_path / "ir2", "model.bin", "truncate")
+def test_truncated_ir_is_named(tiny, tiny_ir, tmp_path):
+    ir = damaged_copy(tiny_ir["ir"], tmp_path / "ir2", "model.bin", "truncate")
     assert_exit_2(run_cli("predict", "--model", ir, "--input", tiny["images"], "--out", tmp_path / "p"), "model.bin")
     config = json.loads((ir / "config.json").read_text())
     config.pop("files")
@@ -341,12 +338,12 @@ def test_predict_refuses_inputs_that_would_share_an_output(tiny, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(tiny, tmp_path):
+    from segflow.storage import checkpoint_dir
     from segflow.train.config import TrainConfig
-    from segflow.train.engine import checkpoint_dir, train
 
     out = tmp_path / "m"
     base = {"data": str(tiny["data"]), "out": str(out), "input_size": 64, "batch_size": 4, "epochs": 1}
-    train(TrainConfig(**base))
+    run_train(TrainConfig(**base))
     shutil.rmtree(out)  # as if it had been killed after its first epoch's checkpoint
     other = tmp_path / "other"
     shutil.copytree(tiny["data"], other)  # same content, another path: the same dataset
@@ -363,16 +360,15 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
         run_cli("train", "--data", data, "--out", out, "--input-size", "64", "--batch-size", "4", "--resume")
     )
     assert "dataset_fingerprint" in err
-    summary = train(TrainConfig(**{**base, "data": str(other), "epochs": 2, "resume": True}))
+    summary = run_train(TrainConfig(**{**base, "data": str(other), "epochs": 2, "resume": True}))
     assert summary["epochs_run"] == 2 and checkpoint_dir(str(out)).exists()
 
 
 def synthesize_other(tmp_path: Path) -> Path:
-    from segflow.data.importer import ImportConfig, import_dataset
     from segflow.data.synth import synthesize
 
     raw = synthesize(tmp_path / "raw2", "target", num_images=8, size=64, seed=99)
-    import_dataset(ImportConfig(str(raw), str(tmp_path / "ds2")))
+    run_import(raw, tmp_path / "ds2")
     return tmp_path / "ds2"
 
 
@@ -413,23 +409,3 @@ def test_silent_s3_endpoint_fails_with_a_clear_error(tmp_path, monkeypatch):
             conn.close()
         server.close()
         s3_lib.client.cache_clear()
-
-
-# --- 9. loading a logged model unpickles nothing --------------------------------------------------
-
-
-def test_logged_model_is_code_not_pickle(tiny, tmp_path):
-    import mlflow
-
-    from segflow.export.pyfunc import log_ir
-
-    assert run_cli("export", "--model", tiny["model"], "--out", tmp_path / "ir", "--no-track")[0] == 0
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    with mlflow.start_run(experiment_id=tracking.ensure_experiment()):
-        uri = log_ir(str(tmp_path / "ir"))
-    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "logged")))
-    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
-    assert (local / "MLmodel").read_text().count("pyfunc_model.py") >= 1
-    image = np.asarray(Image.open(sorted(tiny["images"].iterdir())[0]).convert("RGB"))
-    (mask,) = mlflow.pyfunc.load_model(uri).predict([image])
-    assert mask.shape == image.shape[:2]

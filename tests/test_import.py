@@ -10,17 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import listing
+from conftest import listing, run_import
 from PIL import Image
 
 from segflow.data import manifest as manifest_lib
-from segflow.data.importer import ImportConfig, import_dataset
 from segflow.data.synth import CLASSES, synthesize
 from segflow.errors import SegflowError
-
-
-def run_import(src, out, **kwargs) -> dict:
-    return import_dataset(ImportConfig(source=str(src), out=str(out), **kwargs))
 
 
 def expect_failure(src, out, *fragments, **kwargs) -> str:

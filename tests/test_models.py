@@ -4,13 +4,12 @@ import pytest
 import torch
 
 from segflow.errors import SegflowError
-from segflow.models import MODEL_NAMES, REFERENCE, count_parameters, create_model
+from segflow.models import MODEL_NAMES, PUBLISHED, count_parameters, create_model
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_parameter_count_within_2_percent_of_reference(name):
-    params = count_parameters(create_model(name, num_classes=3))
-    assert abs(params - REFERENCE[name]["params"]) / REFERENCE[name]["params"] < 0.02
+def test_parameter_count_equals_the_published_one(name):
+    assert count_parameters(create_model(name, num_classes=3)) == PUBLISHED[name]["params"]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

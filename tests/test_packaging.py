@@ -22,7 +22,9 @@ def test_chart_metadata_and_values_parse():
     # The secret names the components read must be the ones the chart creates.
     secrets = (REPO / "charts/segflow/templates/secrets.yaml").read_text()
     platform = (REPO / "components/platform.py").read_text()
-    for name in re.findall(r'"(segflow-[a-z0-9]+)"', platform):
+    read = re.findall(r'"(segflow-[a-z0-9]+)"', platform)
+    assert sorted(read) == ["segflow-mlflow", "segflow-s3"], read
+    for name in read:
         assert f"name: {name}" in secrets
 
 
@@ -46,3 +48,46 @@ def test_dockerfile_lints():
     hadolint = shutil.which("hadolint") or str(REPO / ".venv/bin/hadolint")
     result = subprocess.run([hadolint, str(REPO / "images/Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_package_is_installed():
+    """A new subpackage must be listed in pyproject.toml, or installs (the image) would lack it."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(REPO).parts).replace("components", "segflow_components", 1)
+        for p in [*REPO.glob("segflow/**/__init__.py"), REPO / "components" / "__init__.py"]
+    }
+    assert listed == found
+
+
+def test_declared_dependencies_match_imports():
+    """Every third-party module the code imports is declared, and every declared one is used."""
+    import ast
+
+    declared = {
+        re.split(r"[<>=!\[ ]", d, maxsplit=1)[0].lower()
+        for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    imported: set[str] = set()
+    for path in [*REPO.glob("segflow/**/*.py"), *REPO.glob("components/*.py"), *REPO.glob("pipelines/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    distribution = {  # import name -> distribution name, where they differ
+        "PIL": "pillow",
+        "cv2": "opencv-python-headless",
+        "skimage": "scikit-image",
+        "yaml": "pyyaml",
+        "google": "protobuf",
+    }
+    import sys
+
+    third_party = {
+        distribution.get(m, m).lower().replace("_", "-")
+        for m in imported - set(sys.stdlib_module_names) - {"segflow", "segflow_components", "__future__"}
+    }
+    # kfp-kubernetes installs into the kfp namespace (`from kfp import kubernetes`).
+    assert third_party - declared == set()
+    assert declared - third_party - {"kfp-kubernetes"} == set()

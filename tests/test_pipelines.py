@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from segflow import orchestration, tracking
 from segflow.data import manifest as manifest_lib
@@ -90,10 +90,19 @@ def test_load_pipeline_errors(tmp_path):
 def test_prepare_data_runs_locally_and_is_tracked(tmp_path, segflow_home):
     source = synthesize(tmp_path / "source", "source", num_images=8, size=48, seed=0)
     target = synthesize(tmp_path / "target", "target", num_images=8, size=48, seed=1)
-    result = orchestration.run_local(
-        REPO / "pipelines" / "prepare_data.py", {"source_uri": str(source), "target_uri": str(target)}
-    )
-    assert set(result["artifacts"]) == {"import-data", "import-data-2", "finish-tracking"}
+    pipeline = REPO / "pipelines" / "prepare_data.py"
+    code, out, err = run_cli("run", pipeline, "--local", "-p", f"source_uri={source}", "-p", f"target_uri={target}")
+    assert code == 0, err
+    # What a person sees: a line per task with its headline figure, and where everything is.
+    lines = out.splitlines()
+    assert len(lines) <= 12, out
+    assert sum(line.startswith("  ok ") for line in lines) == 3 and "images_train 6" in out
+    log = next(line.split("full log: ")[1] for line in lines if "full log: " in line)
+    assert "Executing task" in Path(log).read_text(), "the runner's own output goes to the log file"
+    result = {"job_dir": next(p for p in (segflow_home / "kfp").iterdir())}
+    result["artifacts"] = {p.name for p in result["job_dir"].iterdir()}
+    assert result["artifacts"] == {"import-data", "import-data-2", "finish-tracking"}
+    result["mlflow_run_id"] = next(line.split()[3] for line in lines if "MLflow:" in line)
     manifests = sorted((segflow_home / "kfp").rglob("manifest.json"))
     assert len(manifests) == 2
     assert {manifest_lib.read(m.parent)["source"]["uri"] for m in manifests} == {str(source), str(target)}

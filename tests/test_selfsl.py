@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_pretrain, run_train
 from PIL import Image
 from safetensors.torch import load_file
 
-from segflow.data.importer import ImportConfig, import_dataset
 from segflow.data.synth import synthesize
 from segflow.errors import SegflowError
-from segflow.selfsl.detcon import PretrainConfig, pretrain
+from segflow.selfsl.detcon import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, make_pseudo_masks, segment
 from segflow.storage import s3 as s3_lib
 from segflow.train.config import TrainConfig
-from segflow.train.engine import train
 
 SMALL = FelzenszwalbParams(scale=100, sigma=0.8, min_size=20)
 
@@ -80,19 +82,17 @@ def pretrain_cfg(images: Path, out: Path, **kwargs) -> PretrainConfig:
     return PretrainConfig(**args)
 
 
-def test_pretraining_lowers_the_loss_and_feeds_finetuning(images, tmp_path):
-    result = pretrain(pretrain_cfg(images, tmp_path / "bb", epochs=4))
-    assert result["final_loss"] < result["first_loss"]
+def test_pretraining_lowers_the_loss_and_feeds_finetuning(images, tmp_path, tiny):
+    result = run_pretrain(pretrain_cfg(images, tmp_path / "bb", epochs=4))
+    assert result["metrics"]["final_loss"] < result["metrics"]["first_loss"]
     assert result["pseudo_masks"]["made"] == 8
     config = json.loads((tmp_path / "bb" / "config.json").read_text())
     assert config["architecture"] == "lite_hrnet_s" and config["format"] == "segflow.backbone/1"
     weights = load_file(str(tmp_path / "bb" / "backbone.safetensors"))
 
-    data = synthesize(tmp_path / "lab", "target", num_images=10, size=64, seed=6)
-    import_dataset(ImportConfig(str(data), str(tmp_path / "ds")))
-    train(
+    run_train(
         TrainConfig(
-            data=str(tmp_path / "ds"),
+            data=str(tiny["data"]),
             out=str(tmp_path / "m"),
             input_size=64,
             batch_size=4,
@@ -109,27 +109,67 @@ def test_pretraining_lowers_the_loss_and_feeds_finetuning(images, tmp_path):
 
 
 def test_pretraining_resumes(images, tmp_path):
-    straight = pretrain(pretrain_cfg(images, tmp_path / "a", epochs=2))
-    pretrain(pretrain_cfg(images, tmp_path / "b", epochs=1))
+    straight = run_pretrain(pretrain_cfg(images, tmp_path / "a", epochs=2))
+    run_pretrain(pretrain_cfg(images, tmp_path / "b", epochs=1))
     os.rename(tmp_path / "b", tmp_path / "b-first")  # as if the run had stopped after epoch 1
     with pytest.raises(SegflowError, match="--resume"):
-        pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2))
-    resumed = pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2, resume=True))
+        run_pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2))
+    with pytest.raises(SegflowError, match=r"lr: 0\.05 -> 0\.1"):
+        run_pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2, resume=True, lr=0.1))
+    resumed = run_pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2, resume=True))
     assert resumed["history"] == [
         dict(h, epoch_seconds=r["epoch_seconds"]) for h, r in zip(straight["history"], resumed["history"], strict=True)
     ]
+    a = load_file(str(tmp_path / "a" / "backbone.safetensors"))
+    b = load_file(str(tmp_path / "b" / "backbone.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretraining_reads_images_from_s3(s3, images, tmp_path):
     s3_lib.publish_dir(images, f"s3://{s3}/unlabeled")
-    result = pretrain(pretrain_cfg(f"s3://{s3}/unlabeled", tmp_path / "bb", epochs=1))
+    result = run_pretrain(pretrain_cfg(f"s3://{s3}/unlabeled", tmp_path / "bb", epochs=1))
     assert result["images"] == 8 and (tmp_path / "bb" / "backbone.safetensors").exists()
 
 
 def test_bad_settings(images, tmp_path):
     with pytest.raises(SegflowError, match="--batch-size"):
-        pretrain(pretrain_cfg(images, tmp_path / "x", batch_size=1))
+        run_pretrain(pretrain_cfg(images, tmp_path / "x", batch_size=1))
     with pytest.raises(SegflowError, match="--input-size"):
-        pretrain(pretrain_cfg(images, tmp_path / "x", input_size=70))
+        run_pretrain(pretrain_cfg(images, tmp_path / "x", input_size=70))
     with pytest.raises(SegflowError, match="--model"):
-        pretrain(pretrain_cfg(images, tmp_path / "x", model="vit"))
+        run_pretrain(pretrain_cfg(images, tmp_path / "x", model="vit"))
+
+
+def test_detcon_with_two_processes_keeps_ranks_identical(images, tmp_path):
+    """torchrun, gloo: gradients are synchronised (both ranks end with the same weights), and only
+    rank 0 writes the output."""
+    make_pseudo_masks(images, params=SMALL)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "segflow.cli",
+        "pretrain",
+        "--images",
+        str(images),
+        "--out",
+        str(tmp_path / "bb"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--input-size",
+        "64",
+        "--no-track",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d): final weights (\w+)", result.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
+    assert sorted(p.name for p in (tmp_path / "bb").iterdir()) == ["backbone.safetensors", "config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bb", "bb.checkpoints", "unl"]

@@ -10,9 +10,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import run_import
 
 from segflow.data import manifest as manifest_lib
-from segflow.data.importer import ImportConfig, import_dataset
 from segflow.errors import SegflowError
 from segflow.storage import s3 as s3_lib
 from segflow.storage import staged_output
@@ -91,18 +91,18 @@ def test_clear_errors_for_missing_bucket_prefix_and_credentials(s3, tmp_path, mo
 
 def test_import_from_and_to_s3(s3, css_dataset, tmp_path):
     s3_lib.publish_dir(css_dataset, f"s3://{s3}/raw/css")
-    report = import_dataset(ImportConfig(source=f"s3://{s3}/raw/css", out=f"s3://{s3}/datasets/css"))
+    report = run_import(f"s3://{s3}/raw/css", f"s3://{s3}/datasets/css")
     back = s3_lib.download(f"s3://{s3}/datasets/css", tmp_path / "back")
     manifest = manifest_lib.read(back)
     assert manifest["fingerprint"] == report["fingerprint"]
-    local = import_dataset(ImportConfig(source=str(css_dataset), out=str(tmp_path / "local")))
+    local = run_import(css_dataset, tmp_path / "local")
     assert local["fingerprint"] == report["fingerprint"], "same content, same fingerprint, wherever it lives"
 
 
 def test_failed_import_to_s3_leaves_nothing(s3, css_dataset):
     sorted((css_dataset / "images").iterdir())[0].write_bytes(b"")
     with pytest.raises(SegflowError, match="0 bytes"):
-        import_dataset(ImportConfig(source=str(css_dataset), out=f"s3://{s3}/datasets/bad"))
+        run_import(css_dataset, f"s3://{s3}/datasets/bad")
     assert s3_lib.list_keys(s3, "") == []
 
 

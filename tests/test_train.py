@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,25 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_evaluate, run_import, run_train
 from safetensors.torch import load_file, save_file
 
-from segflow.data.importer import ImportConfig, import_dataset
 from segflow.data.synth import synthesize
 from segflow.errors import SegflowError
-from segflow.evaluate.evaluation import EvalConfig, run_evaluation
+from segflow.evaluate.evaluation import EvalConfig
 from segflow.train.config import MeanTeacherConfig, SupConConfig, TrainConfig
-from segflow.train.engine import train
 
 TINY = {"model": "lite_hrnet_s", "input_size": 64, "batch_size": 4, "early_stop_patience": 100}
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """Target-domain scenes (the camera look), imported: 18 train, 6 val."""
-    root = tmp_path_factory.mktemp("train_data")
-    raw = synthesize(root / "raw", "target", num_images=24, size=64, seed=11)
-    import_dataset(ImportConfig(str(raw), str(root / "ds"), val_fraction=0.25))
-    return root / "ds"
+@pytest.fixture
+def dataset(tiny) -> Path:
+    """Target-domain scenes (the camera look), imported: 18 train, 6 val (the session's dataset)."""
+    return tiny["data"]
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +52,19 @@ def trivial_mdice(dataset: Path) -> float:
     return (2 * share / (1 + share)) / np.count_nonzero(pixels)
 
 
-def test_training_learns_and_publishes_a_model(dataset, tmp_path):
-    summary = train(cfg(dataset, tmp_path / "model", epochs=8, iters_per_epoch=6))
+def test_training_learns_and_publishes_a_model(tiny, tmp_path):
+    """The session's model (8 epochs x 6 steps) learnt, and what it published evaluates the same."""
+    dataset, model, summary = tiny["data"], tiny["model"], tiny["summary"]
     losses = [h["train_loss"] for h in summary["history"]]
     assert losses[-1] < 0.8 * losses[0], losses
     assert summary["best_val_mDice"] > 2 * trivial_mdice(dataset), summary["best_val_mDice"]
-    files = sorted(p.name for p in (tmp_path / "model").iterdir())
+    files = sorted(p.name for p in model.iterdir())
     assert files == ["config.json", "model.safetensors", "training.json"]
-    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config = json.loads((model / "config.json").read_text())
     assert config["architecture"] == "lite_hrnet_s" and config["labels"][0] == "sky"
     assert len(config["normalization"]["mean"]) == 3
 
-    metrics = run_evaluation(EvalConfig(model=str(tmp_path / "model"), data=str(dataset), out=str(tmp_path / "eval")))
+    metrics = run_evaluate(EvalConfig(model=str(model), data=str(dataset), out=str(tmp_path / "eval")))
     assert metrics["mDice"] == pytest.approx(summary["best_val_mDice"], abs=2e-3)
     assert 0 <= metrics["mIoU"] <= metrics["mDice"] <= 1
     assert set(metrics["per_class"]) == set(config["labels"])
@@ -76,14 +74,15 @@ def test_training_learns_and_publishes_a_model(dataset, tmp_path):
 
 
 def test_same_seed_same_result(dataset, tmp_path):
-    a = train(cfg(dataset, tmp_path / "a", epochs=2, seed=3))
-    b = train(cfg(dataset, tmp_path / "b", epochs=2, seed=3))
+    a = run_train(cfg(dataset, tmp_path / "a", epochs=2, seed=3))
+    b = run_train(cfg(dataset, tmp_path / "b", epochs=2, seed=3))
 
     def timeless(summary):
         return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in summary["history"]]
 
     assert timeless(a) == timeless(b)
-    assert all(torch.equal(v, _weights(tmp_path / "b")[k]) for k, v in _weights(tmp_path / "a").items())
+    first, second = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(v, second[k]) for k, v in first.items())
 
 
 def _weights(folder: Path) -> dict:
@@ -136,20 +135,26 @@ def test_killed_training_resumes_to_the_same_result(dataset, tmp_path):
     assert s["best_val_mDice"] == r["best_val_mDice"] and s["iterations"] == r["iterations"] == 16
 
 
-def test_supcon_adds_a_contrastive_loss(dataset, tmp_path):
-    summary = train(cfg(dataset, tmp_path / "m", epochs=2, iters_per_epoch=5, supcon=SupConConfig(every=2)))
+def test_supcon_contrastive_loss_falls(dataset, tmp_path):
+    """The contrastive branch learns: its loss over label-map regions falls as training goes on."""
+    supcon = SupConConfig(every=1)
+    summary = run_train(cfg(dataset, tmp_path / "m", epochs=4, iters_per_epoch=5, supcon=supcon))
     assert summary["objective"] == "supcon"
-    assert all(np.isfinite(h["train_loss"]) for h in summary["history"])
-    assert any(h.get("train_contrastive", 0) > 0 for h in summary["history"])
+    contrastive = [h["train_contrastive"] for h in summary["history"]]
+    assert all(np.isfinite(contrastive)) and contrastive[-1] < contrastive[0], contrastive
 
 
-def test_mean_teacher_learns_from_unlabelled_images(dataset, unlabeled, tmp_path):
+def test_mean_teacher_student_fits_the_teacher_on_unlabelled_images(dataset, unlabeled, tmp_path):
+    """From the teacher's first epoch on, the student's loss on the unlabelled images (against the
+    teacher's pseudo-labels) falls; before it, only labelled pixels count."""
     mt = MeanTeacherConfig(unlabeled=str(unlabeled), start_epoch=1, unlabeled_batch_size=2)
-    summary = train(cfg(dataset, tmp_path / "m", epochs=3, iters_per_epoch=3, mean_teacher=mt))
+    summary = run_train(cfg(dataset, tmp_path / "m", epochs=4, iters_per_epoch=4, mean_teacher=mt))
     assert summary["objective"] == "mean_teacher"
-    first, later = summary["history"][0], summary["history"][-1]
-    assert "train_unsup" not in first and later["train_unsup"] > 0
-    assert later["train_dropped"] == pytest.approx(0.2 * (1 - 2 / 100))
+    first, *taught = summary["history"]
+    assert "train_unsup" not in first
+    unsup = [h["train_unsup"] for h in taught]
+    assert unsup[-1] < unsup[0], unsup
+    assert taught[-1]["train_dropped"] == pytest.approx(0.2 * (1 - 3 / 100))
 
 
 def test_ddp_with_two_cpu_processes(dataset, tmp_path):
@@ -182,6 +187,8 @@ def test_ddp_with_two_cpu_processes(dataset, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "training.json").read_text())
     # 18 train images, batch 2 per process, 2 processes: 4 steps per epoch.
     assert summary["iterations"] == 8
+    digests = dict(re.findall(r"rank (\d): final weights (\w+)", result.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
 
 
 def test_init_backbone_is_checked(dataset, tmp_path):
@@ -194,15 +201,15 @@ def test_init_backbone_is_checked(dataset, tmp_path):
     tag = {"format": "segflow.backbone/1"}
     (folder / "config.json").write_text(json.dumps({**tag, "architecture": "lite_hrnet_18"}))
     with pytest.raises(SegflowError, match="'lite_hrnet_18' backbone but the model is 'lite_hrnet_s'"):
-        train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
+        run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
     (folder / "config.json").write_text(json.dumps({**tag, "architecture": "lite_hrnet_s"}))
     with pytest.raises(SegflowError, match="do not fit"):
-        train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
+        run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
     (folder / "config.json").write_text(json.dumps({"architecture": "lite_hrnet_s"}))
     with pytest.raises(SegflowError, match=r"format None is not 'segflow\.backbone/1'"):
-        train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
+        run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
     with pytest.raises(SegflowError, match=r"no config\.json"):
-        train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(tmp_path)))
+        run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(tmp_path)))
 
 
 @pytest.mark.parametrize(
@@ -217,16 +224,16 @@ def test_init_backbone_is_checked(dataset, tmp_path):
 )
 def test_bad_settings_are_named(dataset, tmp_path, change, message):
     with pytest.raises(SegflowError, match=message):
-        train(replace(cfg(dataset, tmp_path / "m", epochs=1), **change))
+        run_train(replace(cfg(dataset, tmp_path / "m", epochs=1), **change))
 
 
 def test_evaluation_refuses_other_labels(dataset, tmp_path):
-    train(cfg(dataset, tmp_path / "m", epochs=1))
+    run_train(cfg(dataset, tmp_path / "m", epochs=1))
     other = synthesize(tmp_path / "other", "source", 6, 64, 0)
     meta = json.loads((other / "dataset_meta.json").read_text())
     meta["label_map"]["0"] = "heaven"
     (other / "dataset_meta.json").write_text(json.dumps(meta))
-    import_dataset(ImportConfig(str(other), str(tmp_path / "other_ds")))
+    run_import(other, tmp_path / "other_ds")
     with pytest.raises(SegflowError, match="labels"):
-        run_evaluation(EvalConfig(model=str(tmp_path / "m"), data=str(tmp_path / "other_ds"), out=str(tmp_path / "e")))
+        run_evaluate(EvalConfig(model=str(tmp_path / "m"), data=str(tmp_path / "other_ds"), out=str(tmp_path / "e")))
     assert not (tmp_path / "e").exists()

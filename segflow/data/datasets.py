@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -11,11 +12,27 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from segflow.data import manifest as manifest_lib
-from segflow.data.augment import AugmentConfig, geometric_augment, resize_for_eval, train_augment
+from segflow.data.transforms import (
+    AugmentConfig,
+    contrastive_pair,
+    resize_for_eval,
+    strong_augment,
+    train_augment,
+    weak_augment,
+)
 from segflow.errors import SegflowError
 from segflow.storage import walk_files
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def image_error(exc: Exception) -> str:
+    """Why an image could not be decoded, in words: no object reprs (``<_io.BytesIO object at
+    0x...>``) and no file names (the caller names the file)."""
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image file that can be decoded (unknown format, or damaged header)"
+    text = re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "the file", str(exc))
+    return re.sub(r"'[^']*/[^']*'", "the file", text) or type(exc).__name__
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -23,7 +40,7 @@ def read_rgb(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
     except Exception as exc:
-        raise SegflowError(f"{path}: cannot read image ({exc}).") from None
+        raise SegflowError(f"{path}: cannot read image: {image_error(exc)}.") from None
 
 
 def to_tensor(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
@@ -44,7 +61,8 @@ class SegmentationDataset(Dataset):
     """One subset of a dataset artifact. Train mode augments; eval mode resizes images only.
 
     ``epoch`` is set by the training loop; with ``seed`` and the index it seeds each sample's
-    augmentation, so batches do not depend on loader workers or on resuming.
+    augmentation, so batches do not depend on loader workers or on resuming. ``views``: each
+    sample also carries two contrastive views of the image and its label map (SupCon).
     """
 
     def __init__(
@@ -58,6 +76,7 @@ class SegmentationDataset(Dataset):
         augment: AugmentConfig | None = None,
         names: list[str] | None = None,
         square: bool = False,
+        views: bool = False,
     ) -> None:
         self.root = Path(root)
         manifest = manifest_lib.read(self.root)
@@ -75,26 +94,34 @@ class SegmentationDataset(Dataset):
         self.size, self.norm, self.train, self.seed = size, norm, train, seed
         self.augment = augment or AugmentConfig()
         self.square = square  # eval images to exactly size x size (a fixed-shape export's input)
+        self.views = views
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
-        image = read_rgb(self.images[index])
-        mask = np.asarray(Image.open(self.masks[index]))
+        original = read_rgb(self.images[index])
+        labels = np.asarray(Image.open(self.masks[index]))
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, mask = train_augment(rng, image, mask, self.size, self.augment)
+            image, mask = train_augment(rng, original, labels, self.size, self.augment)
         elif self.square:
-            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+            image, mask = cv2.resize(original, (self.size, self.size), interpolation=cv2.INTER_LINEAR), labels
         else:
-            image = resize_for_eval(image, self.size)
-        return {
-            "image": to_tensor(image, self.norm.mean, self.norm.std),
-            "mask": torch.from_numpy(mask.astype(np.int64)),
-            "index": index,
-        }
+            image, mask = resize_for_eval(original, self.size), labels
+        item = {"image": self.tensor(image), "mask": _labels(mask), "index": index}
+        if self.views:
+            v1, m1, v2, m2 = contrastive_pair(rng, original, labels, self.size)
+            item.update({"v1": self.tensor(v1), "m1": _labels(m1), "v2": self.tensor(v2), "m2": _labels(m2)})
+        return item
+
+    def tensor(self, image: np.ndarray) -> torch.Tensor:
+        return to_tensor(image, self.norm.mean, self.norm.std)
+
+
+def _labels(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(mask.astype(np.int64))
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -109,13 +136,20 @@ def image_files(folder: str | Path) -> list[Path]:
 
 
 class UnlabeledImages(Dataset):
-    """A plain folder of images, geometrically augmented (Mean Teacher's weak view)."""
+    """A plain folder of images, geometrically augmented (Mean Teacher's weak view); with
+    ``strong``, also the same crop recoloured and cut out (the student's view)."""
 
     def __init__(
-        self, folder: str | Path, size: int, norm: Normalization, seed: int = 0, augment: AugmentConfig | None = None
+        self,
+        folder: str | Path,
+        size: int,
+        norm: Normalization,
+        seed: int = 0,
+        augment: AugmentConfig | None = None,
+        strong: bool = False,
     ) -> None:
         self.files = image_files(folder)
-        self.size, self.norm, self.seed = size, norm, seed
+        self.size, self.norm, self.seed, self.strong = size, norm, seed, strong
         self.augment = augment or AugmentConfig()
         self.epoch = 0
 
@@ -124,5 +158,8 @@ class UnlabeledImages(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-        image, _ = geometric_augment(rng, read_rgb(self.files[index]), None, self.size, self.augment)
-        return {"image": to_tensor(image, self.norm.mean, self.norm.std), "index": index}
+        image, _ = weak_augment(rng, read_rgb(self.files[index]), None, self.size, self.augment)
+        item = {"image": to_tensor(image, self.norm.mean, self.norm.std), "index": index}
+        if self.strong:
+            item["strong"] = to_tensor(strong_augment(rng, image), self.norm.mean, self.norm.std)
+        return item

@@ -30,9 +30,10 @@ from PIL import Image
 
 from segflow.data import IGNORE_INDEX
 from segflow.data import manifest as manifest_lib
+from segflow.data.datasets import image_error
 from segflow.errors import SegflowError
 from segflow.parallel import map_all
-from segflow.storage import confined, local_input, staged_output, walk_files
+from segflow.storage import confined, walk_files
 
 CSS = "common_semantic_segmentation"
 CSS_SUBSETS = "common_semantic_segmentation_with_subset_dirs"
@@ -83,6 +84,8 @@ class ImportConfig:
     imbalance_ratio: float = 100.0  # warn when the most common class has this many times the pixels of the rarest
 
     def validate(self) -> None:
+        if str(self.source).rstrip("/") == str(self.out).rstrip("/"):
+            raise SegflowError("SRC and OUT are the same place: write the imported dataset somewhere else.")
         if not 0.0 < self.val_fraction < 1.0:
             raise SegflowError(f"--val-fraction must be between 0 and 1, exclusive (got {self.val_fraction}).")
         if self.workers < 0:
@@ -128,34 +131,36 @@ class _Job:
 _JOB: _Job | None = None
 
 
-def import_dataset(cfg: ImportConfig) -> dict:
-    """Run the import stage; return the report (also written to OUT/report.json)."""
+def import_dataset(cfg: ImportConfig, src: Path, out: Path) -> dict:
+    """Import the raw dataset in ``src`` into the empty folder ``out``; return the report (also
+    written to OUT/report.json). ``cfg.source`` and ``cfg.out`` are only recorded."""
     cfg.validate()
-    if str(cfg.source).rstrip("/") == str(cfg.out).rstrip("/"):
-        raise SegflowError("SRC and OUT are the same place: write the imported dataset somewhere else.")
-    # The source is raw data (a user's upload): no completion marker is needed to read it.
-    with local_input(cfg.source, "dataset", sealed=False) as src, staged_output(cfg.out, cfg.overwrite) as stage:
-        dataset, fmt, mask_files = load_datumaro(src, cfg.format)
-        labels = label_names(dataset, src, fmt)
-        items = [item for item in dataset]
-        if not items:
-            raise SegflowError(f"{cfg.source}: the dataset is empty (Datumaro found no items as {fmt}).")
-        placement = assign_subsets(items, cfg.val_fraction, cfg.seed)
-        job = _Job(items, placement, num_labels=len(labels), out=stage, root=src, mask_files=mask_files)
-        results = _run_items(job, cfg.workers)
-        problems = [p for r in results for p in r.problems]
-        if problems:
-            raise SegflowError(
-                f"{cfg.source}: {len(problems)} problem(s) in the dataset; nothing was written. "
-                "Fix or remove these files and import again:",
-                problems=problems,
-            )
-        for subset in sorted({r.subset for r in results}):
-            (stage / subset / "dataset_meta.json").write_text(json.dumps(_meta(labels), indent=2) + "\n")
-        manifest = manifest_lib.build(results, labels, source=str(cfg.source), data_format=fmt)
-        report = manifest_lib.build_report(manifest, results, cfg.imbalance_ratio)
-        manifest_lib.write(stage, manifest, report)
-        report["output"] = str(cfg.out)
+    dataset, fmt, mask_files = load_datumaro(src, cfg.format)
+    labels = label_names(dataset, src, fmt)
+    items = [item for item in dataset]
+    if not items:
+        raise SegflowError(f"{cfg.source}: the dataset is empty (Datumaro found no items as {fmt}).")
+    placement = assign_subsets(items, cfg.val_fraction, cfg.seed)
+    job = _Job(items, placement, num_labels=len(labels), out=out, root=src, mask_files=mask_files)
+    results = _run_items(job, cfg.workers)
+    problems = [p for r in results for p in r.problems]
+    if problems:
+        raise SegflowError(
+            f"{cfg.source}: {len(problems)} problem(s) in the dataset; nothing was written. "
+            "Fix or remove these files and import again:",
+            problems=problems,
+        )
+    for subset in sorted({r.subset for r in results}):
+        (out / subset / "dataset_meta.json").write_text(json.dumps(_meta(labels), indent=2) + "\n")
+    manifest = manifest_lib.build(results, labels, source=str(cfg.source), data_format=fmt)
+    report = manifest_lib.build_report(manifest, results, cfg.imbalance_ratio)
+    manifest_lib.write(out, manifest, report)
+    report["output"] = str(cfg.out)
+    report["metrics"] = {
+        **{f"images_{name}": n for name, n in report["counts"].items()},
+        "labels": len(report["labels"]),
+        "warnings": len(report["warnings"]),
+    }
     for warning in report["warnings"]:
         log.warning("%s", warning)
     return report
@@ -449,14 +454,14 @@ def _read_image(item, media_path: str) -> tuple[np.ndarray, bytes | None, str]:
                 mode, fmt = pil.mode, pil.format
                 rgb = np.asarray(pil if mode == "RGB" else pil.convert("RGB"))
         except Exception as exc:
-            raise _ItemProblem(f"cannot decode image ({exc})") from None
+            raise _ItemProblem(f"cannot decode image: {image_error(exc)}") from None
         ext = path.suffix.lower()
         copyable = mode == "RGB" and _COPYABLE.get(ext) == fmt
         return rgb, (raw if copyable else None), ext
     try:
         data = item.media.data  # in-memory media: Datumaro gives HWC BGR
     except Exception as exc:
-        raise _ItemProblem(f"cannot decode image ({exc})") from None
+        raise _ItemProblem(f"cannot decode image: {image_error(exc)}") from None
     if data is None:
         raise _ItemProblem("item has no image data")
     data = np.asarray(data)

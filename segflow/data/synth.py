@@ -24,22 +24,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from segflow.errors import SegflowError
+from segflow.palette import STREET_COLORS
 from segflow.progress import progress
 
 Domain = Literal["source", "target"]
 
 CLASSES: tuple[str, ...] = ("sky", "building", "road", "sidewalk", "vegetation", "car", "person")
 SKY, BUILDING, ROAD, SIDEWALK, VEGETATION, CAR, PERSON = range(len(CLASSES))
-# Display colours (Cityscapes-like) for masks and overlays; they are not the rendered colours.
-CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
-    (70, 130, 180),
-    (70, 70, 70),
-    (128, 64, 128),
-    (244, 35, 232),
-    (107, 142, 35),
-    (0, 0, 142),
-    (220, 20, 60),
-)
+CLASS_COLORS = STREET_COLORS  # display colours of the classes above, in label order
 
 
 @dataclass(frozen=True)

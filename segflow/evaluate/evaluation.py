@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segflow import storage
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset, read_rgb
 from segflow.errors import SegflowError
 from segflow.evaluate.pictures import confusion_heatmap, overlay_grid
-from segflow.evaluate.runner import eval_loader, evaluate
+from segflow.evaluate.scoring import eval_loader, score
 from segflow.models import artifact as model_artifact
+from segflow.models.outputs import upsample
 
 
 @dataclass(frozen=True)
@@ -37,54 +37,59 @@ class EvalConfig:
     overwrite: bool = False
 
 
-def run_evaluation(cfg: EvalConfig) -> dict:
+def run_evaluation(cfg: EvalConfig, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    """Score the model in ``model_dir`` on ``data_dir``'s subset; write metrics and pictures into ``out_dir``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with (
-        storage.local_input(cfg.model, "--model") as model_dir,
-        storage.local_input(cfg.data, "--data") as data_dir,
-        storage.staged_output(cfg.out, cfg.overwrite) as stage,
-    ):
-        model, config = model_artifact.load(model_dir, device)
-        manifest = manifest_lib.read(data_dir, verify=True)
-        labels = config["labels"]
-        if manifest["labels"] != labels:
-            raise SegflowError(
-                f"--data {cfg.data} has labels {manifest['labels']} but the model predicts {labels}: "
-                "evaluate on data with the model's label map."
-            )
-        if cfg.subset not in manifest["subsets"]:
-            raise SegflowError(f"--data {cfg.data} has no {cfg.subset!r} subset ({', '.join(manifest['subsets'])}).")
-        norm = Normalization(**config["normalization"])
-        dataset = SegmentationDataset(data_dir, cfg.subset, config["input_size"], norm, train=False)
-        stats = manifest["statistics"]
-        loader = eval_loader(dataset, cfg.batch_size, stats["min_size"] == stats["max_size"])
-        samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    model, config = model_artifact.load(model_dir, device)
+    manifest = manifest_lib.read(data_dir, verify=True)
+    labels = config["labels"]
+    if manifest["labels"] != labels:
+        raise SegflowError(
+            f"--data {cfg.data} has labels {manifest['labels']} but the model predicts {labels}: "
+            "evaluate on data with the model's label map."
+        )
+    if cfg.subset not in manifest["subsets"]:
+        raise SegflowError(f"--data {cfg.data} has no {cfg.subset!r} subset ({', '.join(manifest['subsets'])}).")
+    norm = Normalization(**config["normalization"])
+    dataset = SegmentationDataset(data_dir, cfg.subset, config["input_size"], norm, train=False)
+    stats = manifest["statistics"]
+    loader = eval_loader(dataset, cfg.batch_size, stats["min_size"] == stats["max_size"])
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-        def keep_pictures(batch, probs):
-            for index, pred in zip(batch["index"].tolist(), probs.argmax(1).cpu().numpy(), strict=True):
-                if len(samples) < cfg.num_pictures:
-                    mask = np.asarray(Image.open(dataset.masks[index]))
-                    samples.append((read_rgb(dataset.images[index]), mask, pred.astype(np.uint8)))
+    def keep_pictures(batch: dict, logits: torch.Tensor) -> None:
+        for index, out in zip(batch["index"].tolist(), logits, strict=True):
+            if len(samples) < cfg.num_pictures:
+                mask = np.asarray(Image.open(dataset.masks[index]))
+                pred = upsample(out[None], mask.shape).argmax(1)[0].numpy().astype(np.uint8)
+                samples.append((read_rgb(dataset.images[index]), mask, pred))
 
-        scores = evaluate(model, loader, len(labels), device, on_batch=keep_pictures)
-        metrics = {
-            "mDice": scores["mDice"],
-            "mIoU": scores["mIoU"],
-            "pixel_accuracy": scores["pixel_accuracy"],
-            "per_class": {name: {"dice": scores["dice"][i], "iou": scores["iou"][i]} for i, name in enumerate(labels)},
-            "labels": labels,
-            "confusion_matrix": scores["confusion_matrix"],
-            "subset": cfg.subset,
-            "images": len(dataset),
-            "pixels": scores["pixels"],
-            "model": {"architecture": config["architecture"], "source": str(cfg.model)},
-            "dataset_fingerprint": manifest["fingerprint"],
-        }
-        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        confusion_heatmap(scores["confusion_matrix"], labels, stage / "confusion_matrix.png")
-        if samples:
-            overlay_grid(samples, len(labels), stage / "predictions.png")
-        (stage / "report.md").write_text(render_markdown(metrics, has_pictures=bool(samples)))
+    scores = score(model, loader, len(labels), device, keep=keep_pictures)
+    per_class = {name: {"dice": scores["dice"][i], "iou": scores["iou"][i]} for i, name in enumerate(labels)}
+    metrics = {
+        "mDice": scores["mDice"],
+        "mIoU": scores["mIoU"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "per_class": per_class,
+        "labels": labels,
+        "confusion_matrix": scores["confusion_matrix"],
+        "subset": cfg.subset,
+        "images": len(dataset),
+        "pixels": scores["pixels"],
+        "model": {"architecture": config["architecture"], "source": str(cfg.model)},
+        "dataset_fingerprint": manifest["fingerprint"],
+    }
+    # The headline figures, the same names in MLflow and KFP: mDice, mIoU, pixel accuracy, Dice per class.
+    metrics["metrics"] = {
+        "mDice": scores["mDice"],
+        "mIoU": scores["mIoU"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+        **{f"dice_{name}": v["dice"] for name, v in per_class.items() if v["dice"] is not None},
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    confusion_heatmap(scores["confusion_matrix"], labels, out_dir / "confusion_matrix.png")
+    if samples:
+        overlay_grid(samples, len(labels), out_dir / "predictions.png")
+    (out_dir / "report.md").write_text(render_markdown(metrics, has_pictures=bool(samples)))
     metrics["output"] = str(cfg.out)
     return metrics
 

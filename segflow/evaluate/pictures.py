@@ -6,18 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segflow.data.synth import CLASS_COLORS
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """A colour per class (the synthetic palette first, then Datumaro's generated colours)."""
-    from datumaro.util.mask_tools import generate_colormap
-
-    colours = np.zeros((256, 3), dtype=np.uint8)
-    generated = generate_colormap(max(num_classes, len(CLASS_COLORS)) + 1)
-    for i in range(num_classes):
-        colours[i] = CLASS_COLORS[i] if i < len(CLASS_COLORS) else generated[i + 1]
-    return colours
+from segflow.palette import palette
 
 
 def confusion_heatmap(matrix: list[list[int]], labels: list[str], out_png: Path) -> Path:

@@ -16,17 +16,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from segflow import storage
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset
 from segflow.errors import SegflowError
-from segflow.evaluate.metrics import ConfusionMatrix
+from segflow.evaluate.scoring import score
 from segflow.models import SegOutput
 from segflow.models import artifact as model_artifact
 from segflow.models.ir import IRSegmentor
@@ -85,17 +85,11 @@ def _square_batches(dataset: SegmentationDataset) -> DataLoader:
     return DataLoader(dataset, batch_size=1, shuffle=False)
 
 
-def _scores(model, loader, num_classes: int) -> tuple[dict, list[np.ndarray]]:
+def _scores(model, batches, num_classes: int) -> tuple[dict, list[np.ndarray]]:
     """Scores and raw logits of a PyTorch model or an IRSegmentor (same calling convention)."""
-    confusion, logits = ConfusionMatrix(num_classes), []
-    with torch.no_grad():
-        for batch in loader:
-            out = model(batch["image"]).logits.float()
-            logits.append(out.numpy())
-            size = batch["mask"].shape[-2:]
-            pred = torch.nn.functional.interpolate(out, size=size, mode="bilinear", align_corners=False).argmax(1)
-            confusion.update(pred, batch["mask"])
-    return confusion.scores(), logits
+    logits: list[np.ndarray] = []
+    scores = score(model, batches, num_classes, "cpu", keep=lambda _, out: logits.append(out.numpy()))
+    return scores, logits
 
 
 def latency_ms(ir: IRSegmentor, size: int, runs: int = 20) -> float:
@@ -143,106 +137,106 @@ def quantize(
     )
 
 
-def export(cfg: ExportConfig) -> dict:
-    """Convert, (quantise,) check parity, and publish the IR folder; return the export report."""
+def export(cfg: ExportConfig, model_dir: Path, data_dir: Path | None, out_dir: Path) -> dict:
+    """Convert, (quantise,) check parity, and write the IR into ``out_dir``; return the report.
 
+    ``data_dir``: a dataset artifact for INT8 calibration and the parity check, or None (no check).
+    A failed check raises, and the stage publishes nothing.
+    """
     cfg.validate()
-    with (
-        storage.local_input(cfg.model, "--model") as model_dir,
-        _maybe_input(cfg.calibration) as data_dir,
-        storage.staged_output(cfg.out, cfg.overwrite) as stage,
-    ):
-        model, config = model_artifact.load(model_dir, "cpu")
-        if not hasattr(model, "state_dict"):
-            raise SegflowError(f"--model {cfg.model} is already an OpenVINO IR: export from the PyTorch model folder.")
-        size = cfg.input_size or config["input_size"]
-        norm = Normalization(**config["normalization"])
-        labels = config["labels"]
-        parity = calibration = None
-        if data_dir is not None:
-            manifest = manifest_lib.read(data_dir, verify=True)
-            if manifest["labels"] != labels:
-                raise SegflowError(
-                    f"--calibration {cfg.calibration} has labels {manifest['labels']}, the model {labels}."
-                )
-            subset = cfg.subset if cfg.subset in manifest["subsets"] else next(iter(manifest["subsets"]))
-            names = sorted(manifest["subsets"][subset]["items"])
-            parity = SegmentationDataset(
-                data_dir, subset, size, norm, train=False, names=names[: cfg.parity_images], square=True
-            )
-            train_names = sorted(manifest["subsets"].get("train", {}).get("items", names))
-            calibration = SegmentationDataset(
-                data_dir,
-                "train" if "train" in manifest["subsets"] else subset,
-                size,
-                norm,
-                train=False,
-                names=train_names[: cfg.calibration_images],
-                square=True,
-            )
+    model, config = model_artifact.load(model_dir, "cpu")
+    if not hasattr(model, "state_dict"):
+        raise SegflowError(f"--model {cfg.model} is already an OpenVINO IR: export from the PyTorch model folder.")
+    size = cfg.input_size or config["input_size"]
+    norm = Normalization(**config["normalization"])
+    labels = config["labels"]
+    parity = calibration = None
+    if data_dir is not None:
+        manifest = manifest_lib.read(data_dir, verify=True)
+        if manifest["labels"] != labels:
+            raise SegflowError(f"--calibration {cfg.calibration} has labels {manifest['labels']}, the model {labels}.")
+        subset = cfg.subset if cfg.subset in manifest["subsets"] else next(iter(manifest["subsets"]))
+        names = sorted(manifest["subsets"][subset]["items"])
+        parity = SegmentationDataset(
+            data_dir, subset, size, norm, train=False, names=names[: cfg.parity_images], square=True
+        )
+        train_names = sorted(manifest["subsets"].get("train", {}).get("items", names))
+        calibration = SegmentationDataset(
+            data_dir,
+            "train" if "train" in manifest["subsets"] else subset,
+            size,
+            norm,
+            train=False,
+            names=train_names[: cfg.calibration_images],
+            square=True,
+        )
 
-        ov_model = convert(model, size, cfg.dynamic)
-        if cfg.precision == "int8":
-            log.info("quantising to INT8 on %d calibration images", min(len(calibration), cfg.calibration_images))
-            ov_model = quantize(ov_model, calibration, cfg, parity, len(labels))
-        model_artifact.save_ir(stage, ov_model, config, cfg.precision)
-        ir = IRSegmentor(stage)
+    ov_model = convert(model, size, cfg.dynamic)
+    if cfg.precision == "int8":
+        log.info("quantising to INT8 on %d calibration images", min(len(calibration), cfg.calibration_images))
+        ov_model = quantize(ov_model, calibration, cfg, parity, len(labels))
+    model_artifact.save_ir(out_dir, ov_model, config, cfg.precision)
+    ir = IRSegmentor(out_dir)
 
-        report = {
-            "precision": cfg.precision,
-            "input": "dynamic" if cfg.dynamic else [1, 3, size, size],
-            "architecture": config["architecture"],
-            "latency_ms": round(latency_ms(ir, size), 3),
-        }
-        if parity is not None and len(parity) > 0:
-            loader = _square_batches(parity)
-            torch_scores, torch_logits = _scores(model, loader, len(labels))
-            ir_scores, ir_logits = _scores(ir, loader, len(labels))
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(torch_logits, ir_logits, strict=True))
-            scale = max(float(np.abs(a).max()) for a in torch_logits)
-            agree = np.mean(
-                [float((a.argmax(1) == b.argmax(1)).mean()) for a, b in zip(torch_logits, ir_logits, strict=True)]
-            )
-            drop = 100 * (torch_scores["mDice"] - ir_scores["mDice"])
-            report.update(
-                {
-                    "parity_images": len(parity),
-                    "max_abs_logit_diff": diff,
-                    "max_abs_logit": scale,
-                    "argmax_agreement": float(agree),
-                    "torch_mDice": torch_scores["mDice"],
-                    "ir_mDice": ir_scores["mDice"],
-                    "mDice_drop_points": drop,
-                }
-            )
-            if cfg.precision == "fp32":
-                limit = cfg.tolerance * max(1.0, scale)
-                report["tolerance"] = limit
-                report["passed"] = diff <= limit
-                problem = f"max |logit difference| {diff:.2e} exceeds {limit:.2e}"
-            else:
-                report["max_drop_points"] = cfg.max_drop
-                report["passed"] = drop <= cfg.max_drop
-                problem = (
-                    f"mDice fell {drop:.2f} points (from {100 * torch_scores['mDice']:.2f}), more than {cfg.max_drop}"
-                )
-            if not report["passed"]:
-                raise SegflowError(
-                    f"the {cfg.precision.upper()} IR disagrees with the PyTorch model: {problem}. Nothing was written."
-                    + (" Try --accuracy-control or a larger --max-drop." if cfg.precision == "int8" else "")
-                )
+    report = {
+        "precision": cfg.precision,
+        "input": "dynamic" if cfg.dynamic else [1, 3, size, size],
+        "architecture": config["architecture"],
+        "latency_ms": round(latency_ms(ir, size), 3),
+    }
+    if parity is not None and len(parity) > 0:
+        loader = _square_batches(parity)
+        torch_scores, torch_logits = _scores(model, loader, len(labels))
+        ir_scores, ir_logits = _scores(ir, loader, len(labels))
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(torch_logits, ir_logits, strict=True))
+        scale = max(float(np.abs(a).max()) for a in torch_logits)
+        agree = np.mean(
+            [float((a.argmax(1) == b.argmax(1)).mean()) for a, b in zip(torch_logits, ir_logits, strict=True)]
+        )
+        drop = 100 * (torch_scores["mDice"] - ir_scores["mDice"])
+        report.update(
+            {
+                "parity_images": len(parity),
+                "max_abs_logit_diff": diff,
+                "max_abs_logit": scale,
+                "argmax_agreement": float(agree),
+                "torch_mDice": torch_scores["mDice"],
+                "ir_mDice": ir_scores["mDice"],
+                "mDice_drop_points": drop,
+            }
+        )
+        if cfg.precision == "fp32":
+            limit = cfg.tolerance * max(1.0, scale)
+            report["tolerance"] = limit
+            report["passed"] = diff <= limit
+            problem = f"max |logit difference| {diff:.2e} exceeds {limit:.2e}"
         else:
-            report["passed"] = None
-            log.warning("no --calibration data: parity with PyTorch was not checked")
-        (stage / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            report["max_drop_points"] = cfg.max_drop
+            report["passed"] = drop <= cfg.max_drop
+            problem = f"mDice fell {drop:.2f} points (from {100 * torch_scores['mDice']:.2f}), more than {cfg.max_drop}"
+        if not report["passed"]:
+            raise SegflowError(
+                f"the {cfg.precision.upper()} IR disagrees with the PyTorch model: {problem}. Nothing was written."
+                + (" Try --accuracy-control or a larger --max-drop." if cfg.precision == "int8" else "")
+            )
+    else:
+        report["passed"] = None
+        log.warning("no --calibration data: parity with PyTorch was not checked")
+    report["metrics"] = {
+        k: report[k]
+        for k in (
+            "latency_ms",
+            "ir_mDice",
+            "torch_mDice",
+            "mDice_drop_points",
+            "max_abs_logit_diff",
+            "argmax_agreement",
+        )
+        if k in report
+    }
+    (out_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     report["output"] = str(cfg.out)
     return report
-
-
-def _maybe_input(uri: str):
-    from contextlib import nullcontext
-
-    return storage.local_input(uri, "--calibration") if uri else nullcontext(None)
 
 
 __all__ = ["ExportConfig", "export"]

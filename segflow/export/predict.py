@@ -16,7 +16,6 @@ unreadable image is reported and skipped; the batch goes on.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segflow import storage
-from segflow.data.augment import resize_for_eval
 from segflow.data.datasets import IMAGE_SUFFIXES, Normalization, image_files, read_rgb, to_tensor
+from segflow.data.transforms import resize_for_eval
 from segflow.errors import SegflowError
-from segflow.evaluate.pictures import overlay, palette
+from segflow.evaluate.pictures import overlay
 from segflow.models import artifact as model_artifact
+from segflow.models import outputs
 from segflow.models.ir import IRSegmentor
+from segflow.palette import palette
 from segflow.progress import progress
 
 
@@ -67,7 +67,7 @@ def _write(stage: Path, stem: str, image: np.ndarray, probs: np.ndarray, colours
     Image.fromarray(mask, mode="L").save(stage / "masks" / f"{stem}.png")
     Image.fromarray(overlay(image, mask, colours)).save(stage / "overlays" / f"{stem}.png")
     if entropy:
-        h = -(probs * np.log(np.clip(probs, 1e-8, 1))).sum(0) / math.log(probs.shape[0])
+        h = outputs.entropy_map(torch.from_numpy(probs)[None])[0].numpy()
         Image.fromarray((255 * np.clip(h, 0, 1)).astype(np.uint8), mode="L").save(stage / "entropy" / f"{stem}.png")
 
 
@@ -90,76 +90,71 @@ def output_names(source: Path, files: list[Path]) -> list[str]:
 def probabilities(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Class probabilities (C x H x W) of one image's logits, resized to the image's size."""
     t = torch.as_tensor(logits)
-    t = t[None] if t.ndim == 3 else t
-    t = F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False)
-    return t.softmax(1)[0].numpy()
+    return outputs.probabilities(t[None] if t.ndim == 3 else t, size)[0].numpy()
 
 
-def predict(cfg: PredictConfig) -> dict:
-    with (
-        storage.local_input(cfg.model, "--model") as model_dir,
-        storage.local_input(cfg.input, "--input", sealed=False) as source,
-        storage.staged_output(cfg.out, cfg.overwrite) as stage,
-    ):
-        model, config = model_artifact.load(model_dir, "cpu")
-        colours = palette(len(config["labels"]))
-        files = _inputs(source)
-        stems = output_names(source, files)
-        skipped: list[dict] = []
-        done = 0
+def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) -> dict:
+    """Masks (and overlays, entropy maps) of every image in ``source`` (a folder or one file), into ``out_dir``."""
+    model, config = model_artifact.load(model_dir, "cpu")
+    colours = palette(len(config["labels"]))
+    files = _inputs(source)
+    stems = output_names(source, files)
+    skipped: list[dict] = []
+    done = 0
 
-        def prepare(path: Path):
-            try:
-                image = read_rgb(path)
-            except SegflowError as exc:
-                skipped.append({"image": str(path), "reason": str(exc).split(": ", 1)[-1]})
-                return None, None
-            return image, model_input(image, config)
+    def prepare(path: Path):
+        try:
+            image = read_rgb(path)
+        except SegflowError as exc:
+            skipped.append({"image": str(path), "reason": str(exc).split(": ", 1)[-1]})
+            return None, None
+        return image, model_input(image, config)
 
-        if isinstance(model, IRSegmentor):
-            import openvino as ov
+    if isinstance(model, IRSegmentor):
+        import openvino as ov
 
-            queue = ov.AsyncInferQueue(model.compiled, 0)  # 0: as many requests as the device likes
-            pending: dict[int, tuple[str, np.ndarray]] = {}
+        queue = ov.AsyncInferQueue(model.compiled, 0)  # 0: as many requests as the device likes
+        pending: dict[int, tuple[str, np.ndarray]] = {}
 
-            def finished(request, job: int) -> None:
-                stem, image = pending.pop(job)
-                logits = request.get_output_tensor(0).data.copy()
-                _write(stage, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy)
+        def finished(request, job: int) -> None:
+            stem, image = pending.pop(job)
+            logits = request.get_output_tensor(0).data.copy()
+            _write(out_dir, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy)
 
-            queue.set_callback(finished)
-            for job, (path, stem) in enumerate(progress(zip(files, stems, strict=True), len(files), "predicting")):
+        queue.set_callback(finished)
+        for job, (path, stem) in enumerate(progress(zip(files, stems, strict=True), len(files), "predicting")):
+            image, x = prepare(path)
+            if image is None:
+                continue
+            if model.static:
+                x = F.interpolate(x, size=model.size, mode="bilinear", align_corners=False)
+            pending[job] = (stem, image)
+            queue.start_async({0: np.ascontiguousarray(x.numpy())}, job)
+            done += 1
+        queue.wait_all()
+    else:
+        with torch.no_grad():
+            for path, stem in progress(zip(files, stems, strict=True), len(files), "predicting"):
                 image, x = prepare(path)
                 if image is None:
                     continue
-                if model.static:
-                    x = F.interpolate(x, size=model.size, mode="bilinear", align_corners=False)
-                pending[job] = (stem, image)
-                queue.start_async({0: np.ascontiguousarray(x.numpy())}, job)
+                logits = model(x).logits.numpy()
+                _write(out_dir, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy)
                 done += 1
-            queue.wait_all()
-        else:
-            with torch.no_grad():
-                for path, stem in progress(zip(files, stems, strict=True), len(files), "predicting"):
-                    image, x = prepare(path)
-                    if image is None:
-                        continue
-                    logits = model(x).logits.numpy()
-                    _write(stage, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy)
-                    done += 1
-        summary = {
-            "model": str(cfg.model),
-            "input": str(cfg.input),
-            "predicted": done,
-            "skipped": skipped,
-            "labels": config["labels"],
-            "runtime": "openvino" if isinstance(model, IRSegmentor) else "pytorch",
-        }
-        (stage / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if done == 0:
-            raise SegflowError(
-                f"--input {cfg.input}: no image could be read; nothing was written.",
-                problems=[f"{s['image']}: {s['reason']}" for s in skipped],
-            )
+    summary = {
+        "metrics": {"predicted": done, "skipped": len(skipped)},
+        "model": str(cfg.model),
+        "input": str(cfg.input),
+        "predicted": done,
+        "skipped": skipped,
+        "labels": config["labels"],
+        "runtime": "openvino" if isinstance(model, IRSegmentor) else "pytorch",
+    }
+    (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if done == 0:
+        raise SegflowError(
+            f"--input {cfg.input}: no image could be read; nothing was written.",
+            problems=[f"{s['image']}: {s['reason']}" for s in skipped],
+        )
     summary["output"] = str(cfg.out)
     return summary

@@ -14,12 +14,14 @@ from segflow.models.lite_hrnet import SPECS, LiteHRNet, LiteHRNetSpec
 
 MODEL_NAMES = tuple(SPECS)
 
-# The reference implementation's figures (REFERENCE.md), for `segflow models` and the tests.
-REFERENCE = {
-    "lite_hrnet_s": {"params": 828_955, "gflops_seed": 1.44, "mib_seed": 3.2},
-    "lite_hrnet_18": {"params": 1_131_875, "gflops_seed": 2.82, "mib_seed": 4.3},
-    "lite_hrnet_x": {"params": 1_503_697, "gflops_seed": 9.20, "mib_seed": 5.7},
+# Published figures of the reference implementation (OpenVINO Training Extensions' Lite-HRNet
+# segmentation models, 3 classes): parameters, model size in MB and GFLOPs at 512 x 512.
+PUBLISHED = {
+    "lite_hrnet_s": {"params": 828_955, "gflops": 1.44, "mb": 3.2},
+    "lite_hrnet_18": {"params": 1_131_875, "gflops": 2.82, "mb": 4.3},
+    "lite_hrnet_x": {"params": 1_503_697, "gflops": 9.20, "mb": 5.7},
 }
+INPUT_SIZES = (32, 4096)  # multiples of 32: the coarsest branch is at stride 32
 
 
 @dataclass
@@ -59,6 +61,14 @@ class Segmentor(nn.Module):
             aux = self.aux_head(self.aux_aggregator(shallow))
             out.aux_logits = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
         return out
+
+
+def check_input_size(size: int, setting: str = "--input-size") -> int:
+    """One rule for every command: a multiple of 32 within INPUT_SIZES."""
+    low, high = INPUT_SIZES
+    if not (low <= size <= high and size % 32 == 0):
+        raise SegflowError(f"{setting} must be a multiple of 32 between {low} and {high} (got {size}).")
+    return size
 
 
 def check_name(name: str, setting: str = "--model") -> str:

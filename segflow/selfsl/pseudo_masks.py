@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from segflow.data import IGNORE_INDEX
-from segflow.data.datasets import image_files
+from segflow.data.datasets import image_error, image_files
 from segflow.errors import SegflowError
 from segflow.parallel import map_all
 from segflow.storage import sha256_file
@@ -63,7 +63,7 @@ def _work(job: tuple[str, str, FelzenszwalbParams]) -> tuple[str, str, str]:
         with Image.open(image_path) as img:
             rgb = np.asarray(img.convert("RGB"))
     except Exception as exc:
-        return image_path, "", f"cannot read image ({exc})"
+        return image_path, "", f"cannot read image: {image_error(exc)}"
     mask = segment(rgb, params)
     tmp = f"{mask_path}.tmp-{os.getpid()}.png"
     Image.fromarray(mask, mode="L").save(tmp)

@@ -39,6 +39,25 @@ def is_s3(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
 
 
+def home() -> Path:
+    """Where local state lives: pipeline outputs, MLflow's SQLite store, checkpoints of s3:// outputs
+    (``$SEGFLOW_HOME``, default ``./runs``)."""
+    return Path(os.environ.get("SEGFLOW_HOME", "runs")).expanduser().absolute()
+
+
+def checkpoint_dir(out: str, explicit: str = "") -> Path:
+    """Where a run writing to ``out`` keeps its checkpoints: beside a local OUT (``OUT.checkpoints``),
+    under $SEGFLOW_HOME for an s3:// OUT (keyed by the URI, so a rerun finds them)."""
+    if explicit:
+        return Path(explicit)
+    if is_s3(out):
+        import hashlib
+
+        return home() / "checkpoints" / hashlib.sha256(out.encode()).hexdigest()[:16]
+    path = Path(out).expanduser().absolute()
+    return path.parent / f"{path.name}.checkpoints"
+
+
 @contextlib.contextmanager
 def local_input(uri: str | Path, what: str = "input", sealed: bool = True) -> Iterator[Path]:
     """Yield a local folder (or file) holding ``uri``'s content; temporary when ``uri`` is on S3.
@@ -186,9 +205,12 @@ def _swap_into_place(staging: Path, final: Path) -> None:
 
 
 __all__ = [
+    "SegflowError",
     "check_output",
+    "checkpoint_dir",
     "confined",
     "exclusive",
+    "home",
     "is_s3",
     "local_input",
     "s3",

@@ -18,6 +18,7 @@ from typing import Any
 
 from segflow.configs import flatten
 from segflow.errors import SegflowError
+from segflow.storage import home
 
 DEFAULT_EXPERIMENT = "segflow"
 PIPELINE_RUN_TAG = "segflow.pipeline_run"
@@ -26,11 +27,6 @@ FINGERPRINT_TAG = "segflow.dataset_fingerprint"
 
 log = logging.getLogger(__name__)
 _SETTLE_SECONDS = 2.0
-
-
-def home() -> Path:
-    """Where local runs, MLflow's store and pipeline outputs live."""
-    return Path(os.environ.get("SEGFLOW_HOME", "runs")).expanduser().absolute()
 
 
 def tracking_uri() -> str:
@@ -199,3 +195,68 @@ def stage_run(stage: str, config: Any = None, context: RunContext | None = None,
         except BaseException as exc:
             mlflow.set_tag("segflow.error", str(exc)[:5000])
             raise
+
+
+class StageLog:
+    """What a stage logs to its MLflow run. Every method does nothing when tracking is off
+    (``--no-track``, or a process other than rank 0), so stages log unconditionally."""
+
+    def __init__(self, run=None) -> None:
+        self._run = run
+
+    @property
+    def run_id(self) -> str:
+        return self._run.info.run_id if self._run is not None else ""
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self._run is not None and numbers:
+            _mlflow().log_metrics(numbers, step=step)
+
+    def epoch(self, epoch: int, record: dict) -> None:
+        """The engine's per-epoch record, as curves (step = epoch, from 1)."""
+        self.metrics(record, step=epoch + 1)
+
+    def tag(self, key: str, value: str) -> None:
+        if self._run is not None:
+            _mlflow().set_tag(key, value)
+
+    def result(self, result: dict, name: str = "result.json", files=(), folder: Path | None = None) -> None:
+        """A stage's result: its ``metrics``, the whole dict as ``name``, files or a folder as artifacts."""
+        if self._run is None:
+            return
+        mlflow = _mlflow()
+        self.metrics(result.get("metrics", {}))
+        mlflow.log_dict(_jsonable(result), name)
+        for path in files:
+            if Path(path).exists():
+                mlflow.log_artifact(str(path))
+        if folder is not None:
+            mlflow.log_artifacts(str(folder))
+        result["mlflow_run_id"] = self.run_id
+
+    def model(self, ir_dir: Path) -> str:
+        """Log an OpenVINO IR folder as the run's pyfunc model; return its URI ("" when off)."""
+        if self._run is None:
+            return ""
+        from segflow.export.pyfunc import log_ir
+
+        return log_ir(str(ir_dir))
+
+
+def _jsonable(value):
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+@contextlib.contextmanager
+def stage_log(
+    stage: str, config: Any = None, context: RunContext | None = None, label: str = "", enabled: bool = True
+) -> Iterator[StageLog]:
+    """A stage's MLflow run (nested under its pipeline's parent run), or a log that does nothing."""
+    if not enabled:
+        yield StageLog()
+        return
+    with stage_run(stage, config, context, label) as run:
+        yield StageLog(run)

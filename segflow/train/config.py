@@ -1,11 +1,16 @@
-"""Training settings. Defaults are the OTX supervised recipe (REFERENCE.md), scaled to CPU."""
+"""Training settings. Defaults are the OTX supervised recipe, scaled to CPU.
+
+Method choice lives here too (:func:`method_settings`), so that the command line and the KFP
+component choose and check it the same way.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from segflow.errors import SegflowError
-from segflow.models import MODEL_NAMES
+from segflow.models import check_input_size, check_name
+from segflow.train.engine import LoopConfig, Recipe
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,23 @@ class MeanTeacherConfig:
     unlabeled_batch_size: int = 0  # 0: same as the labelled batch
 
 
+METHODS = ("supervised", "supcon", "mean_teacher")
+
+
+def method_settings(method: str, unlabeled: str = "") -> dict:
+    """TrainConfig fields for a method named by a string: the one place that checks the choice."""
+    if method not in METHODS:
+        raise SegflowError(f"method {method!r} is not known: choose one of {', '.join(METHODS)}.")
+    if method == "mean_teacher" and not unlabeled:
+        raise SegflowError("method mean_teacher needs unlabelled images: pass --unlabeled IMAGES (a folder).")
+    if unlabeled and method != "mean_teacher":
+        raise SegflowError(f"unlabelled images ({unlabeled}) are only used by method mean_teacher, not {method}.")
+    return {
+        "supcon": SupConConfig() if method == "supcon" else None,
+        "mean_teacher": MeanTeacherConfig(unlabeled=unlabeled) if method == "mean_teacher" else None,
+    }
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: str
@@ -42,9 +64,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     clip_norm: float = 40.0
-    warmup_iters: int = 100
+    warmup_iters: int = 100  # linear warmup (at most a fifth of all iterations) ...
     warmup_ratio: float = 1 / 3
-    plateau_patience: int = 4
+    plateau_patience: int = 4  # ... then ReduceLROnPlateau on val mDice
     plateau_factor: float = 0.1
     min_lr: float = 1e-6
     early_stop_patience: int = 8
@@ -63,38 +85,55 @@ class TrainConfig:
     supcon: SupConConfig | None = None
     mean_teacher: MeanTeacherConfig | None = None
 
+    # Settings a resumed run may change: how long it runs and where files are, not what it computes.
+    RESUME_MAY_CHANGE = ("epochs", "early_stop_patience", "resume", "overwrite", "loader_workers", "checkpoint_dir")
+
+    @property
+    def method(self) -> str:
+        return "supcon" if self.supcon else "mean_teacher" if self.mean_teacher else "supervised"
+
     def validate(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise SegflowError(f"--model {self.model!r} is not known: choose one of {', '.join(MODEL_NAMES)}.")
+        check_name(self.model)
+        check_input_size(self.input_size)
+        check_loop(self.epochs, self.batch_size, self.amp, self.channels_last)
         checks = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 2, "--batch-size must be at least 2 (batch norm needs two samples)"),
-            (
-                32 <= self.input_size <= 4096 and self.input_size % 32 == 0,
-                "--input-size must be a multiple of 32 between 32 and 4096",
-            ),
             (self.lr > 0, "--lr must be positive"),
-            (self.amp in ("auto", "off", "bf16", "fp16"), "--amp must be auto, off, bf16 or fp16"),
-            (self.channels_last in ("auto", "on", "off"), "--channels-last must be auto, on or off"),
             (self.max_labeled >= 0, "--max-labeled must be 0 (all) or more"),
+            (self.iters_per_epoch >= 0, "--iters-per-epoch must be 0 (one pass) or more"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SegflowError(f"{message}.")
         if self.mean_teacher is not None and not self.mean_teacher.unlabeled:
-            raise SegflowError("--mean-teacher needs --unlabeled IMAGES: a folder of unlabelled images.")
+            raise SegflowError("--method mean_teacher needs --unlabeled IMAGES: a folder of unlabelled images.")
         if self.supcon is not None and self.mean_teacher is not None:
-            raise SegflowError("--supcon and --mean-teacher cannot be combined; choose one.")
+            raise SegflowError("SupCon and Mean Teacher cannot be combined; choose one --method.")
+
+    def loop(self) -> LoopConfig:
+        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
+
+    def recipe(self) -> Recipe:
+        return Recipe(
+            optimizer="adam",
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_iters=self.warmup_iters,
+            warmup_ratio=self.warmup_ratio,
+            plateau_patience=self.plateau_patience,
+            plateau_factor=self.plateau_factor,
+            min_lr=self.min_lr,
+            clip_norm=self.clip_norm,
+        )
 
 
-METHODS = ("supervised", "supcon", "mean_teacher")
-
-
-def method_settings(method: str, unlabeled: str = "") -> dict:
-    """TrainConfig fields for a method named by a string (pipeline parameters)."""
-    if method not in METHODS:
-        raise SegflowError(f"method {method!r} is not known: choose one of {', '.join(METHODS)}.")
-    return {
-        "supcon": SupConConfig() if method == "supcon" else None,
-        "mean_teacher": MeanTeacherConfig(unlabeled=unlabeled) if method == "mean_teacher" else None,
-    }
+def check_loop(epochs: int, batch_size: int, amp: str = "auto", channels_last: str = "auto") -> None:
+    """Settings every training command shares."""
+    checks = [
+        (epochs >= 1, "--epochs must be at least 1"),
+        (batch_size >= 2, "--batch-size must be at least 2 (batch norm and contrast need two samples)"),
+        (amp in ("auto", "off", "bf16", "fp16"), "--amp must be auto, off, bf16 or fp16"),
+        (channels_last in ("auto", "on", "off"), "--channels-last must be auto, on or off"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SegflowError(f"{message}.")

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segflow.train.engine import Objective, ema_update, frozen_copy
+
 
 def mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
     """Projector / predictor: Linear -> BN -> ReLU -> Linear."""
@@ -92,3 +94,63 @@ def region_loss(
     ids = ids_a[rows_a]
     groups = ids[:, 1] if by_class else ids[:, 0] * num_ids + ids[:, 1]
     return contrastive(q, k, groups, temperature)
+
+
+class ContrastBranch:
+    """DetCon-B's branch, which DetCon and SupCon both train: an online projector and predictor
+    beside the network, EMA copies of the network and projector as targets, and the symmetric
+    region loss between two views. ``by_class``: SupCon's positives (same class anywhere)."""
+
+    def __init__(self, channels: int, temperature: float, num_masks: int, momentum: float, by_class: bool) -> None:
+        self.channels, self.temperature, self.num_masks = channels, temperature, num_masks
+        self.momentum, self.by_class = momentum, by_class
+
+    def build(self, model: nn.Module) -> None:
+        """Heads and targets; called from an objective's setup, after the engine seeded."""
+        self.projector = mlp(self.channels, 256, 128)
+        self.predictor = mlp(128, 256, 128)
+        self.target = frozen_copy(model)
+        self.target_projector = frozen_copy(self.projector)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"projector": self.projector, "predictor": self.predictor}
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"target": self.target, "target_projector": self.target_projector}
+
+    def loss(
+        self,
+        online: tuple[torch.Tensor, torch.Tensor],
+        target: tuple[torch.Tensor, torch.Tensor],
+        masks: tuple[torch.Tensor, torch.Tensor],
+        num_ids: int,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Both directions: view 1 online against view 2 target, and view 2 against view 1."""
+        (o1, o2), (t1, t2), (m1, m2) = online, target, masks
+        heads = (self.projector, self.predictor, self.target_projector)
+        args = (num_ids, heads, self.temperature, self.num_masks, self.by_class, generator)
+        return region_loss((o1, m1), (t2, m2), *args) + region_loss((o2, m2), (t1, m1), *args)
+
+    def update(self, net: nn.Module) -> None:
+        ema_update(self.target, net, self.momentum)
+        ema_update(self.target_projector, self.projector, self.momentum)
+
+
+class ContrastObjective(Objective):
+    """An objective that trains a :class:`ContrastBranch` beside the network (DetCon, SupCon)."""
+
+    branch: ContrastBranch
+
+    def modules(self) -> dict[str, nn.Module]:
+        return self.branch.modules()
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return self.branch.frozen()
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        self.branch.build(model)  # here, after the engine seeded
+        super().setup(model, device)
+
+    def after_step(self, net: nn.Module, step) -> None:
+        self.branch.update(net)

@@ -1,0 +1,127 @@
+"""Segmentation training: the model, its data and its objective, handed to the one engine.
+
+Inputs and outputs are local folders (``segflow.stages`` stages s3:// and does MLflow):
+
+    train_segmenter(cfg, data_dir, out_dir, checkpoints, unlabeled_dir=None, backbone_dir=None)
+
+The published MODEL_DIR holds the best epoch's weights, ``config.json`` and ``training.json``
+(``segflow.models.artifact``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from segflow.configs import flatten
+from segflow.data import manifest as manifest_lib
+from segflow.data.datasets import Normalization, SegmentationDataset, UnlabeledImages
+from segflow.errors import SegflowError
+from segflow.evaluate.scoring import eval_loader, score
+from segflow.models import artifact as model_artifact
+from segflow.models import create_model
+from segflow.models.lite_hrnet import SPECS
+from segflow.train.config import TrainConfig
+from segflow.train.engine import Objective, Stream, Training, fit
+from segflow.train.objectives import MeanTeacher, SupCon
+
+log = logging.getLogger(__name__)
+
+
+def make_objective(cfg: TrainConfig, num_classes: int, feature_channels: int, unlabeled: Stream | None) -> Objective:
+    if cfg.supcon is not None:
+        return SupCon(cfg.supcon, num_classes, feature_channels)
+    if cfg.mean_teacher is not None:
+        return MeanTeacher(cfg.mean_teacher, unlabeled, cfg.epochs)
+    return Objective()
+
+
+def train_segmenter(
+    cfg: TrainConfig,
+    data_dir: Path,
+    out_dir: Path,
+    checkpoints: Path,
+    unlabeled_dir: Path | None = None,
+    backbone_dir: Path | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train, validate every epoch, publish the best model into ``out_dir``; return the result."""
+    cfg.validate()
+    started = time.monotonic()
+    manifest = manifest_lib.read(data_dir, verify=True)
+    labels = manifest["labels"]
+    stats = manifest["statistics"]
+    norm = Normalization(stats["mean"], stats["std"])
+    names = manifest["subsets"].get(cfg.labeled_subset, {}).get("items")
+    if names is None:
+        raise SegflowError(f"{cfg.data} has no {cfg.labeled_subset!r} subset to train on.")
+    if "val" not in manifest["subsets"]:
+        raise SegflowError(f"{cfg.data} has no val subset: import it with `segflow data import` to split one off.")
+    names = sorted(names)[: cfg.max_labeled] if cfg.max_labeled else None
+    train_ds = SegmentationDataset(
+        data_dir, cfg.labeled_subset, cfg.input_size, norm, True, cfg.seed, names=names, views=cfg.supcon is not None
+    )
+    val_loader = eval_loader(
+        SegmentationDataset(data_dir, "val", cfg.input_size, norm, False),
+        cfg.batch_size,
+        stats["min_size"] == stats["max_size"],
+    )
+    unlabeled = None
+    if cfg.mean_teacher is not None:
+        images = UnlabeledImages(unlabeled_dir, cfg.input_size, norm, seed=cfg.seed, strong=True)
+        unlabeled = Stream(images, cfg.mean_teacher.unlabeled_batch_size or cfg.batch_size)
+
+    objective = make_objective(cfg, len(labels), SPECS[cfg.model].head_channels, unlabeled)
+
+    def build():
+        return create_model(cfg.model, len(labels), backbone_weights=str(backbone_dir) if backbone_dir else None)
+
+    def validate(model) -> dict:
+        scores = score(model, val_loader, len(labels), next(model.parameters()).device)
+        return {"score": scores["mDice"], "mDice": scores["mDice"], "mIoU": scores["mIoU"]}
+
+    def publish(model, summary: dict) -> None:
+        config = model_artifact.model_config(model, labels, cfg.input_size, norm.as_dict(), manifest["fingerprint"])
+        model_artifact.save(out_dir, model, config)
+        (out_dir / "training.json").write_text(json.dumps(training_record(summary), indent=2, default=str) + "\n")
+
+    def training_record(summary: dict) -> dict:
+        return {
+            "best_val_mDice": summary["best_score"],
+            "best_epoch": summary["best_epoch"],
+            "epochs_run": summary["epochs_run"],
+            "iterations": summary["iterations"],
+            "history": summary["history"],
+            "objective": summary["objective"],
+            "labeled_images": len(train_ds),
+            "config": asdict(cfg),
+            "dataset_fingerprint": manifest["fingerprint"],
+        }
+
+    identity = {k: v for k, v in flatten(cfg).items() if k != "data"}
+    identity["dataset_fingerprint"] = manifest["fingerprint"]
+    run = Training(
+        build_model=build,
+        objective=objective,
+        data=train_ds,
+        loop=cfg.loop(),
+        recipe=cfg.recipe(),
+        checkpoints=checkpoints,
+        identity=identity,
+        may_change=TrainConfig.RESUME_MAY_CHANGE,
+        validate=validate,
+        publish=publish,
+    )
+    summary = fit(run, on_epoch)
+    result = training_record(summary)
+    result["metrics"] = {
+        "best_val_mDice": summary["best_score"],
+        "best_epoch": summary["best_epoch"],
+        "epochs_run": summary["epochs_run"],
+        "train_seconds": round(time.monotonic() - started, 1),
+    }
+    return result

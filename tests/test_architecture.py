@@ -1,0 +1,106 @@
+"""The shape of the library: arrows point down, and there is one training loop.
+
+Layers, bottom to top (a module may import its own layer's leaf modules and anything below):
+
+    errors, progress, parallel, configs, palette     leaves
+    storage
+    data
+    models
+    evaluate                                          scoring is what training validates with
+    train                                             the one engine and its objectives
+    selfsl, adapt                                     objectives of that engine
+    export
+    tracking
+    stages
+    orchestration, cli
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import REPO
+
+LAYERS = [
+    {"errors", "progress", "parallel", "configs", "palette"},
+    {"storage"},
+    {"data"},
+    {"models"},
+    {"evaluate"},
+    {"train"},
+    {"selfsl", "adapt"},
+    {"export"},
+    {"tracking"},
+    {"stages"},
+    {"orchestration", "cli"},
+]
+RANK = {unit: level for level, units in enumerate(LAYERS) for unit in units}
+
+
+def unit_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "segflow" and len(parts) > 1 else None
+
+
+def imports() -> list[tuple[str, str, str]]:
+    """(file, importing unit, imported unit) for every segflow import, lazy ones included."""
+    edges = []
+    for path in sorted((REPO / "segflow").rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        here = unit_of(".".join(parts))
+        if here is None:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for target in targets:
+                there = unit_of(target)
+                if there is not None and there != here and there in RANK:
+                    edges.append((str(rel), here, there))
+    return edges
+
+
+def test_every_module_has_a_layer():
+    folder = REPO / "segflow"
+    units = {p.name for p in folder.iterdir() if (p / "__init__.py").exists()}
+    units |= {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+    assert units <= set(RANK), f"give these a layer in this test: {sorted(units - set(RANK))}"
+
+
+def test_no_module_imports_a_layer_above_it():
+    upward = sorted({(f, a, b) for f, a, b in imports() if RANK[b] > RANK[a]})
+    assert upward == [], "\n".join(f"{f}: {a} imports {b}" for f, a, b in upward)
+
+
+def test_no_import_cycles():
+    graph: dict[str, set[str]] = {}
+    for _, a, b in imports():
+        graph.setdefault(a, set()).add(b)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    assert [u for u in graph if reaches(u, u, {u})] == []
+
+
+def test_one_training_loop():
+    """Every kind of training goes through segflow/train/engine.py: one epoch loop, one backward."""
+    loops, backwards = [], []
+    for path in (REPO / "segflow").rglob("*.py"):
+        text = path.read_text()
+        rel = str(path.relative_to(REPO))
+        loops += [rel for line in text.splitlines() if re.search(r"def pretrain|for epoch", line)]
+        backwards += [rel for line in text.splitlines() if ".backward(" in line]
+    assert loops == ["segflow/train/engine.py"], loops
+    assert set(backwards) == {"segflow/train/engine.py"}, backwards
+
+
+def test_components_and_pipelines_need_no_sys_path_edits():
+    for path in [*Path(REPO / "components").glob("*.py"), *Path(REPO / "pipelines").glob("*.py")]:
+        assert "sys.path" not in path.read_text(), path
