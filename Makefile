@@ -10,7 +10,7 @@ export SEGFLOW_HOME ?= $(CURDIR)/runs
 # The main pipeline's default parameters point here (relative to the checkout).
 DEMO_DATA := $(CURDIR)/runs/demo/data
 
-.PHONY: setup demo test lint format compile bench clean constraints preview
+.PHONY: setup demo demo-data demo-adapt test lint format compile bench clean constraints preview
 
 setup: $(STAMP)
 
@@ -22,14 +22,24 @@ $(STAMP): pyproject.toml constraints.txt
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
-# The demo: synthetic target-domain scenes (64 labelled, 96 unlabelled), then the main pipeline
-# with kfp.local: import -> pseudo masks -> DetCon pretraining -> fine-tuning -> evaluation.
-demo: $(STAMP)
+# The demo: synthetic target-domain scenes (64 labelled, 96 unlabelled) and source-domain scenes
+# (96 labelled, for demo-adapt), then the main pipeline with kfp.local:
+# import -> pseudo masks -> DetCon pretraining -> fine-tuning -> evaluation.
+demo: $(STAMP) demo-data
+	$(BIN)/segflow run pipelines/selfsl_then_finetune.py --local
+	@echo "Pictures and metrics of the demo model: the evaluate-model/evaluation/ folder of that run."
+
+demo-data: $(STAMP)
 	rm -rf $(DEMO_DATA)
 	$(BIN)/segflow data synth $(DEMO_DATA)/target --domain target --num-images 64 --size 96 --seed 1
 	$(BIN)/segflow data synth $(DEMO_DATA)/unlabeled --domain target --num-images 96 --size 96 --seed 2 --unlabeled
-	$(BIN)/segflow run pipelines/selfsl_then_finetune.py --local
-	@echo "Pictures and metrics of the demo model: the evaluate-model/evaluation/ folder of that run."
+	$(BIN)/segflow data synth $(DEMO_DATA)/source --domain source --num-images 96 --size 96 --seed 3
+
+# Domain adaptation on the same demo data: "game engine" source -> "camera" target (~10 min on 2 cores).
+demo-adapt: $(STAMP)
+	test -d $(DEMO_DATA)/source || $(MAKE) demo-data
+	$(BIN)/segflow run pipelines/domain_adaptation.py --local
+	@echo "The candidates compared: the parent run's comparison/ artifacts in MLflow, and choose-best/ of that run."
 
 # Two worker processes (pytest-xdist) share the cores; each gives torch its share of threads.
 test: $(STAMP)
@@ -52,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pseudo_masks.py
 	$(BIN)/python benchmarks/label_efficiency.py
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/domain_adaptation.py
 
 preview: $(STAMP)
 	$(BIN)/segflow data preview docs/synthetic_domains.png --size 128

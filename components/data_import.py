@@ -2,6 +2,7 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Metrics, Output
+
 from segflow_components import SEGFLOW_IMAGE
 
 

@@ -2,6 +2,7 @@
 
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
 from segflow_components import SEGFLOW_IMAGE
 
 
@@ -14,6 +15,7 @@ def evaluate_model(
     confusion: Output[ClassificationMetrics],
     report: Output[Markdown],
     subset: str = "val",
+    baseline: Input[Model] = None,
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
@@ -22,7 +24,14 @@ def evaluate_model(
     from segflow.stages import evaluate_stage, log_metrics_to
     from segflow.tracking import RunContext
 
-    cfg = EvalConfig(model=model.path, data=dataset.path, out=evaluation.path, subset=subset, overwrite=True)
+    cfg = EvalConfig(
+        model=model.path,
+        data=dataset.path,
+        out=evaluation.path,
+        subset=subset,
+        baseline=baseline.path if baseline is not None else "",
+        overwrite=True,
+    )
     result = evaluate_stage(cfg, RunContext(run_key, run_name, experiment), markdown_out=report.path)
     log_metrics_to(metrics, result["metrics"])
     confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])

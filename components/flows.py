@@ -7,6 +7,7 @@ a cluster.
 """
 
 from kfp.dsl import PipelineTask
+
 from segflow_components.evaluate import evaluate_model
 from segflow_components.export import export_model
 from segflow_components.platform import on_cluster

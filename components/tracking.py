@@ -1,6 +1,7 @@
 """Close the MLflow parent run of a pipeline run (stages open it: see segflow.tracking)."""
 
 from kfp import dsl
+
 from segflow_components import SEGFLOW_IMAGE
 
 

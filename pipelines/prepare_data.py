@@ -5,6 +5,7 @@ segflow compile pipelines/prepare_data.py --output prepare_data.yaml
 """
 
 from kfp import dsl
+
 from segflow_components.data_import import import_data
 from segflow_components.platform import on_cluster
 from segflow_components.tracking import tracked

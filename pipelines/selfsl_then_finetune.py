@@ -13,6 +13,7 @@ input_size=512, epochs=300.
 """
 
 from kfp import dsl
+
 from segflow_components.data_import import import_data
 from segflow_components.flows import train_evaluate_export
 from segflow_components.platform import on_cluster

@@ -6,6 +6,7 @@ segflow compile pipelines/supervised.py --output supervised.yaml
 """
 
 from kfp import dsl
+
 from segflow_components.data_import import import_data
 from segflow_components.flows import train_evaluate_export
 from segflow_components.platform import on_cluster

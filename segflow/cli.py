@@ -165,12 +165,63 @@ def detcon_cmd(
     )
 
 
+@app.command("adapt")
+def adapt_cmd(
+    source: Annotated[str, typer.Option(help="Labelled source dataset artifact: path or s3://.")],
+    target: Annotated[str, typer.Option(help="Target images (a folder), or a target dataset artifact.")],
+    init: Annotated[str, typer.Option(help="Model folder trained on the source (`segflow train`).")],
+    out: Annotated[str, typer.Option(help="Model folder to create.")],
+    method: Annotated[str, typer.Option(help="adaptsegnet, minent, advent, dacs, or source (the control).")],
+    levels: Annotated[str, typer.Option(help="single: main output only; multi: also the auxiliary.")] = "multi",
+    model: Annotated[str, typer.Option(help="Architecture; default: the --init model's.")] = "",
+    iterations: Annotated[int, typer.Option(help="Adaptation steps (rounded up to whole snapshots).")] = 1000,
+    eval_every: Annotated[int, typer.Option(help="Score a snapshot every this many steps.")] = 100,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    input_size: Annotated[int, typer.Option(help="Crop side in pixels (multiple of 32).")] = 256,
+    lr: Annotated[float, typer.Option(help="Segmenter learning rate (Adam, poly decay).")] = 1e-4,
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over; replace OUT.")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
+) -> None:
+    """Adapt a source-trained model to a target domain (AdaptSegNet, MinEnt, AdvEnt, DACS).
+
+    Target labels, when TARGET is a dataset, only choose the snapshot (target val mDice); without
+    them the snapshot with the lowest mean target entropy is kept.
+    """
+    from segflow.adapt.config import AdaptConfig
+    from segflow.stages import adapt_stage
+
+    result = adapt_stage(from_options(AdaptConfig, locals()), track=track)
+    selection = result["selection"]
+    typer.echo(
+        f"{result['method']}: snapshot after {result['metrics']['best_iteration']} steps kept "
+        f"({selection['criterion']}: {selection['score']:.4f}) -> {out}"
+    )
+
+
+@app.command("ensemble")
+def ensemble_cmd(
+    models: Annotated[list[str], typer.Option("--models", help="Model folders (repeat, or space-separated).")],
+    out: Annotated[str, typer.Option(help="Model folder to create.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
+) -> None:
+    """Average the softmax of several models (ADVENT's MinEnt + AdvEnt combination); the result
+    evaluates, exports and predicts like one model."""
+    from segflow.stages import ensemble_stage
+
+    result = ensemble_stage(models, out, overwrite, track=track)
+    typer.echo(f"ensemble of {len(result['members'])} models -> {out}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model: Annotated[str, typer.Option(help="Model folder (from `segflow train`).")],
     data: Annotated[str, typer.Option(help="Dataset artifact.")],
     out: Annotated[str, typer.Option(help="Folder to create for metrics and pictures.")],
     subset: Annotated[str, typer.Option()] = "val",
+    baseline: Annotated[str, typer.Option(help="Another model scored beside (pictures with entropy maps).")] = "",
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
 ) -> None:
@@ -309,8 +360,27 @@ def params(pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/."
         typer.echo(f"{name} ({kind.lower()}) = {json.dumps(default)}")
 
 
+VARIADIC = ("--models",)  # options that take several values: `--models M1 M2` as well as `--models M1 --models M2`
+
+
+def expand_variadic(argv: list[str]) -> list[str]:
+    """``--models A B --out X`` -> ``--models A --models B --out X`` (click repeats options)."""
+    out: list[str] = []
+    variadic = None
+    for arg in argv:
+        if arg.startswith("-"):
+            variadic = arg if arg in VARIADIC else None
+            out.append(arg)
+        elif variadic and out[-1] != variadic:
+            out += [variadic, arg]
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``segflow`` command (``argv``: for calling it in-process, as the tests do)."""
+    argv = expand_variadic(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("alembic", "mlflow", "botocore", "urllib3", "datumaro", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -21,7 +21,7 @@ from typing import Any
 from segflow import tracking
 from segflow.errors import SegflowError
 
-_CASTS = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": None}
+_CASTS = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": None, "LIST": json.loads}
 
 
 def load_pipeline(path: str | Path):
@@ -82,8 +82,10 @@ def parse_params(pipeline, pairs: list[str]) -> dict[str, Any]:
                 params[key] = raw.lower() in ("true", "1", "yes")
             else:
                 params[key] = _CASTS.get(kind, str)(raw)
-        except ValueError:
+        except ValueError:  # json.JSONDecodeError is one too
             raise SegflowError(f"--param {key}={raw!r}: expected a value of type {kind.lower()}.") from None
+        if kind == "LIST" and not isinstance(params[key], list):
+            raise SegflowError(f'--param {key}={raw!r}: expected a JSON list, e.g. ["a", "b"].')
     return params
 
 

@@ -16,16 +16,24 @@ In a distributed run (torchrun) only rank 0 publishes and tracks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from segflow import storage, tracking
+from segflow.adapt.adaptation import adapt
+from segflow.adapt.config import AdaptConfig
 from segflow.data import manifest as manifest_lib
 from segflow.data.importer import ImportConfig, import_dataset
 from segflow.errors import SegflowError
+from segflow.evaluate import comparison
 from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluation
 from segflow.export.openvino_ir import ExportConfig, export
 from segflow.export.predict import PredictConfig, predict
+from segflow.models import artifact as model_artifact
 from segflow.selfsl.detcon import PretrainConfig, train_detcon
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, default_mask_dir, make_pseudo_masks
 from segflow.train.config import TrainConfig
@@ -157,6 +165,94 @@ def detcon_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, tr
     return result
 
 
+def adapt_stage(
+    cfg: AdaptConfig,
+    run: tracking.RunContext | None = None,
+    track: bool = True,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Domain adaptation from a source-trained model; curves (segmentation and adversarial losses,
+    discriminator accuracy, target entropy, target mIoU when known) go to MLflow."""
+    cfg.validate()
+    main = is_main_process()
+    with (
+        tracking.stage_log("adapt", cfg, run, cfg.method, enabled=track and main) as log,
+        storage.staged_output(cfg.out, cfg.overwrite, publish=main) as out,
+        storage.local_input(cfg.source, "--source") as source,
+        storage.local_input(cfg.target, "--target", sealed=False) as target,  # images, or a dataset
+        storage.local_input(cfg.init, "--init") as init,
+    ):
+        checkpoints = storage.checkpoint_dir(cfg.out)
+
+        def each_snapshot(epoch: int, record: dict) -> None:
+            log.epoch(epoch, record)
+            if on_epoch is not None:
+                on_epoch(epoch, record)
+
+        result = adapt(cfg, source, target, init, out, checkpoints, on_epoch=each_snapshot)
+        log.tag(tracking.FINGERPRINT_TAG, result["source_fingerprint"])
+        log.result(result, "training.json")
+    return result
+
+
+def ensemble_stage(models: list[str], out: str, overwrite: bool = False, run=None, track: bool = True) -> dict:
+    """One model that averages the members' softmax (e.g. MinEnt + AdvEnt)."""
+    with (
+        tracking.stage_log("ensemble", {"models": models, "out": out}, run, enabled=track) as log,
+        storage.staged_output(out, overwrite) as folder,
+        contextlib.ExitStack() as inputs,
+    ):
+        local = [inputs.enter_context(storage.local_input(m, "--models")) for m in models]
+        config = model_artifact.save_ensemble(folder, local)
+        result = {"members": models, "labels": config["labels"], "metrics": {"members": len(models)}}
+        log.result(result, "ensemble.json")
+    return result
+
+
+def choose_stage(
+    candidates: dict[str, tuple[str, str]],
+    out: str,
+    metric: str = "mDice",
+    markdown_out: str | None = None,
+    run: tracking.RunContext | None = None,
+    track: bool = True,
+) -> dict:
+    """The best of several models by an evaluation ``metric``: ``candidates`` maps a name to
+    (model folder, its evaluation folder). The best model is copied to ``out``; the comparison
+    (table and bar chart) goes to the pipeline's parent MLflow run, where all runs compare."""
+    with (
+        tracking.stage_log("choose", {"metric": metric, "candidates": sorted(candidates)}, run, enabled=track) as log,
+        storage.staged_output(out, overwrite=True) as folder,
+        contextlib.ExitStack() as inputs,
+    ):
+        rows = []
+        for name, (model_uri, evaluation_uri) in candidates.items():
+            evaluation = inputs.enter_context(storage.local_input(evaluation_uri, "evaluation"))
+            scores = json.loads((evaluation / "metrics.json").read_text())
+            rows.append({"candidate": name, "mIoU": scores["mIoU"], "mDice": scores["mDice"], "model": model_uri})
+        best = comparison.best_of(rows, metric)
+        with storage.local_input(best["model"], "model") as model_dir:
+            shutil.copytree(model_dir, folder, dirs_exist_ok=True)
+        markdown = f"# Candidates, by {metric} on the target val subset\n\n" + comparison.table(rows, metric)
+        with tempfile.TemporaryDirectory() as tmp:
+            chart = comparison.chart(rows, Path(tmp) / "comparison.png")
+            log.to_parent(run, markdown, chart, rows)
+            if markdown_out:
+                _write(markdown_out, markdown + "\n" + _inline_png(chart))
+        result = {"best": best["candidate"], "candidates": rows, "metric": metric}
+        # MLflow metric names take no "+": "minent+advent" is logged as mDice_minent_advent.
+        per_candidate = {re.sub(r"[^\w.\- ]", "_", f"{metric}_{r['candidate']}"): r[metric] for r in rows}
+        result["metrics"] = per_candidate | {f"best_{metric}": best[metric]}
+        log.result(result, "comparison.json")
+    return result
+
+
+def _inline_png(path: Path) -> str:
+    import base64
+
+    return f"![comparison](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})\n"
+
+
 def evaluate_stage(
     cfg: EvalConfig, run: tracking.RunContext | None = None, markdown_out: str | None = None, track: bool = True
 ) -> dict:
@@ -169,8 +265,9 @@ def evaluate_stage(
         storage.staged_output(cfg.out, cfg.overwrite) as out,
         storage.local_input(cfg.model, "--model") as model_dir,
         storage.local_input(cfg.data, "--data") as data_dir,
+        _optional_input(cfg.baseline, "--baseline") as baseline_dir,
     ):
-        metrics = run_evaluation(cfg, model_dir, data_dir, out)
+        metrics = run_evaluation(cfg, model_dir, data_dir, out, baseline_dir)
         if markdown_out:
             _write(markdown_out, render_markdown(metrics, (out / "predictions.png").exists(), embed_dir=out))
         log.tag(tracking.FINGERPRINT_TAG, metrics["dataset_fingerprint"])

@@ -207,3 +207,43 @@ def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
         "pseudo_masks",
         "train lite_hrnet_s supcon",
     ]
+
+
+def test_domain_adaptation_ir_runs_branches_in_parallel(tmp_path):
+    ir, _ = compile_ir(REPO / "pipelines" / "domain_adaptation.py", tmp_path)
+    tasks = all_tasks(ir)
+    loop = next(t for name, t in tasks.items() if name.startswith("for-loop"))
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--branches"
+    assert {"adapt-model", "evaluate-model-2"} <= set(tasks)
+    choose = tasks["choose-best"]["inputs"]["artifacts"]
+    assert set(choose) >= {"adapted", "adapted_evaluations", "ensemble", "source_only"}
+    adapt_exec = ir["deploymentSpec"]["executors"]["exec-adapt-model"]["container"]
+    assert adapt_exec["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+
+
+def test_domain_adaptation_pipeline_runs_locally(tmp_path, segflow_home):
+    """Two branches (the ensemble's members) to keep it short; every candidate evaluated beside the
+    source-only model, the best exported, the comparison on the parent run."""
+    source = synthesize(tmp_path / "source", "source", num_images=10, size=64, seed=40)
+    target = synthesize(tmp_path / "target", "target", num_images=10, size=64, seed=41)
+    params = {
+        "source_uri": str(source),
+        "target_uri": str(target),
+        "branches": [{"method": "minent", "levels": "single"}, {"method": "advent", "levels": "single"}],
+        "epochs": 1,
+        "iters_per_epoch": 2,
+        "iterations": 2,
+        "eval_every": 2,
+        "batch_size": 4,
+    }
+    result = orchestration.run_local(REPO / "pipelines" / "domain_adaptation.py", params)
+    job = result["job_dir"]
+    chosen = json.loads((job / "choose-best" / "executor_output.json").read_text())
+    best = chosen["artifacts"]["best"]["artifacts"][0]["metadata"]["candidate"]
+    assert best in {"source-only", "minent", "advent", "minent+advent"}
+    evaluations = sorted(job.glob("**/evaluate-model*/evaluation/comparison.png"))
+    assert len(evaluations) == 3, "the two branches and the ensemble, pictured beside the source-only model"
+    assert (job / "export-model" / "ir" / "model.xml").exists()
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "comparison")}
+    assert {"comparison/comparison.md", "comparison/comparison.png"} <= artifacts

@@ -137,7 +137,8 @@ def image_files(folder: str | Path) -> list[Path]:
 
 class UnlabeledImages(Dataset):
     """A plain folder of images, geometrically augmented (Mean Teacher's weak view); with
-    ``strong``, also the same crop recoloured and cut out (the student's view)."""
+    ``strong``, also the same crop recoloured and cut out (the student's view). ``evaluation``:
+    resized only (shorter side to ``size``), the first ``limit`` images."""
 
     def __init__(
         self,
@@ -147,9 +148,11 @@ class UnlabeledImages(Dataset):
         seed: int = 0,
         augment: AugmentConfig | None = None,
         strong: bool = False,
+        evaluation: bool = False,
+        limit: int = 0,
     ) -> None:
-        self.files = image_files(folder)
-        self.size, self.norm, self.seed, self.strong = size, norm, seed, strong
+        self.files = image_files(folder)[: limit or None]
+        self.size, self.norm, self.seed, self.strong, self.evaluation = size, norm, seed, strong, evaluation
         self.augment = augment or AugmentConfig()
         self.epoch = 0
 
@@ -157,6 +160,9 @@ class UnlabeledImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
+        if self.evaluation:
+            image = resize_for_eval(read_rgb(self.files[index]), self.size)
+            return {"image": to_tensor(image, self.norm.mean, self.norm.std), "index": index}
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
         image, _ = weak_augment(rng, read_rgb(self.files[index]), None, self.size, self.augment)
         item = {"image": to_tensor(image, self.norm.mean, self.norm.std), "index": index}

@@ -4,6 +4,7 @@ EVAL_DIR/
   metrics.json            mDice, mIoU (fractions), pixel accuracy, per-class Dice/IoU, confusion matrix
   confusion_matrix.png    row-normalised heatmap
   predictions.png         image | ground truth | prediction, a few samples
+  comparison.png          with a baseline: image | truth | baseline prediction, entropy | model prediction, entropy
   report.md
 """
 
@@ -20,10 +21,10 @@ from PIL import Image
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset, read_rgb
 from segflow.errors import SegflowError
-from segflow.evaluate.pictures import confusion_heatmap, overlay_grid
+from segflow.evaluate.pictures import comparison_grid, confusion_heatmap, overlay_grid
 from segflow.evaluate.scoring import eval_loader, score
 from segflow.models import artifact as model_artifact
-from segflow.models.outputs import upsample
+from segflow.models.outputs import entropy_map, probabilities
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,17 @@ class EvalConfig:
     subset: str = "val"
     batch_size: int = 8
     num_pictures: int = 6
+    baseline: str = ""  # another model (e.g. source-only) scored beside, and pictured with its entropy
     overwrite: bool = False
 
 
-def run_evaluation(cfg: EvalConfig, model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+def run_evaluation(
+    cfg: EvalConfig, model_dir: Path, data_dir: Path, out_dir: Path, baseline_dir: Path | None = None
+) -> dict:
     """Score the model in ``model_dir`` on ``data_dir``'s subset; write metrics and pictures into ``out_dir``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config = model_artifact.load(model_dir, device)
+    baseline = model_artifact.load(baseline_dir, device)[0] if baseline_dir is not None else None
     manifest = manifest_lib.read(data_dir, verify=True)
     labels = config["labels"]
     if manifest["labels"] != labels:
@@ -54,16 +59,21 @@ def run_evaluation(cfg: EvalConfig, model_dir: Path, data_dir: Path, out_dir: Pa
     dataset = SegmentationDataset(data_dir, cfg.subset, config["input_size"], norm, train=False)
     stats = manifest["statistics"]
     loader = eval_loader(dataset, cfg.batch_size, stats["min_size"] == stats["max_size"])
-    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    samples: dict[int, dict] = {}  # the first images: pixels, truth, and each model's prediction + entropy
 
-    def keep_pictures(batch: dict, logits: torch.Tensor) -> None:
-        for index, out in zip(batch["index"].tolist(), logits, strict=True):
-            if len(samples) < cfg.num_pictures:
-                mask = np.asarray(Image.open(dataset.masks[index]))
-                pred = upsample(out[None], mask.shape).argmax(1)[0].numpy().astype(np.uint8)
-                samples.append((read_rgb(dataset.images[index]), mask, pred))
+    def keeper(name: str):
+        def keep(batch: dict, logits: torch.Tensor) -> None:
+            for index, out in zip(batch["index"].tolist(), logits, strict=True):
+                if index < cfg.num_pictures:
+                    truth = np.asarray(Image.open(dataset.masks[index]))
+                    probs = probabilities(out[None], truth.shape)
+                    sample = samples.setdefault(index, {"image": read_rgb(dataset.images[index]), "truth": truth})
+                    prediction = probs.argmax(1)[0].numpy().astype(np.uint8)
+                    sample[name] = {"prediction": prediction, "entropy": entropy_map(probs)[0].numpy()}
 
-    scores = score(model, loader, len(labels), device, keep=keep_pictures)
+        return keep
+
+    scores = score(model, loader, len(labels), device, keep=keeper("model"))
     per_class = {name: {"dice": scores["dice"][i], "iou": scores["iou"][i]} for i, name in enumerate(labels)}
     metrics = {
         "mDice": scores["mDice"],
@@ -85,11 +95,19 @@ def run_evaluation(cfg: EvalConfig, model_dir: Path, data_dir: Path, out_dir: Pa
         "pixel_accuracy": scores["pixel_accuracy"],
         **{f"dice_{name}": v["dice"] for name, v in per_class.items() if v["dice"] is not None},
     }
+    if baseline is not None:
+        base = score(baseline, loader, len(labels), device, keep=keeper("baseline"))
+        metrics["baseline"] = {"source": str(cfg.baseline), "mDice": base["mDice"], "mIoU": base["mIoU"]}
+        metrics["metrics"] |= {"baseline_mDice": base["mDice"], "baseline_mIoU": base["mIoU"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     confusion_heatmap(scores["confusion_matrix"], labels, out_dir / "confusion_matrix.png")
-    if samples:
-        overlay_grid(samples, len(labels), out_dir / "predictions.png")
-    (out_dir / "report.md").write_text(render_markdown(metrics, has_pictures=bool(samples)))
+    rows = [samples[i] for i in sorted(samples)]
+    if rows:
+        pictures = [(r["image"], r["truth"], r["model"]["prediction"]) for r in rows]
+        overlay_grid(pictures, len(labels), out_dir / "predictions.png")
+    if rows and baseline is not None:
+        comparison_grid(rows, len(labels), out_dir / "comparison.png")
+    (out_dir / "report.md").write_text(render_markdown(metrics, has_pictures=bool(rows)))
     metrics["output"] = str(cfg.out)
     return metrics
 
@@ -108,6 +126,14 @@ def render_markdown(metrics: dict, has_pictures: bool = True, embed_dir: Path | 
         f"fingerprint `{metrics['dataset_fingerprint'][:16]}`",
         f"- **mDice {_fmt(metrics['mDice'])}**, mIoU {_fmt(metrics['mIoU'])}, "
         f"pixel accuracy {_fmt(metrics['pixel_accuracy'])} (percent)",
+        *(
+            [
+                f"- Baseline `{metrics['baseline']['source']}`: mDice {_fmt(metrics['baseline']['mDice'])}, "
+                f"mIoU {_fmt(metrics['baseline']['mIoU'])}"
+            ]
+            if "baseline" in metrics
+            else []
+        ),
         "",
         "| class | Dice % | IoU % |",
         "|---|---|---|",
@@ -116,6 +142,10 @@ def render_markdown(metrics: dict, has_pictures: bool = True, embed_dir: Path | 
     pictures = [("confusion matrix", "confusion_matrix.png")]
     if has_pictures:
         pictures.append(("image | ground truth | prediction", "predictions.png"))
+    if has_pictures and "baseline" in metrics:
+        pictures.append(
+            ("image | truth | baseline: prediction, entropy | model: prediction, entropy", "comparison.png")
+        )
     for title, name in pictures:
         if embed_dir is not None:
             import base64

@@ -52,25 +52,47 @@ def overlay(image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: flo
     return blended.astype(np.uint8)
 
 
-def overlay_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int, out_png: Path) -> Path:
-    """One row per sample: image, ground-truth overlay, prediction overlay."""
+def entropy_colours(entropy: np.ndarray) -> np.ndarray:
+    """A normalised entropy map (0-1) as RGB: dark where the model is sure, bright where it is not."""
+    from matplotlib import colormaps
+
+    return (255 * colormaps["magma"](np.clip(entropy, 0, 1))[..., :3]).astype(np.uint8)
+
+
+def panel_grid(rows: list[list[np.ndarray]], out_png: Path) -> Path:
+    """RGB panels in rows, each row scaled to the shortest image's height, white gaps between."""
     from PIL import Image
 
-    colours = palette(num_classes)
-    h = min(r[0].shape[0] for r in rows)
+    h = min(panel.shape[0] for row in rows for panel in row)
     lines = []
-    for image, truth, pred in rows:
-        if image.shape[0] != h:
-            scale = h / image.shape[0]
-            w = max(1, round(image.shape[1] * scale))
-            image = np.asarray(Image.fromarray(image).resize((w, h)))
-            truth = np.asarray(Image.fromarray(truth).resize((w, h), Image.Resampling.NEAREST))
-            pred = np.asarray(Image.fromarray(pred).resize((w, h), Image.Resampling.NEAREST))
-        gap = np.full((h, 4, 3), 255, np.uint8)
-        lines.append(
-            np.concatenate([image, gap, overlay(image, truth, colours), gap, overlay(image, pred, colours)], 1)
-        )
+    for row in rows:
+        scaled = []
+        for panel in row:
+            if panel.shape[0] != h:
+                w = max(1, round(panel.shape[1] * h / panel.shape[0]))
+                panel = np.asarray(Image.fromarray(panel).resize((w, h), Image.Resampling.NEAREST))
+            scaled += [panel, np.full((h, 4, 3), 255, np.uint8)]
+        lines.append(np.concatenate(scaled[:-1], 1))
     width = max(line.shape[1] for line in lines)
     lines = [np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
     Image.fromarray(np.concatenate(lines, 0)).save(out_png)
     return out_png
+
+
+def overlay_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int, out_png: Path) -> Path:
+    """One row per sample: image, ground-truth overlay, prediction overlay."""
+    colours = palette(num_classes)
+    return panel_grid([[i, overlay(i, t, colours), overlay(i, p, colours)] for i, t, p in rows], out_png)
+
+
+def comparison_grid(rows: list[dict], num_classes: int, out_png: Path) -> Path:
+    """One row per sample: image | truth | baseline prediction and entropy | model prediction and entropy.
+    Each row dict: image, truth, and per model ("baseline", "model") its prediction and entropy."""
+    colours = palette(num_classes)
+    panels = []
+    for r in rows:
+        row = [r["image"], overlay(r["image"], r["truth"], colours)]
+        for name in ("baseline", "model"):
+            row += [overlay(r["image"], r[name]["prediction"], colours), entropy_colours(r[name]["entropy"])]
+        panels.append(row)
+    return panel_grid(panels, out_png)

@@ -10,6 +10,8 @@
       model.xml model.bin   the OpenVINO IR; its rt_info describes it too
       config.json           the model's config, precision
       export_report.json
+    ENSEMBLE_DIR/  (segflow ensemble)
+      member_<i>.safetensors  config.json (format segflow.ensemble/1: the members' configs)
 
 Every ``config.json`` carries a format tag and the sha256 of the weight files beside it. Loading
 checks both, so a truncated or damaged file is refused by name instead of failing deep inside
@@ -31,6 +33,7 @@ from segflow.storage import sha256_file
 
 MODEL_FORMAT = "segflow.model/1"
 BACKBONE_FORMAT = "segflow.backbone/1"
+ENSEMBLE_FORMAT = "segflow.ensemble/1"
 WEIGHTS = "model.safetensors"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
@@ -70,7 +73,11 @@ def read_config(folder: str | Path, fmt: str = MODEL_FORMAT) -> dict:
     """``config.json`` of an artifact of format ``fmt``, checked; its weight files verified."""
     folder = Path(folder)
     path = folder / CONFIG
-    what = {MODEL_FORMAT: "model (from `segflow train`)", BACKBONE_FORMAT: "backbone (from `segflow pretrain`)"}
+    what = {
+        MODEL_FORMAT: "model (from `segflow train`)",
+        BACKBONE_FORMAT: "backbone (from `segflow pretrain`)",
+        ENSEMBLE_FORMAT: "ensemble (from `segflow ensemble`)",
+    }
     if not path.exists():
         raise SegflowError(f"{folder} is not a segflow {what.get(fmt, fmt)}: it has no {CONFIG}.")
     try:
@@ -80,7 +87,7 @@ def read_config(folder: str | Path, fmt: str = MODEL_FORMAT) -> dict:
     if not isinstance(config, dict) or config.get("format") != fmt:
         found = config.get("format") if isinstance(config, dict) else None
         raise SegflowError(f"{path}: format {found!r} is not {fmt!r}: pass a segflow {what.get(fmt, fmt)}.")
-    if config.get("architecture") not in MODEL_NAMES:
+    if fmt != ENSEMBLE_FORMAT and config.get("architecture") not in MODEL_NAMES:
         raise SegflowError(f"{path}: architecture {config.get('architecture')!r} is not one of {MODEL_NAMES}.")
     verify_files(folder, config)
     return config
@@ -133,16 +140,94 @@ def load(folder: str | Path, device: str | torch.device = "cpu"):
     """
     if is_ir(folder):
         return load_ir(folder)
+    if _format(folder) == ENSEMBLE_FORMAT:
+        return load_ensemble(folder, device)
     config = read_config(folder)
-    model = create_model(config["architecture"], config["num_classes"], aux=config.get("aux", False))
+    return _build(config, Path(folder) / WEIGHTS).to(device).eval(), config
+
+
+def create_from(folder: str | Path, aux: bool = False) -> Segmentor:
+    """A model initialised from a model folder's weights (training mode). ``aux``: with an
+    auxiliary head, which starts fresh when the folder's model has none."""
+    config = read_config(folder)
+    model = create_model(config["architecture"], config["num_classes"], aux=aux)
     state = _load_weights(Path(folder) / WEIGHTS)
+    if not aux:
+        state = {k: v for k, v in state.items() if not k.startswith("aux_")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("aux_")]
+    if missing or unexpected:
+        raise SegflowError(
+            f"{folder}: weights do not fit {config['architecture']}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}."
+        )
+    return model
+
+
+def _build(config: dict, weights: Path) -> Segmentor:
+    model = create_model(config["architecture"], config["num_classes"], aux=config.get("aux", False))
+    state = _load_weights(weights)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise SegflowError(
-            f"{Path(folder) / WEIGHTS} does not fit {config['architecture']}: {str(exc)[:500]}"
-        ) from None
-    return model.to(device).eval(), config
+        raise SegflowError(f"{weights} does not fit {config['architecture']}: {str(exc)[:500]}") from None
+    return model
+
+
+def _format(folder: str | Path) -> str:
+    try:
+        return json.loads((Path(folder) / CONFIG).read_text()).get("format", "")
+    except (OSError, ValueError, AttributeError):
+        return ""  # read_config says what is wrong
+
+
+# --- ensembles ------------------------------------------------------------------------------------
+
+
+def save_ensemble(folder: str | Path, members: list[str | Path]) -> dict:
+    """An ensemble of model folders (same labels): their weights and configs, in one artifact."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(members) < 2:
+        raise SegflowError("an ensemble needs at least 2 models (--models M1 M2 ...).")
+    configs = [read_config(m) for m in members]
+    labels = configs[0]["labels"]
+    for member, config in zip(members, configs, strict=True):
+        if config["labels"] != labels:
+            raise SegflowError(f"{member} predicts {config['labels']}, the first model {labels}: members must agree.")
+    names = []
+    for i, member in enumerate(members):
+        names.append(f"member_{i}.safetensors")
+        (folder / names[-1]).write_bytes((Path(member) / WEIGHTS).read_bytes())
+    config = {
+        "format": ENSEMBLE_FORMAT,
+        "architecture": "ensemble",
+        "labels": labels,
+        "num_classes": len(labels),
+        "input_size": configs[0]["input_size"],
+        "normalization": configs[0]["normalization"],
+        "ignore_index": IGNORE_INDEX,
+        "members": [{**c, "weights": n, "source": str(m)} for c, n, m in zip(configs, names, members, strict=True)],
+        "dataset_fingerprint": configs[0].get("dataset_fingerprint", ""),
+    }
+    _write_config(folder, config, names)
+    return config
+
+
+def load_ensemble(folder: str | Path, device: str | torch.device = "cpu"):
+    from segflow.models.ensemble import Ensemble
+
+    folder = Path(folder)
+    config = read_config(folder, ENSEMBLE_FORMAT)
+    mean, std = (torch.tensor(config["normalization"][k]) for k in ("mean", "std"))
+    members, scales, shifts = [], [], []
+    for member in config["members"]:
+        members.append(_build(member, folder / member["weights"]))
+        # The ensemble's input is normalised with its own statistics; each member wants its own.
+        m_mean, m_std = (torch.tensor(member["normalization"][k]) for k in ("mean", "std"))
+        scales.append((std / m_std).tolist())
+        shifts.append(((mean - m_mean) / m_std).tolist())
+    return Ensemble(members, scales, shifts).to(device).eval(), config
 
 
 # --- backbone weights (DetCon pretraining) -------------------------------------------------------

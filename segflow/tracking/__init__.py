@@ -235,6 +235,18 @@ class StageLog:
             mlflow.log_artifacts(str(folder))
         result["mlflow_run_id"] = self.run_id
 
+    def to_parent(self, context: RunContext | None, markdown: str, figure: Path, rows: list[dict]) -> None:
+        """A comparison onto the pipeline's parent run (where runs of the pipeline are compared):
+        the table as Markdown and JSON, and the chart."""
+        if self._run is None or context is None or not context.run_key:
+            return
+        mlflow = _mlflow()
+        parent = pipeline_parent(context.run_key, context.run_name, context.experiment or None)
+        client = mlflow.MlflowClient()
+        client.log_text(parent, markdown, "comparison/comparison.md")
+        client.log_dict(parent, {"candidates": rows}, "comparison/comparison.json")
+        client.log_artifact(parent, str(figure), "comparison")
+
     def model(self, ir_dir: Path) -> str:
         """Log an OpenVINO IR folder as the run's pyfunc model; return its URI ("" when off)."""
         if self._run is None:

@@ -110,7 +110,7 @@ class TrainConfig:
             raise SegflowError("SupCon and Mean Teacher cannot be combined; choose one --method.")
 
     def loop(self) -> LoopConfig:
-        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig)})
+        return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig) if hasattr(self, f.name)})
 
     def recipe(self) -> Recipe:
         return Recipe(

@@ -59,6 +59,7 @@ class LoopConfig:
     batch_size: int
     seed: int = 0
     iters_per_epoch: int = 0  # at least this many steps per epoch; 0: one pass over the main data
+    exact_iters: bool = False  # iters_per_epoch exactly, however long the data (adaptation's snapshots)
     amp: str = "auto"  # auto: bf16 (or fp16) on CUDA, off on CPU; or off / bf16 / fp16
     channels_last: str = "auto"  # auto: on for CUDA
     loader_workers: int = 0
@@ -567,6 +568,8 @@ def fit(run: Training, on_epoch: Callable[[int, dict], None] | None = None) -> d
         autocast, scaler = autocast_for(loop.amp, device)
 
         iters = max(len(run.data) // (loop.batch_size * dist.world), 1, loop.iters_per_epoch)
+        if loop.exact_iters and loop.iters_per_epoch:
+            iters = loop.iters_per_epoch
         total = iters * loop.epochs
         loader, sampler = _loader(run.data, loop.batch_size, iters, loop.seed, dist, loop.loader_workers)
         streams = {

@@ -1,0 +1,108 @@
+"""Domain adaptation: adapt a source-trained model to a target domain; ensembles of models."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+from segflow_components import SEGFLOW_GPU_IMAGE, SEGFLOW_IMAGE
+
+
+@dsl.component(base_image=SEGFLOW_GPU_IMAGE, install_kfp_package=False)
+def adapt_model(
+    source: Input[Dataset],
+    target: Input[Dataset],
+    init: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    method: str = "adaptsegnet",
+    levels: str = "multi",
+    iterations: int = 1000,
+    eval_every: int = 100,
+    batch_size: int = 8,
+    input_size: int = 256,
+    lr: float = 0.0001,
+    seed: int = 0,
+    run_key: str = "",
+    run_name: str = "",
+    experiment: str = "",
+):
+    """METHOD: adaptsegnet, minent, advent, dacs (or source, the control). TARGET's labels choose
+    the snapshot (val mDice) and are never trained on."""
+    from segflow.adapt.config import AdaptConfig
+    from segflow.stages import adapt_stage, log_metrics_to
+    from segflow.tracking import RunContext
+
+    cfg = AdaptConfig(
+        source=source.path,
+        target=target.path,
+        init=init.path,
+        out=model.path,
+        method=method,
+        levels=levels,
+        iterations=iterations,
+        eval_every=eval_every,
+        batch_size=batch_size,
+        input_size=input_size,
+        lr=lr,
+        seed=seed,
+        resume=True,  # a retried task continues from its last checkpoint
+        overwrite=True,  # the output path is this task's own
+    )
+    result = adapt_stage(cfg, RunContext(run_key, run_name, experiment))
+    name = f"{result['method']}-{levels}" if result["method"] == "adaptsegnet" else result["method"]
+    model.metadata.update({"candidate": name, "method": result["method"], "selection": result["selection"]})
+    log_metrics_to(metrics, result["metrics"])
+
+
+@dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
+def ensemble_models(
+    candidates: Input[list[Model]],
+    model: Output[Model],
+    members: list = ["minent", "advent"],  # noqa: B006 (a KFP default, never mutated)
+    name: str = "minent+advent",
+    run_key: str = "",
+    run_name: str = "",
+    experiment: str = "",
+):
+    """One model averaging the softmax of the CANDIDATES named in MEMBERS (ADVENT's MinEnt + AdvEnt)."""
+    from segflow.stages import ensemble_stage
+    from segflow.tracking import RunContext
+
+    chosen = {m.metadata["candidate"]: m.path for m in candidates if m.metadata["candidate"] in members}
+    missing = sorted(set(members) - set(chosen))
+    if missing:
+        raise ValueError(f"no candidate named {missing} among {[m.metadata['candidate'] for m in candidates]}")
+    paths = [chosen[name] for name in members]
+    ensemble_stage(paths, model.path, overwrite=True, run=RunContext(run_key, run_name, experiment))
+    model.metadata.update({"candidate": name, "method": "ensemble", "members": members})
+
+
+@dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
+def choose_best(
+    adapted: Input[list[Model]],
+    adapted_evaluations: Input[list[Artifact]],
+    ensemble: Input[Model],
+    ensemble_evaluation: Input[Artifact],
+    source_only: Input[Model],
+    source_only_evaluation: Input[Artifact],
+    best: Output[Model],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+    metric: str = "mDice",
+    run_key: str = "",
+    run_name: str = "",
+    experiment: str = "",
+):
+    """The candidate with the highest METRIC on the target val subset; the comparison table and
+    bar chart go to the MLflow parent run."""
+    from segflow.stages import choose_stage, log_metrics_to
+    from segflow.tracking import RunContext
+
+    candidates = {"source-only": (source_only.path, source_only_evaluation.path)}
+    for model, evaluation in zip(adapted, adapted_evaluations, strict=True):
+        candidates[model.metadata["candidate"]] = (model.path, evaluation.path)
+    candidates[ensemble.metadata.get("candidate", "ensemble")] = (ensemble.path, ensemble_evaluation.path)
+    result = choose_stage(
+        candidates, best.path, metric, markdown_out=report.path, run=RunContext(run_key, run_name, experiment)
+    )
+    best.metadata.update({"candidate": result["best"], "metric": metric})
+    log_metrics_to(metrics, result["metrics"])

@@ -1,0 +1,119 @@
+"""Settings of ``segflow adapt``. Loss weights, discriminator and optimiser follow the papers:
+
+- AdaptSegNet (Tsai et al., CVPR 2018): segmentation on source (+ 0.1 x auxiliary output),
+  adversarial on target with lambda 0.001 (main) / 0.0002 (auxiliary); discriminators Adam 1e-4,
+  betas (0.9, 0.99), poly decay 0.9.
+- ADVENT (Vu et al., CVPR 2019): MinEnt weights the normalised target entropy by 0.001 / 0.0002;
+  AdvEnt feeds the discriminator weighted self-information maps instead of softmax.
+- DACS (Tranheden et al., WACV 2021): ClassMix, an EMA teacher (0.99), pixel weight = the share of
+  the teacher's pixels above 0.968 confidence.
+
+The papers train DeepLab-v2 from ImageNet for 100k+ iterations; here a Lite-HRNet already trained
+on the source is adapted for a short run, so the segmenter's optimiser and the adversarial and
+entropy weights are the settings this project tuned on its synthetic shift
+(benchmarks/domain_adaptation.py and RESULTS.md say which, and why).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from segflow.errors import SegflowError
+from segflow.models import check_input_size, check_name
+from segflow.train.config import check_loop
+from segflow.train.engine import LoopConfig, Recipe
+
+METHODS = ("adaptsegnet", "minent", "advent", "dacs", "source")
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    source: str  # labelled dataset artifact
+    target: str  # unlabelled images, or a dataset artifact whose labels serve validation only
+    init: str  # model folder to start from (trained on the source)
+    out: str
+    method: str = "adaptsegnet"
+    levels: str = "multi"  # AdaptSegNet / AdvEnt / MinEnt: the main output only, or also the auxiliary
+    model: str = ""  # default: the --init model's architecture
+    iterations: int = 1000
+    eval_every: int = 100  # a snapshot is scored (and maybe kept) every this many iterations
+    batch_size: int = 8
+    input_size: int = 256
+    seed: int = 0
+    # The segmenter: Adam with poly decay (see the module's docstring).
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    poly_power: float = 0.9
+    clip_norm: float = 40.0
+    seg_aux_weight: float = 0.1
+    # Discriminators (AdaptSegNet, AdvEnt).
+    disc_lr: float = 1e-4
+    disc_width: int = 64
+    adv_main: float = 0.001
+    adv_aux: float = 0.0002
+    # Entropy minimisation (MinEnt).
+    ent_main: float = 0.001
+    ent_aux: float = 0.0002
+    # DACS.
+    ema_momentum: float = 0.99
+    confidence: float = 0.968
+    validation_images: int = 64  # unlabelled target: images for the label-free snapshot score
+    amp: str = "auto"
+    channels_last: str = "auto"
+    loader_workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+    RESUME_MAY_CHANGE = ("resume", "overwrite", "loader_workers")
+
+    @property
+    def multi_level(self) -> bool:
+        return self.levels == "multi" and self.method in ("adaptsegnet", "advent", "minent")
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise SegflowError(f"--method {self.method!r} is not known: choose one of {', '.join(METHODS)}.")
+        if self.levels not in ("single", "multi"):
+            raise SegflowError(f"--levels must be single or multi (got {self.levels!r}).")
+        if self.model:
+            check_name(self.model)
+        check_input_size(self.input_size)
+        check_loop(1, self.batch_size, self.amp, self.channels_last)
+        checks = [
+            (self.iterations >= 1, "--iterations must be at least 1"),
+            (self.eval_every >= 1, "--eval-every must be at least 1"),
+            (self.lr > 0 and self.disc_lr > 0, "--lr and --disc-lr must be positive"),
+            (0 < self.confidence < 1, "--confidence must be between 0 and 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SegflowError(f"{message}.")
+
+    def loop(self) -> LoopConfig:
+        """Snapshots of ``eval_every`` iterations; ``iterations`` is rounded up to whole snapshots."""
+        every = min(self.eval_every, self.iterations)
+        return LoopConfig(
+            epochs=math.ceil(self.iterations / every),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            iters_per_epoch=every,
+            exact_iters=True,
+            amp=self.amp,
+            channels_last=self.channels_last,
+            loader_workers=self.loader_workers,
+            resume=self.resume,
+            overwrite=self.overwrite,
+        )
+
+    def recipe(self) -> Recipe:
+        return Recipe(
+            optimizer="adam",
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            poly_power=self.poly_power,
+            clip_norm=self.clip_norm,
+        )
+
+    def disc_recipe(self) -> Recipe:
+        return Recipe(optimizer="adam", lr=self.disc_lr, betas=(0.9, 0.99), poly_power=self.poly_power)

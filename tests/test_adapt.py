@@ -1,0 +1,204 @@
+"""Domain adaptation on tiny synthetic data: every method runs through the one engine, keeps its
+state in the checkpoint, chooses snapshots by a recorded criterion, and fails clearly on bad input.
+Whether adaptation pays is measured in benchmarks/domain_adaptation.py, not here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli, run_import, run_train
+from PIL import Image
+from safetensors.torch import load_file
+
+from segflow.adapt.config import AdaptConfig
+from segflow.data.synth import synthesize
+from segflow.errors import SegflowError
+from segflow.evaluate.evaluation import EvalConfig
+from segflow.stages import adapt_stage, ensemble_stage, evaluate_stage
+from segflow.train.config import TrainConfig
+
+SHAPE = {"input_size": 64, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory) -> dict[str, Path]:
+    """A source dataset, a target dataset, target images alone, and a model trained on the source."""
+    root = tmp_path_factory.mktemp("domains")
+    run_import(synthesize(root / "src_raw", "source", 16, 64, seed=31), root / "source", val_fraction=0.25)
+    target_raw = synthesize(root / "tgt_raw", "target", 16, 64, seed=32)
+    run_import(target_raw, root / "target", val_fraction=0.25)
+    run_train(TrainConfig(data=str(root / "source"), out=str(root / "init"), epochs=2, iters_per_epoch=4, **SHAPE))
+    return {
+        "source": root / "source",
+        "target": root / "target",
+        "images": target_raw / "images",
+        "init": root / "init",
+    }
+
+
+def config(domains, out: Path, method: str, target: Path | None = None, **kwargs) -> AdaptConfig:
+    return AdaptConfig(
+        source=str(domains["source"]),
+        target=str(target or domains["target"]),
+        init=str(domains["init"]),
+        out=str(out),
+        method=method,
+        **{"iterations": 4, "eval_every": 2, **SHAPE, **kwargs},
+    )
+
+
+@pytest.mark.parametrize(
+    "method, levels, logged",
+    [
+        ("adaptsegnet", "multi", {"train_adv", "train_disc", "train_disc_accuracy", "train_target_entropy"}),
+        ("advent", "single", {"train_adv", "train_disc_accuracy"}),
+        ("minent", "multi", {"train_target_entropy"}),
+        ("dacs", "single", {"train_mix", "train_confident_share"}),
+    ],
+)
+def test_each_method_adapts_and_records_its_choice(domains, tmp_path, method, levels, logged):
+    result = adapt_stage(config(domains, tmp_path / "m", method, levels=levels), track=False)
+    assert result["method"] == method and result["iterations"] == 4 and result["snapshots"] == 2
+    assert result["selection"]["criterion"] == "highest target val mDice"
+    assert result["selection"]["epoch"] in (1, 2)
+    history = result["history"]
+    assert logged <= set(history[-1]), set(history[-1])
+    assert {"val_target_mDice", "val_target_mIoU"} <= set(history[-1])
+    training = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert training["selection"] == result["selection"]
+    code, _, err = run_cli("evaluate", "--model", tmp_path / "m", "--data", domains["target"], "--out", tmp_path / "e")
+    assert code == 0, err
+
+
+def test_discriminators_learn_while_the_segmenter_fools_them(domains, tmp_path):
+    """AdaptSegNet's two optimisers both move: the discriminators' weights change, and their
+    accuracy is logged; the checkpoint holds them."""
+    from segflow.storage import checkpoint_dir
+
+    out = tmp_path / "m"
+    adapt_stage(config(domains, out, "adaptsegnet", levels="multi", iterations=6, eval_every=3), track=False)
+    saved = torch.load(checkpoint_dir(str(out)) / "last.pt", weights_only=True)
+    assert {"disc_main", "disc_aux"} <= set(saved["objective"]) and set(saved["parts"]) == {"model", "discriminator"}
+    first_conv = saved["objective"]["disc_main"]["net.0.weight"]
+    assert saved["parts"]["discriminator"]["optimizer"]["state"], "the discriminators' optimiser took steps"
+    assert torch.isfinite(first_conv).all()
+
+
+def test_label_free_choice_with_target_images_only(domains, tmp_path):
+    result = adapt_stage(config(domains, tmp_path / "m", "minent", target=domains["images"]), track=False)
+    assert result["selection"]["criterion"].startswith("lowest mean normalised entropy")
+    assert "val_target_entropy" in result["history"][0]
+
+
+@pytest.mark.parametrize("method", ["adaptsegnet", "dacs"])
+def test_resume_gives_the_same_result(domains, tmp_path, method):
+    """Discriminators and their optimiser (AdaptSegNet), the EMA teacher (DACS): all in the
+    checkpoint, so a run stopped after its first snapshot ends where an uninterrupted one does."""
+    straight = tmp_path / "straight"
+    adapt_stage(config(domains, straight, method), track=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, record):
+        raise Killed  # after the first snapshot's checkpoint is written
+
+    cfg = config(domains, tmp_path / "b", method)
+    with pytest.raises(Killed):
+        adapt_stage(cfg, track=False, on_epoch=kill)
+    assert not (tmp_path / "b").exists(), "a stopped run publishes nothing"
+    resumed = adapt_stage(config(domains, tmp_path / "b", method, resume=True), track=False)
+    assert resumed["iterations"] == 4
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clear_errors(domains, tmp_path):
+    common = ["--source", domains["source"], "--out", tmp_path / "m", "--method", "minent", "--no-track"]
+    # A target with another label set.
+    other = synthesize(tmp_path / "other_raw", "target", 8, 64, seed=5)
+    meta = json.loads((other / "dataset_meta.json").read_text())
+    meta["label_map"]["0"] = "heaven"
+    (other / "dataset_meta.json").write_text(json.dumps(meta))
+    run_import(other, tmp_path / "other")
+    code, _, err = run_cli("adapt", *common, "--target", tmp_path / "other", "--init", domains["init"])
+    assert code == 2 and "has labels" in err and "heaven" in err
+    # An empty target.
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("adapt", *common, "--target", tmp_path / "empty", "--init", domains["init"])
+    assert code == 2 and "holds no images" in err
+    # An --init of another architecture than --model, and an --init that is not a model folder.
+    code, _, err = run_cli(
+        "adapt", *common, "--target", domains["target"], "--init", domains["init"], "--model", "lite_hrnet_18"
+    )
+    assert code == 2 and "'lite_hrnet_s' model but --model is 'lite_hrnet_18'" in err
+    code, _, err = run_cli("adapt", *common, "--target", domains["target"], "--init", domains["source"])
+    assert code == 2 and "no config.json" in err
+    with pytest.raises(SegflowError, match="--method"):
+        AdaptConfig("s", "t", "i", "o", method="cycada").validate()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "other", "other_raw"]
+
+
+def test_ensemble_evaluates_exports_and_predicts(domains, tmp_path):
+    """Two models of one label set averaged: it scores, exports (parity-checked) and predicts like one."""
+    members = [str(domains["init"]), str(tmp_path / "second")]
+    run_train(TrainConfig(data=str(domains["source"]), out=members[1], epochs=1, seed=5, **SHAPE))
+    code, out, err = run_cli("ensemble", "--models", *members, "--out", tmp_path / "ens", "--no-track")
+    assert code == 0, err
+    config = json.loads((tmp_path / "ens" / "config.json").read_text())
+    assert config["format"] == "segflow.ensemble/1" and len(config["members"]) == 2
+    # Its probabilities are the members' mean, on any input.
+    from segflow.models import artifact
+    from segflow.models.outputs import probabilities
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        mean = sum(probabilities(artifact.load(m)[0](x).logits) for m in members) / 2
+        ensemble = probabilities(artifact.load(tmp_path / "ens")[0](x).logits)
+    assert torch.allclose(ensemble, mean, atol=1e-5)
+    metrics = evaluate_stage(
+        EvalConfig(model=str(tmp_path / "ens"), data=str(domains["target"]), out=str(tmp_path / "e")), track=False
+    )
+    assert 0 < metrics["mDice"] <= 1
+    code, out, err = run_cli(
+        "export",
+        "--model",
+        tmp_path / "ens",
+        "--out",
+        tmp_path / "ir",
+        "--calibration",
+        domains["target"],
+        "--no-track",
+    )
+    assert code == 0 and "parity" in out, err
+    code, out, err = run_cli(
+        "predict", "--model", tmp_path / "ir", "--input", domains["images"], "--out", tmp_path / "p"
+    )
+    assert code == 0 and "16 images predicted" in out, err
+    with pytest.raises(SegflowError, match="at least 2"):
+        ensemble_stage([members[0]], str(tmp_path / "one"), track=False)
+    other = tmp_path / "other_labels"
+    shutil.copytree(members[0], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "labels": config["labels"][::-1]}))
+    with pytest.raises(SegflowError, match="members must agree"):
+        ensemble_stage([members[0], str(other)], str(tmp_path / "mixed"), track=False)
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_evaluation_beside_a_baseline_shows_both_with_entropy(domains, tmp_path):
+    adapt_stage(config(domains, tmp_path / "m", "minent"), track=False)
+    cfg = EvalConfig(
+        model=str(tmp_path / "m"), data=str(domains["target"]), out=str(tmp_path / "e"), baseline=str(domains["init"])
+    )
+    metrics = evaluate_stage(cfg, track=False)
+    assert {"baseline_mDice", "baseline_mIoU"} <= set(metrics["metrics"])
+    picture = np.asarray(Image.open(tmp_path / "e" / "comparison.png"))
+    four = np.asarray(Image.open(tmp_path / "e" / "predictions.png"))
+    assert picture.shape[1] > 1.8 * four.shape[1], "six panels per row against three"
+    assert "comparison.png" in (tmp_path / "e" / "report.md").read_text()
