@@ -407,8 +407,10 @@ def _process_item(index: int) -> ItemResult:
     image_rel = f"{subset}/images/{name}{ext}"
     mask_rel = f"{subset}/masks/{name}.png"
     try:
-        for rel in (image_rel, mask_rel):  # item ids come from the dataset: never let one escape OUT
-            confined(job.out, rel, f"dataset item {item.id!r} ({rel})")
+        # Item ids come from the dataset: never let one escape OUT. OUT is our own fresh staging
+        # folder, which holds no symbolic links, so the name check suffices (no per-file resolve).
+        for rel in (image_rel, mask_rel):
+            confined(job.out, rel, f"dataset item {item.id!r} ({rel})", links=False)
     except SegflowError as exc:
         result.problems.append(str(exc))
         return result
