@@ -1,8 +1,14 @@
-"""Inference speed at 512x512: PyTorch eager vs OpenVINO FP32 / FP16 / INT8, per model, same run,
-plus what INT8 does to mDice on a trained model.
+"""Inference speed at 512x512: the reference's eager PyTorch beside segflow's, PyTorch eager vs
+OpenVINO FP32 / FP16 / INT8 (every INT8 scheme), per model, same run; where the time goes
+(OpenVINO's per-layer counters); what each INT8 scheme does to mDice on a trained model.
 
     .venv/bin/python benchmarks/inference.py [--models lite_hrnet_s lite_hrnet_18 lite_hrnet_x]
-        [--size 512] [--threads 2] [--runs 20] [--skip-accuracy]
+        [--size 512] [--threads 2] [--runs 20] [--rounds 3] [--skip-accuracy]
+        [--reference-python ~/otxvenv/bin/python]
+
+- Reference: OTX 2.6's Lite-HRNet in its own Python, and segflow's, under one protocol
+  (benchmarks/protocol.py: batch 1, no grad, median of 5 after 2 warm-ups), alternating
+  processes over --rounds. Without a reference environment the column says "missing".
 
 - Latency: batch 1, one request at a time (OpenVINO: LATENCY hint). Median of --runs.
 - Throughput: 32 images (PyTorch: batches of 8; OpenVINO: THROUGHPUT hint and an
@@ -19,9 +25,13 @@ plus what INT8 does to mDice on a trained model.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +55,23 @@ def torch_speed(model, size: int, runs: int) -> tuple[float, float]:
     return 1000 * statistics.median(times), throughput
 
 
+def ov_config(ir_dir: Path, threads: int) -> dict:
+    """What segflow's IR runtime sets: f32 execution for FP32/FP16 IRs, the plugin's choice for INT8."""
+    import openvino as ov
+
+    common = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+    precision = ov.Core().read_model(ir_dir / "model.xml").get_rt_info(["model_info", "precision"]).astype(str)
+    if "int8" in precision:
+        common.pop("INFERENCE_PRECISION_HINT")
+    return common
+
+
 def ov_speed(ir_dir: Path, size: int, runs: int, threads: int) -> tuple[float, float]:
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(ir_dir / "model.xml")
-    common = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
-    precision = ov.Core().read_model(ir_dir / "model.xml").get_rt_info(["model_info", "precision"]).astype(str)
-    if "int8" in precision:
-        common.pop("INFERENCE_PRECISION_HINT")
+    common = ov_config(ir_dir, threads)
     latency_model = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **common})
     request = latency_model.create_infer_request()
     x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
@@ -73,6 +91,54 @@ def ov_speed(ir_dir: Path, size: int, runs: int, threads: int) -> tuple[float, f
         queue.start_async({0: x})
     queue.wait_all()
     return 1000 * statistics.median(times), 32 / (time.perf_counter() - start)
+
+
+def profile(ir_dir: Path, size: int, threads: int, runs: int = 10) -> dict[str, float]:
+    """Milliseconds per inference by OpenVINO layer type (PERF_COUNT), summed over layers."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(
+        core.read_model(ir_dir / "model.xml"),
+        "CPU",
+        {"PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY", **ov_config(ir_dir, threads)},
+    )
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    request.infer({0: x})
+    totals: dict[str, float] = defaultdict(float)
+    for _ in range(runs):
+        request.infer({0: x})
+        for info in request.profiling_info:
+            if info.status == info.Status.EXECUTED:
+                kind = info.node_type + (" (int8)" if "I8" in info.exec_type.upper() else "")
+                totals[kind] += info.real_time.total_seconds() * 1000 / runs
+    return dict(totals)
+
+
+def reference_latency(names: list[str], rounds: int, threads: int, explicit: str) -> dict[str, tuple]:
+    """(reference ms, segflow ms) per model, eager, under benchmarks/protocol.py, alternating
+    processes; None for the reference when it has no environment."""
+    from train_throughput import reference_python
+
+    ref = reference_python(explicit)
+    here = Path(__file__).resolve().parent
+    out = {}
+    for name in names:
+        ours, theirs = [], []
+        for _ in range(rounds):
+            if ref:
+                theirs.append(_value([ref, str(here / "otx_reference.py"), "--model", name, "--task", "infer"]))
+            ours.append(_value([sys.executable, __file__, "--protocol", name, "--threads", str(threads)]))
+        out[name] = (statistics.median(theirs) if theirs else None, statistics.median(ours))
+    return out
+
+
+def _value(command: list[str]) -> float:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["value"]
 
 
 def write_untrained(name: str, folder: Path, size: int) -> None:
@@ -100,15 +166,33 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--reference-python", default="")
+    parser.add_argument("--protocol", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.protocol:
+        from train_throughput import segflow_protocol
 
-    from segflow.export.openvino_ir import ExportConfig
+        print(json.dumps({"value": segflow_protocol(args.protocol, "infer")}))
+        return
+
+    from segflow.export.openvino_ir import DEFAULT_INT8_SCHEME, INT8_SCHEMES, ExportConfig
     from segflow.models import artifact
     from segflow.stages import export_stage
 
-    rows = []
+    print(f"eager PyTorch at 512x512, batch 1, {args.threads} threads, median of {args.rounds} alternating processes")
+    print(f"{'model':15s} {'reference ms':>12s} {'segflow ms':>10s} {'speed-up':>8s}")
+    for name, (theirs, ours) in reference_latency(
+        args.models, args.rounds, args.threads, args.reference_python
+    ).items():
+        ratio = f"{theirs / ours:8.2f}" if theirs else f"{'missing':>8s}"
+        print(f"{name:15s} {(f'{theirs:12.1f}' if theirs else f'{chr(32) * 5}missing')} {ours:10.1f} {ratio}")
+    print()
+
+    rows, profiles = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         calib = calibration_data(tmp, args.size)
@@ -118,8 +202,9 @@ def main() -> None:
             model, _ = artifact.load(model_dir)
             eager = torch_speed(model, args.size, args.runs)
             rows.append((name, "pytorch eager fp32", *eager, eager))
-            for precision in ("fp32", "fp16", "int8"):
-                ir = tmp / f"{name}-{precision}"
+            variants = [("fp32", ""), ("fp16", ""), *(("int8", scheme) for scheme in INT8_SCHEMES)]
+            for precision, scheme in variants:
+                ir = tmp / f"{name}-{precision}-{scheme}"
                 # Parity is checked by the tests and the accuracy part below; untrained weights here.
                 export_stage(
                     ExportConfig(
@@ -130,21 +215,39 @@ def main() -> None:
                         parity_images=0,
                         calibration_images=32,
                         max_drop=100.0,
+                        int8_scheme=scheme or DEFAULT_INT8_SCHEME,
                     ),
                     track=False,
                 )
-                rows.append((name, f"openvino {precision}", *ov_speed(ir, args.size, args.runs, args.threads), eager))
+                label = f"openvino {precision}" + (f" {scheme}" if scheme else "")
+                rows.append((name, label, *ov_speed(ir, args.size, args.runs, args.threads), eager))
+                if name == args.models[0] and (precision == "fp32" or scheme in ("all", DEFAULT_INT8_SCHEME)):
+                    profiles[label] = profile(ir, args.size, args.threads)
 
         print(
             f"{args.size}x{args.size}, {args.threads} threads, latency = median of {args.runs} single images, "
             "throughput over 32 images"
         )
-        print(f"{'model':15s} {'runtime':20s} {'latency ms':>10s} {'x eager':>8s} {'img/s':>7s} {'x eager':>8s}")
+        print(
+            f"{'model':15s} {'runtime':30s} {'latency ms':>10s} {'x eager':>8s} {'img/s':>7s} {'x eager':>8s} "
+            f"{'img/s x fp32 IR':>15s}"
+        )
+        fp32 = {name: throughput for name, runtime, _, throughput, _ in rows if runtime == "openvino fp32"}
         for name, runtime, latency, throughput, (eager_latency, eager_throughput) in rows:
             print(
-                f"{name:15s} {runtime:20s} {latency:10.1f} {eager_latency / latency:8.2f} {throughput:7.1f} "
-                f"{throughput / eager_throughput:8.2f}"
+                f"{name:15s} {runtime:30s} {latency:10.1f} {eager_latency / latency:8.2f} {throughput:7.1f} "
+                f"{throughput / eager_throughput:8.2f} {throughput / fp32[name]:15.2f}"
             )
+        print(
+            f"\nwhere the time goes, {args.models[0]}, ms per image by OpenVINO layer type (PERF_COUNT, latency mode)"
+        )
+        kinds = sorted(
+            {k for p in profiles.values() for k in p}, key=lambda k: -max(p.get(k, 0) for p in profiles.values())
+        )
+        print(f"{'layer type':28s} " + " ".join(f"{label[9:]:>22s}" for label in profiles))
+        for kind in kinds[:14]:
+            print(f"{kind:28s} " + " ".join(f"{p.get(kind, 0.0):22.2f}" for p in profiles.values()))
+        print(f"{'total':28s} " + " ".join(f"{sum(p.values()):22.2f}" for p in profiles.values()))
 
         if not args.skip_accuracy:
             accuracy(tmp)
@@ -170,20 +273,24 @@ def accuracy(tmp: Path) -> None:
         ),
         track=False,
     )
+    from segflow.export.openvino_ir import INT8_SCHEMES
+
     print("\nINT8 accuracy, lite_hrnet_s trained on 128 px synthetic target scenes, scored on its val subset")
-    for precision in ("fp32", "int8"):
+    for precision, scheme in [("fp32", "convs-fp32-head"), *(("int8", s) for s in INT8_SCHEMES)]:
         report = export_stage(
             ExportConfig(
                 model=str(tmp / "acc_model"),
-                out=str(tmp / f"acc_{precision}"),
+                out=str(tmp / f"acc_{precision}_{scheme}"),
                 precision=precision,
                 calibration=str(tmp / "acc"),
                 max_drop=100.0,
+                int8_scheme=scheme,
             ),
             track=False,
         )
+        label = precision + (f" {scheme}" if precision == "int8" else "")
         print(
-            f"  {precision}: PyTorch mDice {100 * report['torch_mDice']:.2f}, IR mDice {100 * report['ir_mDice']:.2f}"
+            f"  {label:22s}: PyTorch mDice {100 * report['torch_mDice']:.2f}, IR mDice {100 * report['ir_mDice']:.2f}"
             f" (change {-report['mDice_drop_points']:+.2f} points), argmax agreement "
             f"{100 * report['argmax_agreement']:.2f}%"
         )

@@ -1,131 +1,206 @@
-"""Train-step throughput per model: the shipped settings beside plain eager fp32, same run.
+"""Train-step throughput per model, segflow beside the reference (OTX 2.6), same run.
 
     .venv/bin/python benchmarks/train_throughput.py [--models lite_hrnet_s lite_hrnet_18 lite_hrnet_x]
-                                                    [--size 256] [--batch 8] [--threads 2] [--rounds 3]
+        [--rounds 3] [--threads 2] [--reference-python ~/otxvenv/bin/python]
 
-Each (model, setting) runs in a fresh subprocess (so peak memory is its own), rounds alternate the
-settings, and medians are reported. The step is the engine's own `train_step` (loss, backward,
-gradient clipping, Adam), with the Supervised objective.
+Every measurement is its own process; rounds alternate the processes (reference, segflow,
+segflow's engine), and medians are reported.
 
-- eager fp32: plain Adam (per-parameter loop), contiguous tensors, no autocast.
-- shipped: what `segflow train` uses on this device: fused Adam; on CUDA also channels-last
-  and bf16/fp16 autocast.
+- **reference** and **segflow**: the same protocol (benchmarks/protocol.py): torch Adam with its
+  defaults, cross-entropy, 256 px, batch 8, 2 warm-up and 5 timed steps. The reference is OTX
+  2.6's LiteHRNetBackbone + FCNHead, run by its own Python (OTX needs torch 2.14; segflow pins
+  2.13). Both compute the same function (tests/test_otx.py).
+- **engine shipped**: segflow's own `train_step` (fused Adam, gradient clipping at norm 40), as
+  `segflow train` runs it.
+
+Then (unless --no-profile) where segflow's step spends its time (torch.profiler, by op), and the
+step's convolution arithmetic as a fraction of what this machine's convolutions reach at best (a
+dense 3x3 convolution, forward and backward, measured in the same process).
+
+Without a reference environment (--reference-python, $SEGFLOW_REFERENCE_PYTHON, or
+~/otxvenv/bin/python) the reference column says "missing": no stale figures stand in for it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-# OTX 2.6 img/s, measured in an earlier session (issue 13 replaces this with a same-run measurement)
-REFERENCE = {"lite_hrnet_s": 15.0, "lite_hrnet_18": 6.2, "lite_hrnet_x": 1.4}
+HERE = Path(__file__).resolve().parent
+MODELS = ["lite_hrnet_s", "lite_hrnet_18", "lite_hrnet_x"]
 
 
-def measure(name: str, setting: str, size: int, batch: int, threads: int, steps: int) -> dict:
+def reference_python(explicit: str = "") -> str | None:
+    """The reference environment's Python, when one exists and imports OTX."""
+    for candidate in (
+        explicit,
+        os.environ.get("SEGFLOW_REFERENCE_PYTHON", ""),
+        str(Path.home() / "otxvenv/bin/python"),
+    ):
+        if candidate and Path(candidate).expanduser().exists():
+            python = str(Path(candidate).expanduser())
+            ok = subprocess.run([python, "-c", "import otx"], capture_output=True).returncode == 0
+            if ok:
+                return python
+    return None
+
+
+def segflow_protocol(name: str, task: str) -> float:
+    """segflow's side of benchmarks/protocol.py."""
+    sys.path.insert(0, str(HERE))
+    import protocol
+
+    from segflow.models import create_model
+
+    model = create_model(name, 3)
+    if task == "train":
+        return protocol.train_img_s(lambda x: model(x).logits, model.train().parameters())
+    return protocol.infer_ms(lambda x: model(x).logits, 512)
+
+
+def engine_shipped(name: str, size: int = 256, batch: int = 8, steps: int = 5) -> float:
+    """The engine's own train step (fused Adam, clipping), with the supervised objective."""
     import torch
 
     from segflow.models import create_model
     from segflow.train.engine import MAIN, Dist, Objective, Part, Recipe, Step, autocast_for, train_step
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     dist = Dist()
-    device = dist.device
-    model = create_model(name, 7).to(device)
-    autocast, scaler = autocast_for("auto" if setting == "shipped" else "off", device)
+    model = create_model(name, 3).to(dist.device)
+    autocast, scaler = autocast_for("auto", dist.device)
     part = Part(MAIN, list(model.parameters()), Recipe(optimizer="adam", lr=1e-3, clip_norm=40.0))
-    channels_last = False
-    if setting == "shipped":
-        channels_last = device.type == "cuda"
-    else:  # plain Adam: a per-parameter loop instead of the fused kernel
-        part.optimizer = torch.optim.Adam(part.params, 1e-3, foreach=False)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    image = torch.randn(batch, 3, size, size, device=device)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    batch_dict = {"image": image, "mask": torch.randint(0, 7, (batch, size, size), device=device)}
+    data = {"image": torch.randn(batch, 3, size, size), "mask": torch.randint(0, 3, (batch, size, size))}
     objective = Objective()
+    for i in range(2 + steps):
+        if i == 2:
+            start = time.perf_counter()
+        train_step(model, objective, [part], data, Step(0, i, 0), autocast, scaler, dist)
+    return steps * batch / (time.perf_counter() - start)
 
-    def run(i: int) -> None:
-        train_step(model, objective, [part], batch_dict, Step(0, i, 0), autocast, scaler, dist)
 
-    for i in range(2):  # warm-up
-        run(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        run(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    return {"img_s": batch / seconds, "peak_mib": peak, "device": str(device)}
+def conv_gflops(threads: int, steps: int = 5) -> float:
+    """What this machine's convolutions reach: a dense 3x3, 64 -> 64 channels, 64x64, batch 8,
+    forward + backward (3x the forward's multiply-adds), GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(8, 64, 64, 64, requires_grad=True)
+    flops = 2 * 3 * 8 * 64 * 64 * 64 * 64 * 9
+    for i in range(2 + steps):
+        if i == 2:
+            start = time.perf_counter()
+        conv(x).sum().backward()
+    return flops * steps / (time.perf_counter() - start) / 1e9
+
+
+def profile_step(name: str, threads: int) -> None:
+    """torch.profiler's view of segflow's protocol step, by op (self CPU time), and its convolution
+    arithmetic against the machine's best."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from segflow.models import create_model
+
+    torch.set_num_threads(threads)
+    model = create_model(name, 3).train()
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    x, target = torch.randn(8, 3, 256, 256), torch.randint(0, 3, (8, 256, 256))
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(x).logits, target).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    with FlopCounterMode(display=False) as counter:  # forward and backward of one step
+        step()
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(3):
+            step()
+        seconds = (time.perf_counter() - start) / 3
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows)
+    print(f"\n{name}: where one protocol step's time goes (torch.profiler, self CPU time, 3 steps)")
+    for event in rows[:12]:
+        print(f"  {event.key:42s} {100 * event.self_cpu_time_total / total:5.1f} %  {event.count // 3:6d} calls/step")
+    achieved = counter.get_total_flops() / seconds / 1e9
+    best = conv_gflops(threads)
+    print(
+        f"  convolution arithmetic: {counter.get_total_flops() / 1e9:.1f} GFLOP per step in {seconds:.2f} s = "
+        f"{achieved:.1f} GFLOP/s; a dense 3x3 convolution here reaches {best:.1f} GFLOP/s: {achieved / best:.2f} of it"
+    )
+
+
+def one(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    name, setting = args.one
+    value = segflow_protocol(name, "train") if setting == "segflow" else engine_shipped(name)
+    print(json.dumps({"value": value}))
+
+
+def run(command: list[str]) -> float:
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["value"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(REFERENCE))
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reference-python", default="")
+    parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-
     if args.one:
-        steps = {"lite_hrnet_x": 2}.get(args.one[0], 4)
-        print(json.dumps(measure(args.one[0], args.one[1], args.size, args.batch, args.threads, steps)))
+        one(args)
         return
 
-    settings = ("eager fp32", "shipped")
-    results: dict[tuple[str, str], list[dict]] = {}
+    ref = reference_python(args.reference_python)
+    threads = ["--threads", str(args.threads)]
+    commands = {
+        "segflow": lambda n: [sys.executable, __file__, "--one", n, "segflow", *threads],
+        "engine shipped": lambda n: [sys.executable, __file__, "--one", n, "engine", *threads],
+    }
+    if ref:
+        commands = {
+            "reference": lambda n: [ref, str(HERE / "otx_reference.py"), "--model", n, "--task", "train", *threads],
+            **commands,
+        }
+    results: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):
         for name in args.models:
-            for setting in settings:
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--one",
-                        name,
-                        setting.split()[0] if setting == "shipped" else "eager",
-                        "--size",
-                        str(args.size),
-                        "--batch",
-                        str(args.batch),
-                        "--threads",
-                        str(args.threads),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                results.setdefault((name, setting), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            for setting, command in commands.items():
+                results.setdefault((name, setting), []).append(run(command(name)))
 
-    device = next(iter(results.values()))[0]["device"]
-    print(
-        f"train step, {args.size}x{args.size}, batch {args.batch}, {args.threads} threads, {device}, "
-        f"{args.rounds} rounds, medians"
-    )
-    print(f"{'model':15s} {'setting':11s} {'img/s':>7s} {'x eager':>8s} {'x OTX ref':>9s} {'peak MiB':>9s}")
+    print(f"train step, 256x256, batch 8, 3 classes, {args.threads} threads, CPU, {args.rounds} rounds, medians")
+    if not ref:
+        print("reference: missing (no OTX environment; see --reference-python). Ratios to it are not shown.")
+    print(f"{'model':15s} {'setting':15s} {'img/s':>7s} {'x reference':>12s}  rounds")
     for name in args.models:
-        eager = statistics.median(r["img_s"] for r in results[(name, "eager fp32")])
-        for setting in settings:
-            rows = results[(name, setting)]
-            speed = statistics.median(r["img_s"] for r in rows)
-            peak = max(r["peak_mib"] for r in rows)
-            print(
-                f"{name:15s} {setting:11s} {speed:7.2f} {speed / eager:8.2f} {speed / REFERENCE[name]:9.2f} {peak:9.0f}"
-            )
+        base = statistics.median(results[(name, "reference")]) if ref else None
+        for setting in commands:
+            values = results[(name, setting)]
+            speed = statistics.median(values)
+            ratio = f"{speed / base:12.2f}" if base else f"{'missing':>12s}"
+            print(f"{name:15s} {setting:15s} {speed:7.2f} {ratio}  {' '.join(f'{v:.2f}' for v in values)}")
+    if not args.no_profile:
+        for name in args.models:
+            profile_step(name, args.threads)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,20 @@ def adapt_model(
     input_size: int = 256,
     lr: float = 0.0001,
     seed: int = 0,
+    processes: int = 0,
+    checkpoint_root: str = "",
+    task_name: str = "",
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
 ):
     """METHOD: adaptsegnet, minent, advent, dacs (or source, the control). TARGET's labels choose
-    the snapshot (val mDice) and are never trained on."""
+    the snapshot (val mDice) and are never trained on. PROCESSES and CHECKPOINT_ROOT: as for
+    train_model."""
+    from segflow import storage
     from segflow.adapt.config import AdaptConfig
-    from segflow.stages import adapt_stage, log_metrics_to
+    from segflow.launch import run_stage
+    from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
 
     cfg = AdaptConfig(
@@ -46,8 +52,11 @@ def adapt_model(
         seed=seed,
         resume=True,  # a retried task continues from its last checkpoint
         overwrite=True,  # the output path is this task's own
+        # The branches of a ParallelFor share one task name; the method and levels tell them apart.
+        checkpoint_dir=storage.task_checkpoints(checkpoint_root, run_key, f"{task_name}-{method}-{levels}"),
     )
-    result = adapt_stage(cfg, RunContext(run_key, run_name, experiment))
+    result = run_stage("adapt", cfg, RunContext(run_key, run_name, experiment), processes)
+    storage.remove_task_checkpoints(cfg.checkpoint_dir)  # the output is published: they are spent
     name = f"{result['method']}-{levels}" if result["method"] == "adaptsegnet" else result["method"]
     model.metadata.update({"candidate": name, "method": result["method"], "selection": result["selection"]})
     log_metrics_to(metrics, result["metrics"])

@@ -10,7 +10,7 @@ from kfp.dsl import PipelineTask
 
 from segflow_components.evaluate import evaluate_model
 from segflow_components.export import export_model
-from segflow_components.platform import on_cluster
+from segflow_components.platform import on_cluster, resumable
 from segflow_components.train import train_model
 
 
@@ -20,8 +20,8 @@ def train_evaluate_export(
     """Train on ``dataset`` (from ``init_backbone`` when given), evaluate on its val subset, and
     export the model to OpenVINO once the evaluation passed; returns the three tasks."""
     backbone = {"init_backbone": init_backbone} if init_backbone is not None else {}
-    trained = train_model(dataset=dataset, **backbone, **train_args, **track)
-    on_cluster(trained, gpu=True, cpu="4", memory="16G", cache=False)
+    trained = train_model(dataset=dataset, **backbone, **train_args, **resumable(), **track)
+    on_cluster(trained, gpu=True, cache=False)
     model = trained.outputs["model"]
     evaluated = on_cluster(evaluate_model(model=model, dataset=dataset, **track), cache=False)
     exported = export_model(model=model, dataset=dataset, precision=export_precision, **track)

@@ -42,13 +42,19 @@ def pretrain_backbone(
     lr: float = 0.001,
     iters_per_epoch: int = 0,
     seed: int = 0,
+    processes: int = 0,
+    checkpoint_root: str = "",
+    task_name: str = "",
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
 ):
-    """DetCon-B pretraining of the backbone on the images and their pseudo masks."""
+    """DetCon-B pretraining of the backbone on the images and their pseudo masks. PROCESSES and
+    CHECKPOINT_ROOT: as for train_model."""
+    from segflow import storage
+    from segflow.launch import run_stage
     from segflow.selfsl.detcon import PretrainConfig
-    from segflow.stages import detcon_stage, log_metrics_to
+    from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
 
     cfg = PretrainConfig(
@@ -64,7 +70,9 @@ def pretrain_backbone(
         seed=seed,
         resume=True,  # a retried task continues from its last checkpoint
         overwrite=True,  # the output path is this task's own
+        checkpoint_dir=storage.task_checkpoints(checkpoint_root, run_key, task_name),
     )
-    result = detcon_stage(cfg, RunContext(run_key, run_name, experiment))
+    result = run_stage("pretrain", cfg, RunContext(run_key, run_name, experiment), processes)
+    storage.remove_task_checkpoints(cfg.checkpoint_dir)  # the output is published: they are spent
     backbone.metadata.update({"architecture": model_name, **result["metrics"]})
     log_metrics_to(metrics, result["metrics"])

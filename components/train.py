@@ -20,13 +20,20 @@ def train_model(
     iters_per_epoch: int = 0,
     seed: int = 0,
     init_backbone: Input[Model] = None,
+    processes: int = 0,
+    checkpoint_root: str = "",
+    task_name: str = "",
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
 ):
     """METHOD: supervised, supcon, or mean_teacher (needs UNLABELED_URI, a folder of images).
-    INIT_BACKBONE (optional): DetCon-pretrained backbone weights to start from."""
-    from segflow.stages import log_metrics_to, train_stage
+    INIT_BACKBONE (optional): DetCon-pretrained backbone weights to start from.
+    PROCESSES: 0 = one per GPU of the pod (several: torchrun, DDP). CHECKPOINT_ROOT (the pipeline
+    root): checkpoints live under it, so a retry in a fresh pod resumes."""
+    from segflow import storage
+    from segflow.launch import run_stage
+    from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
     from segflow.train.config import TrainConfig, method_settings
 
@@ -42,9 +49,11 @@ def train_model(
         iters_per_epoch=iters_per_epoch,
         resume=True,  # a retried task continues from its last checkpoint
         overwrite=True,  # the output path is this task's own
+        checkpoint_dir=storage.task_checkpoints(checkpoint_root, run_key, task_name),
         **method_settings(method, unlabeled_uri),
     )
-    result = train_stage(cfg, RunContext(run_key, run_name, experiment))
+    result = run_stage("train", cfg, RunContext(run_key, run_name, experiment), processes)
+    storage.remove_task_checkpoints(cfg.checkpoint_dir)  # the output is published: they are spent
     model.metadata.update(
         {
             "architecture": model_name,

@@ -18,7 +18,7 @@ from segflow_components.adapt import adapt_model, choose_best, ensemble_models
 from segflow_components.data_import import import_data
 from segflow_components.evaluate import evaluate_model
 from segflow_components.export import export_model
-from segflow_components.platform import on_cluster
+from segflow_components.platform import on_cluster, resumable
 from segflow_components.tracking import tracked
 from segflow_components.train import train_model
 
@@ -58,9 +58,15 @@ def domain_adaptation(
         source, target = imports["source"], imports["target"]
         shape = {"batch_size": batch_size, "input_size": input_size, "seed": seed}
         trained = train_model(
-            dataset=source, model_name=model_name, epochs=epochs, iters_per_epoch=iters_per_epoch, **shape, **track
+            dataset=source,
+            model_name=model_name,
+            epochs=epochs,
+            iters_per_epoch=iters_per_epoch,
+            **shape,
+            **resumable(),
+            **track,
         )
-        source_only = on_cluster(trained.set_display_name("train-source-only"), gpu=True, cpu="4", memory="16G")
+        source_only = on_cluster(trained.set_display_name("train-source-only"), gpu=True, cache=False)
         source_eval = evaluate_model(model=source_only.outputs["model"], dataset=target, **track)
         on_cluster(source_eval.set_display_name("evaluate-source-only"))
 
@@ -73,9 +79,10 @@ def domain_adaptation(
                 method=branch.method,
                 levels=branch.levels,
                 **steps,
+                **resumable(),
                 **track,
             )
-            on_cluster(adapted, gpu=True, cpu="4", memory="16G")
+            on_cluster(adapted, gpu=True, cache=False)
             adapted_eval = evaluate_model(
                 model=adapted.outputs["model"], dataset=target, baseline=source_only.outputs["model"], **track
             )

@@ -16,7 +16,7 @@ from kfp import dsl
 
 from segflow_components.data_import import import_data
 from segflow_components.flows import train_evaluate_export
-from segflow_components.platform import on_cluster
+from segflow_components.platform import on_cluster, resumable
 from segflow_components.selfsl import pretrain_backbone, pseudo_masks
 from segflow_components.tracking import tracked
 
@@ -59,9 +59,10 @@ def selfsl_then_finetune(
             input_size=pretrain_input_size,
             lr=pretrain_lr,
             seed=seed,
+            **resumable(),
             **track,
         )
-        on_cluster(backbone, gpu=True, cpu="4", memory="16G", cache=False)
+        on_cluster(backbone, gpu=True, cache=False)
         train_evaluate_export(
             data.outputs["dataset"],
             track,

@@ -248,6 +248,9 @@ def export_cmd(
     accuracy_control: Annotated[
         bool, typer.Option("--accuracy-control", help="INT8: keep the drop within --max-drop.")
     ] = False,
+    int8_scheme: Annotated[
+        str, typer.Option(help="INT8: which tensors to quantise: convs-fp32-head, convs, dense-fp32-head or all.")
+    ] = "convs-fp32-head",
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run and pyfunc model.")] = True,
 ) -> None:
@@ -285,12 +288,19 @@ def predict_cmd(
         typer.secho(f"  skipped {item['image']}: {item['reason']}", fg=typer.colors.YELLOW, err=True)
 
 
-@app.command("models")
+models_app = typer.Typer(help="The model family; bring checkpoints from OTX.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
 def models_cmd(
+    ctx: typer.Context,
     size: Annotated[int, typer.Option(help="Input side for the GFLOPs column.")] = 512,
     num_classes: Annotated[int, typer.Option()] = 3,
 ) -> None:
     """The model family beside the published figures: parameters, MiB, GMAC and GFLOPs."""
+    if ctx.invoked_subcommand is not None:
+        return
     from segflow.models import MODEL_NAMES, PUBLISHED, model_cost
 
     typer.echo(
@@ -308,6 +318,31 @@ def models_cmd(
         f"(GMAC counts convolutions and matmuls at {size}x{size}. The published figures are OpenVINO Training "
         "Extensions' (3 classes); their GFLOPs also count normalisation, activations and resizing.)"
     )
+
+
+@models_app.command("convert")
+def models_convert(
+    checkpoint: Annotated[Path, typer.Argument(help="OTX / mmseg Lite-HRNet checkpoint: .ckpt, .pth or .safetensors.")],
+    out: Annotated[str, typer.Option(help="Folder to create: path or s3://.")],
+    from_: Annotated[str, typer.Option("--from", help="Where the checkpoint comes from (otx).")] = "otx",
+    labels: Annotated[str, typer.Option(help="Comma-separated class names, in the head's order.")] = "",
+    model: Annotated[str, typer.Option(help="Architecture; detected from the weights when omitted.")] = "",
+    backbone_only: Annotated[
+        bool, typer.Option("--backbone-only", help="Backbone weights for `segflow train --init-backbone`.")
+    ] = False,
+    input_size: Annotated[int, typer.Option(help="The model's input side (evaluation, export).")] = 512,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Turn an OTX (OpenVINO Training Extensions) or mmsegmentation Lite-HRNet checkpoint into a
+    segflow model folder, or backbone weights. Pickled checkpoints are read with weights_only=True."""
+    from segflow.stages import convert_stage
+
+    if from_ != "otx":
+        raise SegflowError(f"--from {from_!r}: only otx (OTX / mmsegmentation Lite-HRNet) checkpoints convert.")
+    names = [n.strip() for n in labels.split(",") if n.strip()]
+    config = convert_stage(str(checkpoint), out, names, model, backbone_only, input_size, overwrite)
+    what = "backbone weights" if backbone_only else f"model with {len(names)} classes ({', '.join(names)})"
+    typer.echo(f"{config['architecture']} {what} -> {out}")
 
 
 @app.command("run")
@@ -337,15 +372,71 @@ def run(
     typer.echo(f"  browse:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
 
 
+# Where compiled tasks run (segflow.cluster.ClusterConfig): shared by compile, submit and schedule.
+ClusterFile = Annotated[
+    Path | None, typer.Option("--cluster-config", help="YAML file of the settings below (flags win).")
+]
+GpuSelector = Annotated[
+    list[str] | None, typer.Option("--gpu-node-selector", help="KEY=VALUE node label of the GPU pool (repeatable).")
+]
+GpuToleration = Annotated[
+    list[str] | None, typer.Option("--gpu-toleration", help="KEY[=VALUE]:EFFECT taint the GPU stages tolerate.")
+]
+Gpus = Annotated[int | None, typer.Option("--gpus", help="GPUs per GPU pod (>1: torchrun in the pod).")]
+Image = Annotated[str, typer.Option("--image", help="Image of the CPU stages.")]
+GpuImage = Annotated[str, typer.Option("--gpu-image", help="Image of the GPU stages (pretrain, train, adapt).")]
+CpuRequest = Annotated[str, typer.Option(help="CPU request of CPU stages, e.g. 2 or 500m.")]
+MemoryRequest = Annotated[str, typer.Option(help="Memory request of CPU stages, e.g. 8G.")]
+GpuCpuRequest = Annotated[str, typer.Option(help="CPU request of GPU stages.")]
+GpuMemoryRequest = Annotated[str, typer.Option(help="Memory request of GPU stages.")]
+Retries = Annotated[int | None, typer.Option("--retries", help="Retries of every task (exponential backoff).")]
+
+
+def cluster_settings(
+    cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, cpu_request, memory_request,
+    gpu_cpu_request, gpu_memory_request, retries,
+):  # fmt: skip
+    from segflow import cluster
+
+    return cluster.load(
+        cluster_config,
+        gpu_node_selector=gpu_node_selector,
+        gpu_tolerations=gpu_toleration,
+        gpus=gpus,
+        image=image,
+        gpu_image=gpu_image,
+        cpu_request=cpu_request,
+        memory_request=memory_request,
+        gpu_cpu_request=gpu_cpu_request,
+        gpu_memory_request=gpu_memory_request,
+        retries=retries,
+    )
+
+
 @app.command("compile")
 def compile_(
     pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="YAML file to write.")],
+    cluster_config: ClusterFile = None,
+    gpu_node_selector: GpuSelector = None,
+    gpu_toleration: GpuToleration = None,
+    gpus: Gpus = None,
+    image: Image = "",
+    gpu_image: GpuImage = "",
+    cpu_request: CpuRequest = "",
+    memory_request: MemoryRequest = "",
+    gpu_cpu_request: GpuCpuRequest = "",
+    gpu_memory_request: GpuMemoryRequest = "",
+    retries: Retries = None,
 ) -> None:
-    """Compile a pipeline to KFP IR YAML (what `kfp run create -f` takes)."""
+    """Compile a pipeline to KFP IR YAML (what `kfp run create -f` takes), placed for a cluster."""
     from segflow import orchestration
 
-    typer.echo(f"wrote {orchestration.compile_pipeline(pipeline, output)}")
+    placement = cluster_settings(
+        cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, cpu_request, memory_request,
+        gpu_cpu_request, gpu_memory_request, retries,
+    )  # fmt: skip
+    typer.echo(f"wrote {orchestration.compile_pipeline(pipeline, output, placement)}")
 
 
 @app.command("params")

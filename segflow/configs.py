@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -31,3 +34,26 @@ def differences(before: Mapping[str, str], now: Mapping[str, str], may_change: I
         for key in keys
         if before.get(key) != now.get(key)
     ]
+
+
+def from_dict(cls: type, data: Mapping[str, Any]):
+    """The dataclass ``cls`` from ``asdict``'s output: nested dataclass fields (also optional ones)
+    are rebuilt, lists become tuples where the field is a tuple."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        options = (
+            typing.get_args(hint)
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+            else (hint,)
+        )
+        nested = next((t for t in options if is_dataclass(t)), None)
+        if nested is not None and isinstance(value, Mapping):
+            value = from_dict(nested, value)
+        elif isinstance(value, list) and any(typing.get_origin(t) is tuple for t in options):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)

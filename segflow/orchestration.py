@@ -19,13 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from segflow import tracking
+from segflow.cluster import LOCAL, ClusterConfig
 from segflow.errors import SegflowError
 
 _CASTS = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": None, "LIST": json.loads}
 
 
-def load_pipeline(path: str | Path):
-    """Import a pipeline file and return the one ``@dsl.pipeline`` it defines."""
+def load_pipeline(path: str | Path, cluster: ClusterConfig | None = None):
+    """Import a pipeline file and return the one ``@dsl.pipeline`` it defines, its tasks placed
+    with ``cluster`` (images, GPU pools, retries; default: ``ClusterConfig()``'s)."""
+    from segflow_components.platform import placement
+
+    with placement(cluster or ClusterConfig()):
+        return _load(path)
+
+
+def _load(path: str | Path):
     from kfp.dsl.graph_component import GraphComponent
 
     path = Path(path)
@@ -89,13 +98,13 @@ def parse_params(pipeline, pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def compile_pipeline(path: str | Path, output: str | Path) -> Path:
+def compile_pipeline(path: str | Path, output: str | Path, cluster: ClusterConfig | None = None) -> Path:
     from kfp import compiler
 
     output = Path(output)
     if output.suffix not in (".yaml", ".yml"):
         raise SegflowError(f"--output {output} must end in .yaml: KFP's compiled pipelines are YAML.")
-    pipeline = load_pipeline(path)
+    pipeline = load_pipeline(path, cluster)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         # Write beside, then rename: a failed compile never leaves half a YAML file.
@@ -118,7 +127,7 @@ def run_local(path: str | Path, params: dict[str, Any] | None = None, show=None)
     """
     import kfp.local
 
-    pipeline = load_pipeline(path)
+    pipeline = load_pipeline(path, LOCAL)  # no retries: a failed local task fails the run at once
     root = tracking.home() / "kfp"
     root.mkdir(parents=True, exist_ok=True)
     logs = tracking.home() / "logs"

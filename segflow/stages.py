@@ -93,11 +93,35 @@ def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track:
         _optional_input(unlabeled, "--unlabeled", sealed=False) as unlabeled_dir,
         _optional_input(cfg.init_backbone, "--init-backbone") as backbone,
     ):
-        checkpoints = storage.checkpoint_dir(cfg.out, cfg.checkpoint_dir)
-        result = train_segmenter(cfg, data, out, checkpoints, unlabeled_dir, backbone, on_epoch=log.epoch)
+        checkpoints = _checkpoints(cfg.out, cfg.checkpoint_dir, cfg.resume, main)
+        each_epoch = _pushing(checkpoints, log.epoch)
+        result = train_segmenter(cfg, data, out, checkpoints.local, unlabeled_dir, backbone, on_epoch=each_epoch)
         log.tag(tracking.FINGERPRINT_TAG, result["dataset_fingerprint"])
         log.result(result, "training.json")
+    if main:
+        checkpoints.discard()
     return result
+
+
+def _checkpoints(out: str, explicit: str, resume: bool, main: bool) -> storage.Checkpoints:
+    """A training stage's checkpoints; with --resume, pulled from an s3:// checkpoint prefix
+    first when this machine has none (a retried task in a fresh pod). One process pulls, the
+    others (torchrun, same pod) wait for it."""
+    checkpoints = storage.Checkpoints(out, explicit)
+    if resume and main:
+        checkpoints.pull()
+    Dist().barrier()
+    return checkpoints
+
+
+def _pushing(checkpoints: storage.Checkpoints, each_epoch: Callable[[int, dict], None]) -> Callable[[int, dict], None]:
+    """The per-epoch callback (rank 0, after the epoch's checkpoint is written), pushing it too."""
+
+    def after_epoch(epoch: int, record: dict) -> None:
+        checkpoints.push()
+        each_epoch(epoch, record)
+
+    return after_epoch
 
 
 def pseudo_masks_stage(
@@ -158,10 +182,12 @@ def detcon_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, tr
         own_copy = storage.is_s3(cfg.images)
         masks, made = detcon_masks(cfg, images) if main or own_copy else (detcon_masks_dir(cfg, images), {})
         dist.barrier()
-        checkpoints = storage.checkpoint_dir(cfg.out)
-        result = train_detcon(cfg, images, masks, out, checkpoints, on_epoch=log.epoch)
+        checkpoints = _checkpoints(cfg.out, cfg.checkpoint_dir, cfg.resume, main)
+        result = train_detcon(cfg, images, masks, out, checkpoints.local, on_epoch=_pushing(checkpoints, log.epoch))
         result["pseudo_masks"] = made
         log.result(result, "pretraining.json")
+    if main:
+        checkpoints.discard()
     return result
 
 
@@ -182,16 +208,18 @@ def adapt_stage(
         storage.local_input(cfg.target, "--target", sealed=False) as target,  # images, or a dataset
         storage.local_input(cfg.init, "--init") as init,
     ):
-        checkpoints = storage.checkpoint_dir(cfg.out)
+        checkpoints = _checkpoints(cfg.out, cfg.checkpoint_dir, cfg.resume, main)
 
         def each_snapshot(epoch: int, record: dict) -> None:
             log.epoch(epoch, record)
             if on_epoch is not None:
                 on_epoch(epoch, record)
 
-        result = adapt(cfg, source, target, init, out, checkpoints, on_epoch=each_snapshot)
+        result = adapt(cfg, source, target, init, out, checkpoints.local, on_epoch=_pushing(checkpoints, each_snapshot))
         log.tag(tracking.FINGERPRINT_TAG, result["source_fingerprint"])
         log.result(result, "training.json")
+    if main:
+        checkpoints.discard()
     return result
 
 
@@ -287,6 +315,22 @@ def export_stage(cfg: ExportConfig, run: tracking.RunContext | None = None, trac
         log.result(report, "export_report.json")
         report["model_uri"] = log.model(out)
     return report
+
+
+def convert_stage(
+    checkpoint: str,
+    out: str,
+    labels: list[str],
+    architecture: str = "",
+    backbone_only: bool = False,
+    input_size: int = 512,
+    overwrite: bool = False,
+) -> dict:
+    """An OTX / mmseg Lite-HRNet checkpoint (a local file) as a segflow model or backbone artifact."""
+    from segflow.models.otx import convert_checkpoint
+
+    with storage.staged_output(out, overwrite) as folder:
+        return convert_checkpoint(checkpoint, folder, labels, architecture, backbone_only, input_size)
 
 
 def predict_stage(cfg: PredictConfig) -> dict:

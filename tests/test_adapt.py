@@ -151,7 +151,7 @@ def test_ensemble_evaluates_exports_and_predicts(domains, tmp_path):
     code, out, err = run_cli("ensemble", "--models", *members, "--out", tmp_path / "ens", "--no-track")
     assert code == 0, err
     config = json.loads((tmp_path / "ens" / "config.json").read_text())
-    assert config["format"] == "segflow.ensemble/1" and len(config["members"]) == 2
+    assert config["format"] == "segflow.ensemble/2" and len(config["members"]) == 2
     # Its probabilities are the members' mean, on any input.
     from segflow.models import artifact
     from segflow.models.outputs import probabilities

@@ -2,7 +2,8 @@
 
 Layers, bottom to top (a module may import its own layer's leaf modules and anything below):
 
-    errors, progress, parallel, configs, palette     leaves
+    errors, progress, parallel, configs, palette,    leaves
+    cluster
     storage
     data
     models
@@ -12,6 +13,7 @@ Layers, bottom to top (a module may import its own layer's leaf modules and anyt
     export
     tracking
     stages
+    launch                                            a stage in several processes (torchrun)
     orchestration, cli
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from conftest import REPO
 
 LAYERS = [
-    {"errors", "progress", "parallel", "configs", "palette"},
+    {"errors", "progress", "parallel", "configs", "palette", "cluster"},
     {"storage"},
     {"data"},
     {"models"},
@@ -34,6 +36,7 @@ LAYERS = [
     {"export"},
     {"tracking"},
     {"stages"},
+    {"launch"},
     {"orchestration", "cli"},
 ]
 RANK = {unit: level for level, units in enumerate(LAYERS) for unit in units}

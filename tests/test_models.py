@@ -41,3 +41,11 @@ def test_gradients_reach_the_stem():
     model = create_model("lite_hrnet_s", 3)
     model(torch.randn(2, 3, 32, 32)).logits.sum().backward()
     assert model.backbone.stem.conv1[0].weight.grad.abs().sum() > 0
+
+
+def test_interleave_is_the_channel_shuffle_of_the_concatenation():
+    from segflow.models.lite_hrnet import interleave
+
+    a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    shuffled = torch.cat([a, b], dim=1).view(2, 2, 3, 4, 5).transpose(1, 2).reshape(2, 6, 4, 5)
+    assert torch.equal(interleave(a, b), shuffled)

@@ -16,9 +16,10 @@ def test_chart_metadata_and_values_parse():
     chart = yaml.safe_load((REPO / "charts/segflow/Chart.yaml").read_text())
     assert chart["apiVersion"] == "v2" and chart["name"] == "segflow"
     values = yaml.safe_load((REPO / "charts/segflow/values.yaml").read_text())
-    assert values["mlflow"]["image"].endswith(":v3.17.2")
+    # The MLflow server runs segflow's image: the clients' MLflow pin, with boto3 and psycopg2.
+    assert values["mlflow"]["image"] == f"ghcr.io/segflow/segflow:{chart['appVersion']}"
     templates = {p.name for p in (REPO / "charts/segflow/templates").iterdir()}
-    assert {"mlflow.yaml", "secrets.yaml"} <= templates
+    assert {"mlflow.yaml", "secrets.yaml", "kfp-launcher.yaml"} <= templates
     # The secret names the components read must be the ones the chart creates.
     secrets = (REPO / "charts/segflow/templates/secrets.yaml").read_text()
     platform = (REPO / "components/platform.py").read_text()
@@ -48,6 +49,16 @@ def test_dockerfile_lints():
     hadolint = shutil.which("hadolint") or str(REPO / ".venv/bin/hadolint")
     result = subprocess.run([hadolint, str(REPO / "images/Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cpu_and_cuda_images_come_from_the_same_pins_and_run_as_non_root():
+    dockerfile = (REPO / "images/Dockerfile").read_text()
+    install = [line for line in dockerfile.splitlines() if "pip install" in line]
+    assert install and all("-c constraints.txt" in line for line in install)
+    assert "TORCH_INDEX" in install[0]  # the only difference between the CPU and the CUDA image
+    assert re.search(r"^USER 10001$", dockerfile, re.M)
+    for folder in ("segflow", "components"):  # pyproject.toml installs both
+        assert re.search(rf"^COPY {folder} ", dockerfile, re.M), folder
 
 
 def test_every_package_is_installed():

@@ -87,7 +87,7 @@ def test_pretraining_lowers_the_loss_and_feeds_finetuning(images, tmp_path, tiny
     assert result["metrics"]["final_loss"] < result["metrics"]["first_loss"]
     assert result["pseudo_masks"]["made"] == 8
     config = json.loads((tmp_path / "bb" / "config.json").read_text())
-    assert config["architecture"] == "lite_hrnet_s" and config["format"] == "segflow.backbone/1"
+    assert config["architecture"] == "lite_hrnet_s" and config["format"] == "segflow.backbone/2"
     weights = load_file(str(tmp_path / "bb" / "backbone.safetensors"))
 
     run_train(

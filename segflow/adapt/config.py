@@ -64,8 +64,9 @@ class AdaptConfig:
     loader_workers: int = 0
     resume: bool = False
     overwrite: bool = False
+    checkpoint_dir: str = ""  # local folder or s3:// prefix; default: beside OUT (see storage.Checkpoints)
 
-    RESUME_MAY_CHANGE = ("resume", "overwrite", "loader_workers")
+    RESUME_MAY_CHANGE = ("resume", "overwrite", "loader_workers", "checkpoint_dir", "out")
 
     @property
     def multi_level(self) -> bool:

@@ -34,6 +34,35 @@ from segflow.models.ir import IRSegmentor
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
 
+# Where INT8 goes (NNCF post-training quantisation, MIXED preset). Lite-HRNet's fuse step adds
+# branch 0 to itself, so its pass-through channels grow module after module while the convolved
+# ones stay normalised: one tensor holds channels whose scales differ by orders of magnitude, and
+# one int8 scale per tensor loses the small ones. The schemes differ in which tensors they leave
+# in float (benchmarks/inference.py measures each: RESULTS.md, "INT8 schemes").
+_NOT_CONV_INPUTS = ["Add", "Multiply", "Interpolate", "Divide", "ReduceL2", "Sigmoid", "ReduceMean", "Concat"]
+INT8_SCHEMES = {
+    "all": {},  # NNCF's defaults: every input it can quantise
+    "convs": {"types": _NOT_CONV_INPUTS},  # convolution inputs only
+    "convs-fp32-head": {"types": _NOT_CONV_INPUTS, "head": True},  # and the classifier's in float
+    "dense-fp32-head": {"types": [*_NOT_CONV_INPUTS, "GroupConvolution"], "head": True},  # no depthwise
+}
+DEFAULT_INT8_SCHEME = "convs-fp32-head"
+
+
+def ignored_scope(ov_model, scheme: str):
+    """The NNCF ignored scope of an INT8 scheme for this IR."""
+    import nncf
+
+    spec = INT8_SCHEMES[scheme]
+    names = []
+    if spec.get("head"):  # the FCN head's convolutions (OpenVINO keeps the module path in names)
+        names = [
+            op.get_friendly_name()
+            for op in ov_model.get_ops()
+            if op.get_type_name() == "Convolution" and ".head." in op.get_friendly_name()
+        ]
+    return nncf.IgnoredScope(types=spec.get("types", []), names=names, validate=False)
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -49,6 +78,7 @@ class ExportConfig:
     tolerance: float = 1e-3  # FP32: max |logit difference| relative to the largest logit
     parity_images: int = 32
     calibration_images: int = 300
+    int8_scheme: str = DEFAULT_INT8_SCHEME  # which tensors INT8 quantises (INT8_SCHEMES)
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -60,6 +90,8 @@ class ExportConfig:
             raise SegflowError("--input-size must be a multiple of 32.")
         if self.max_drop < 0:
             raise SegflowError("--max-drop must be 0 or more (mDice points).")
+        if self.int8_scheme not in INT8_SCHEMES:
+            raise SegflowError(f"--int8-scheme must be one of {', '.join(INT8_SCHEMES)} (got {self.int8_scheme!r}).")
 
 
 class _Logits(nn.Module):
@@ -113,8 +145,13 @@ def quantize(
 
     items = [calibration[i]["image"][None].numpy() for i in range(min(len(calibration), cfg.calibration_images))]
     calib = nncf.Dataset(items)
+    common = {
+        "subset_size": len(items),
+        "preset": nncf.QuantizationPreset.MIXED,
+        "ignored_scope": ignored_scope(ov_model, cfg.int8_scheme),
+    }
     if not cfg.accuracy_control or validation is None:
-        return nncf.quantize(ov_model, calib, subset_size=len(items), preset=nncf.QuantizationPreset.MIXED)
+        return nncf.quantize(ov_model, calib, **common)
 
     val_items = [validation[i] for i in range(min(len(validation), cfg.parity_images))]
 
@@ -132,8 +169,7 @@ def quantize(
         validate,
         max_drop=cfg.max_drop / 100,
         drop_type=nncf.DropType.ABSOLUTE,
-        subset_size=len(items),
-        preset=nncf.QuantizationPreset.MIXED,
+        **common,
     )
 
 
@@ -180,6 +216,7 @@ def export(cfg: ExportConfig, model_dir: Path, data_dir: Path | None, out_dir: P
 
     report = {
         "precision": cfg.precision,
+        **({"int8_scheme": cfg.int8_scheme} if cfg.precision == "int8" else {}),
         "input": "dynamic" if cfg.dynamic else [1, 3, size, size],
         "architecture": config["architecture"],
         "latency_ms": round(latency_ms(ir, size), 3),

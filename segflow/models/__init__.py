@@ -13,6 +13,10 @@ from segflow.models.heads import FCNHead, IterativeAggregator
 from segflow.models.lite_hrnet import SPECS, LiteHRNet, LiteHRNetSpec
 
 MODEL_NAMES = tuple(SPECS)
+# Which function the family computes. Bump it when the same weights would give other outputs:
+# artifacts and checkpoints record it, and older ones are refused instead of silently predicting
+# something else. 2: the reference function (OTX / official Lite-HRNet), 1: segflow 0.1's variant.
+FUNCTION_VERSION = 2
 
 # Published figures of the reference implementation (OpenVINO Training Extensions' Lite-HRNet
 # segmentation models, 3 classes): parameters, model size in MB and GFLOPs at 512 x 512.
@@ -40,11 +44,17 @@ class Segmentor(nn.Module):
         self.spec = spec
         self.num_classes = num_classes
         self.backbone = LiteHRNet(spec)
-        self.aggregator = IterativeAggregator(list(spec.out_channels), spec.aggregator_min_channels)
+        self.aggregator = IterativeAggregator(
+            list(spec.out_channels), spec.aggregator_min_channels, spec.aggregator_spatial_norm
+        )
         self.head = FCNHead(self.aggregator.out_channels, spec.head_channels, num_classes)
         # AdaptSegNet-style second output: the last-but-one stage is the "shallower level".
         shallow = spec.channels[-2] if len(spec.channels) > 1 else spec.channels[-1]
-        self.aux_aggregator = IterativeAggregator(list(shallow), spec.aggregator_min_channels) if aux else None
+        self.aux_aggregator = (
+            IterativeAggregator(list(shallow), spec.aggregator_min_channels, spec.aggregator_spatial_norm)
+            if aux
+            else None
+        )
         self.aux_head = FCNHead(self.aux_aggregator.out_channels, spec.head_channels, num_classes) if aux else None
 
     def forward(self, x: torch.Tensor, with_aux: bool = False, with_features: bool = False) -> SegOutput:

@@ -5,13 +5,13 @@
       config.json         architecture, labels, input size, normalisation, dataset fingerprint
       training.json       how it was trained and the metrics that chose it
     BACKBONE_DIR/  (segflow pretrain)
-      backbone.safetensors  config.json (format segflow.backbone/1)
+      backbone.safetensors  config.json (format segflow.backbone/2)
     IR_DIR/        (segflow export)
       model.xml model.bin   the OpenVINO IR; its rt_info describes it too
       config.json           the model's config, precision
       export_report.json
     ENSEMBLE_DIR/  (segflow ensemble)
-      member_<i>.safetensors  config.json (format segflow.ensemble/1: the members' configs)
+      member_<i>.safetensors  config.json (format segflow.ensemble/2: the members' configs)
 
 Every ``config.json`` carries a format tag and the sha256 of the weight files beside it. Loading
 checks both, so a truncated or damaged file is refused by name instead of failing deep inside
@@ -28,12 +28,14 @@ from safetensors.torch import load_file, save_file
 
 from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
-from segflow.models import MODEL_NAMES, Segmentor, create_model
+from segflow.models import FUNCTION_VERSION, MODEL_NAMES, Segmentor, create_model
 from segflow.storage import sha256_file
 
-MODEL_FORMAT = "segflow.model/1"
-BACKBONE_FORMAT = "segflow.backbone/1"
-ENSEMBLE_FORMAT = "segflow.ensemble/1"
+# The version in each tag is the model family's FUNCTION_VERSION: weights are only meaningful
+# with the function they were trained in.
+MODEL_FORMAT = f"segflow.model/{FUNCTION_VERSION}"
+BACKBONE_FORMAT = f"segflow.backbone/{FUNCTION_VERSION}"
+ENSEMBLE_FORMAT = f"segflow.ensemble/{FUNCTION_VERSION}"
 WEIGHTS = "model.safetensors"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
@@ -84,8 +86,14 @@ def read_config(folder: str | Path, fmt: str = MODEL_FORMAT) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SegflowError(f"{path} is not valid JSON ({exc}).") from None
-    if not isinstance(config, dict) or config.get("format") != fmt:
-        found = config.get("format") if isinstance(config, dict) else None
+    found = config.get("format") if isinstance(config, dict) else None
+    if isinstance(found, str) and found != fmt and found.split("/")[0] == fmt.split("/")[0]:
+        raise SegflowError(
+            f"{path}: format {found!r} was written by an earlier segflow whose Lite-HRNet computed another "
+            f"function than this one ({fmt!r}, the reference Lite-HRNet): its weights do not carry over. "
+            "Train or pretrain it again (or convert an OTX checkpoint: segflow models convert)."
+        )
+    if not isinstance(config, dict) or found != fmt:
         raise SegflowError(f"{path}: format {found!r} is not {fmt!r}: pass a segflow {what.get(fmt, fmt)}.")
     if fmt != ENSEMBLE_FORMAT and config.get("architecture") not in MODEL_NAMES:
         raise SegflowError(f"{path}: architecture {config.get('architecture')!r} is not one of {MODEL_NAMES}.")

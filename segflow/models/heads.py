@@ -15,10 +15,14 @@ class IterativeAggregator(nn.Module):
 
     ``min_channels``: branches narrower than this are first widened by a 1x1 conv, and no
     projection is narrower (x-mod3's 18-channel finest branch is lifted to 60).
+    ``spatial_norm``: L2-normalise both maps over their positions (per image and channel) before
+    adding them, as the reference's s and x configs do.
+    Upsampling aligns corners, as the reference does.
     """
 
-    def __init__(self, channels: list[int], min_channels: int = 0) -> None:
+    def __init__(self, channels: list[int], min_channels: int = 0, spatial_norm: bool = False) -> None:
         super().__init__()
+        self.spatial_norm = spatial_norm
         widths = [max(c, min_channels) for c in channels[::-1]]  # coarse to fine
         self.expanders = nn.ModuleList(
             conv_bn(c, min_channels, 1) if c < min_channels else nn.Identity() for c in channels[::-1]
@@ -34,17 +38,23 @@ class IterativeAggregator(nn.Module):
         for x, expand, project in zip(xs[::-1], self.expanders, self.projects, strict=True):
             x = expand(x)
             if last is not None:
-                x = x + F.interpolate(last, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                up = F.interpolate(last, size=x.shape[-2:], mode="bilinear", align_corners=True)
+                x = _spatial_l2(x) + _spatial_l2(up) if self.spatial_norm else x + up
             last = project(x)
         return last
 
 
+def _spatial_l2(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.flatten(2), dim=2).view_as(x)
+
+
 class FCNHead(nn.Module):
-    """One 1x1 conv + BN + ReLU, then the 1x1 classifier (no dropout)."""
+    """One 1x1 conv + BN (no activation after it, as in the reference), then the 1x1 classifier
+    (no dropout)."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int) -> None:
         super().__init__()
-        self.conv = conv_bn(in_channels, channels, 1)
+        self.conv = conv_bn(in_channels, channels, 1, act=False)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

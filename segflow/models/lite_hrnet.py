@@ -40,6 +40,10 @@ class LiteHRNetSpec:
     channels: tuple[tuple[int, ...], ...]  # per stage, per branch
     head_channels: int  # FCN head width
     aggregator_min_channels: int = 0  # widen narrower branches to this before aggregating
+    # The reference's s and x configs L2-normalise both maps over their spatial positions before
+    # the aggregator adds them (their merge-norm setting is the string "None", which selects that
+    # branch); its 18 config adds them as they are.
+    aggregator_spatial_norm: bool = False
 
     @property
     def out_channels(self) -> tuple[int, ...]:
@@ -61,6 +65,7 @@ SPECS: dict[str, LiteHRNetSpec] = {
         reduce_ratios=(8, 8),
         channels=((60, 120), (60, 120, 240)),
         head_channels=60,
+        aggregator_spatial_norm=True,
     ),
     "lite_hrnet_18": LiteHRNetSpec(
         stem=StemSpec(32, 32, (2, 2), extra_stride=False),
@@ -80,6 +85,7 @@ SPECS: dict[str, LiteHRNetSpec] = {
         channels=((18, 60), (18, 60, 80), (18, 60, 80, 160), (18, 60, 80, 160, 320)),
         head_channels=60,
         aggregator_min_channels=60,
+        aggregator_spatial_norm=True,
     ),
 }
 
@@ -100,9 +106,9 @@ def dw_then_pw(cin: int, cout: int, stride: int, act: bool = True) -> nn.Sequent
     return nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin, act=False), conv_bn(cin, cout, 1, act=act))
 
 
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``channel_shuffle(cat([a, b]), 2)`` in one copy instead of two: channels a0 b0 a1 b1 ..."""
+    return torch.stack([a, b], dim=2).flatten(1, 2)
 
 
 class Stem(nn.Module):
@@ -128,7 +134,7 @@ class Stem(nn.Module):
             x = self.conv2(x)
         x1, x2 = x.chunk(2, dim=1)
         x2 = self.linear(self.depthwise(self.expand(x2)))
-        return channel_shuffle(torch.cat([self.branch1(x1), x2], dim=1), 2)
+        return interleave(self.branch1(x1), x2)
 
 
 class CrossResolutionWeighting(nn.Module):
@@ -181,11 +187,18 @@ class ConditionalChannelWeighting(nn.Module):
         parts = [x.chunk(2, dim=1) for x in xs]
         moved = self.cross_resolution([p[1] for p in parts])
         moved = [sw(dw(x)) for x, dw, sw in zip(moved, self.depthwise, self.spatial, strict=True)]
-        return [channel_shuffle(torch.cat([p[0], m], dim=1), 2) for p, m in zip(parts, moved, strict=True)]
+        return [interleave(p[0], m) for p, m in zip(parts, moved, strict=True)]
 
 
 class FuseLayer(nn.Module):
-    """HRNet fuse: every output branch sums all branches brought to its resolution and width."""
+    """HRNet fuse: every output branch sums all branches brought to its resolution and width.
+
+    The reference (the official Lite-HRNet code and OTX) adds branch 0 in place while it builds
+    output 0, so branch 0 enters output 0 twice, and every coarser output reads branch 0 *after*
+    it has absorbed the coarser branches (``y0`` below), and adds that path twice too. We compute
+    the same function without the in-place aliasing, and run each stride-2 path from ``y0`` once,
+    doubling its result instead of recomputing it.
+    """
 
     def __init__(self, channels: list[int]) -> None:
         super().__init__()
@@ -203,18 +216,23 @@ class FuseLayer(nn.Module):
                     row.append(nn.Sequential(*steps))
             self.paths.append(row)
 
+    def _add(self, i: int, j: int, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` plus branch ``j`` (``x``) brought to output ``i``'s resolution and width."""
+        z = self.paths[i][j](x)
+        return y + (F.interpolate(z, size=y.shape[-2:], mode="nearest") if j > i else z)
+
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        outs = []
-        for i, row in enumerate(self.paths):
-            y = xs[i]
-            for j, path in enumerate(row):
-                if j == i:
-                    continue
-                z = path(xs[j])
-                if j > i:
-                    z = F.interpolate(z, size=xs[i].shape[-2:], mode="nearest")
-                y = y + z
-            outs.append(F.relu(y))
+        def plus_branches_from_1(i: int, y: torch.Tensor) -> torch.Tensor:
+            for j in range(1, len(xs)):
+                if j != i:
+                    y = self._add(i, j, y, xs[j])
+            return y
+
+        y0 = plus_branches_from_1(0, 2 * xs[0])  # the reference adds branch 0 to itself
+        outs = [F.relu(y0)]
+        for i in range(1, len(xs)):
+            # One stride-2 path from y0, counted twice.
+            outs.append(F.relu(plus_branches_from_1(i, torch.add(xs[i], self.paths[i][0](y0), alpha=2))))
         return outs
 
 

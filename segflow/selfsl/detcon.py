@@ -70,8 +70,9 @@ class PretrainConfig:
     loader_workers: int = 0
     resume: bool = False
     overwrite: bool = False
+    checkpoint_dir: str = ""  # local folder or s3:// prefix; default: beside OUT (see storage.Checkpoints)
 
-    RESUME_MAY_CHANGE = ("epochs", "resume", "overwrite", "loader_workers")
+    RESUME_MAY_CHANGE = ("epochs", "resume", "overwrite", "loader_workers", "checkpoint_dir", "out")
 
     def validate(self) -> None:
         check_name(self.model)

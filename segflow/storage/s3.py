@@ -315,6 +315,16 @@ def publish_dir(local_dir: Path, uri: str, overwrite: bool = False) -> None:
         _delete(bucket, [f"{staging}/{rel}" for rel in rels], quiet=True)
 
 
+def put_file(path: Path, uri: str) -> None:
+    """One object from a local file (a single PUT or multipart upload: readers see the whole file
+    or the one before it)."""
+    bucket, key = split_uri(uri)
+    try:
+        client().upload_file(str(path), bucket, key, Config=transfer_config())
+    except _boto_errors() as exc:
+        raise _friendly(exc, uri, "upload to") from None
+
+
 def _delete(bucket: str, keys: list[str], quiet: bool = False) -> None:
     for start in range(0, len(keys), 1000):
         chunk = keys[start : start + 1000]

@@ -75,7 +75,7 @@ class TrainConfig:
     loader_workers: int = 0
     resume: bool = False
     overwrite: bool = False
-    checkpoint_dir: str = ""  # default: OUT.checkpoints beside a local OUT, else under $SEGFLOW_HOME
+    checkpoint_dir: str = ""  # local folder or s3:// prefix; default: beside OUT (see storage.Checkpoints)
     init_backbone: str = ""  # folder of DetCon-pretrained backbone weights
     amp: str = "auto"  # auto: bf16 (or fp16) on CUDA, off on CPU; or off / bf16 / fp16
     channels_last: str = "auto"  # auto: on for CUDA
@@ -86,7 +86,15 @@ class TrainConfig:
     mean_teacher: MeanTeacherConfig | None = None
 
     # Settings a resumed run may change: how long it runs and where files are, not what it computes.
-    RESUME_MAY_CHANGE = ("epochs", "early_stop_patience", "resume", "overwrite", "loader_workers", "checkpoint_dir")
+    RESUME_MAY_CHANGE = (
+        "epochs",
+        "early_stop_patience",
+        "resume",
+        "overwrite",
+        "loader_workers",
+        "checkpoint_dir",
+        "out",
+    )
 
     @property
     def method(self) -> str:

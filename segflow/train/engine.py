@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segflow.configs import differences
 from segflow.errors import SegflowError
+from segflow.models import FUNCTION_VERSION
 from segflow.models import artifact as model_artifact
 from segflow.progress import progress
 from segflow.storage import exclusive
@@ -582,9 +583,11 @@ def fit(run: Training, on_epoch: Callable[[int, dict], None] | None = None) -> d
             )
 
         state = {"epoch": 0, "iteration": 0, "best": -float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": []}
+        # A checkpoint of another model function must not resume into this one.
+        identity = {**run.identity, "model_function": str(FUNCTION_VERSION)}
         if loop.resume and saver.last.exists():
             saved = saver.read()
-            changed = differences(saved["state"].get("identity", {}), run.identity, run.may_change)
+            changed = differences(saved["state"].get("identity", {}), identity, run.may_change)
             if changed:
                 raise SegflowError(
                     f"--resume: {saver.last} was made with other settings; resume with the same ones (only "
@@ -595,7 +598,7 @@ def fit(run: Training, on_epoch: Callable[[int, dict], None] | None = None) -> d
             log.info("resuming from %s after epoch %d", saver.last, state["epoch"])
         elif loop.resume:
             log.info("no checkpoint in %s yet: starting from scratch", run.checkpoints)
-        state["identity"] = run.identity
+        state["identity"] = identity
         env = {
             "iters": iters,
             "total": total,
