@@ -52,7 +52,7 @@ def main() -> None:
                     early_stop_patience=100,
                 )
                 result = run_stage("train", cfg, processes=processes, track=False)
-                speed[processes].append(args.epochs * args.iters * args.batch / result["train_seconds"])
+                speed[processes].append(args.epochs * args.iters * args.batch / result["metrics"]["train_seconds"])
                 quality[processes].append(result["best_val_mDice"])
                 print(f"round {r} processes {processes}: {speed[processes][-1]:.2f} img/s", flush=True)
     print(
@@ -63,7 +63,7 @@ def main() -> None:
     for processes in (1, 2):
         img_s = statistics.median(speed[processes])
         ratio = img_s / statistics.median(speed[1])
-        scores = " ".join(f"{s:.1f}" for s in quality[processes])
+        scores = " ".join(f"{100 * s:.1f}" for s in quality[processes])
         print(f"{processes:>9}  {img_s:7.2f}  {ratio:11.2f}  {scores}")
 
 

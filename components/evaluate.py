@@ -16,6 +16,7 @@ def evaluate_model(
     report: Output[Markdown],
     subset: str = "val",
     baseline: Input[Model] = None,
+    headline: bool = True,
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
@@ -32,7 +33,7 @@ def evaluate_model(
         baseline=baseline.path if baseline is not None else "",
         overwrite=True,
     )
-    result = evaluate_stage(cfg, RunContext(run_key, run_name, experiment), markdown_out=report.path)
+    result = evaluate_stage(cfg, RunContext(run_key, run_name, experiment), markdown_out=report.path, headline=headline)
     log_metrics_to(metrics, result["metrics"])
     confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
     evaluation.metadata.update({"mDice": result["mDice"], "mIoU": result["mIoU"], "subset": subset})

@@ -37,6 +37,7 @@ def export_model(
             "max_abs_logit_diff": report.get("max_abs_logit_diff"),
             "parity_passed": report.get("passed"),
             "mlflow_model_uri": report.get("model_uri", ""),
+            "mlflow_model_id": report.get("model_id", ""),
         }
     )
     log_metrics_to(metrics, report["metrics"])

@@ -11,14 +11,23 @@ from kfp.dsl import PipelineTask
 from segflow_components.evaluate import evaluate_model
 from segflow_components.export import export_model
 from segflow_components.platform import on_cluster, resumable
+from segflow_components.registry import register_model
 from segflow_components.train import train_model
 
 
 def train_evaluate_export(
-    dataset, track: dict, export_precision: str = "fp32", init_backbone=None, **train_args
+    dataset,
+    track: dict,
+    export_precision: str = "fp32",
+    init_backbone=None,
+    registered_model="segflow",
+    promotion_margin=0.0,
+    source_fingerprint="",
+    **train_args,
 ) -> tuple[PipelineTask, PipelineTask, PipelineTask]:
-    """Train on ``dataset`` (from ``init_backbone`` when given), evaluate on its val subset, and
-    export the model to OpenVINO once the evaluation passed; returns the three tasks."""
+    """Train on ``dataset`` (from ``init_backbone`` when given), evaluate on its val subset, export
+    the model to OpenVINO once the evaluation passed, and register the export under
+    ``registered_model`` (champion / challenger); returns the train, evaluate and export tasks."""
     backbone = {"init_backbone": init_backbone} if init_backbone is not None else {}
     trained = train_model(dataset=dataset, **backbone, **train_args, **resumable(), **track)
     on_cluster(trained, gpu=True, cache=False)
@@ -26,4 +35,22 @@ def train_evaluate_export(
     evaluated = on_cluster(evaluate_model(model=model, dataset=dataset, **track), cache=False)
     exported = export_model(model=model, dataset=dataset, precision=export_precision, **track)
     on_cluster(exported.after(evaluated), cache=False)
+    register(model, exported, evaluated, dataset, track, registered_model, promotion_margin, source_fingerprint)
     return trained, evaluated, exported
+
+
+def register(
+    model, exported, evaluated, dataset, track: dict, registered_model, margin, source_fingerprint=""
+) -> PipelineTask:
+    """The registration task of an exported model (its evaluation decides champion or challenger)."""
+    task = register_model(
+        model=model,
+        ir=exported.outputs["ir"],
+        evaluation=evaluated.outputs["evaluation"],
+        dataset=dataset,
+        registered_model=registered_model,
+        margin=margin,
+        source_fingerprint=source_fingerprint,
+        **track,
+    )
+    return on_cluster(task, cpu="1", memory="4G", cache=False)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
-from segflow.cluster import ClusterConfig
+from segflow.cluster import LOCAL, ClusterConfig
 
 # Created by charts/segflow (values.yaml: mlflow.*, s3.*).
 MLFLOW_SECRET = "segflow-mlflow"
@@ -73,6 +73,9 @@ def on_cluster(
     image = config.gpu_image if gpu else config.image
     if image and task.container_spec is not None:
         task.container_spec.image = image
+    if config != LOCAL and task.container_spec is not None:
+        # The image a stage ran in becomes a tag of its MLflow runs (segflow.tracking.code_tags).
+        task.set_env_variable("SEGFLOW_IMAGE", task.container_spec.image)
     if gpu:
         task.set_cpu_request(config.gpu_cpu_request).set_memory_request(config.gpu_memory_request)
         task.set_accelerator_type(config.accelerator).set_accelerator_limit(config.gpus)

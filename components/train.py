@@ -20,6 +20,8 @@ def train_model(
     iters_per_epoch: int = 0,
     seed: int = 0,
     init_backbone: Input[Model] = None,
+    init_model: Input[Model] = None,
+    init_model_uri: str = "",
     processes: int = 0,
     checkpoint_root: str = "",
     task_name: str = "",
@@ -46,6 +48,7 @@ def train_model(
         input_size=input_size,
         seed=seed,
         init_backbone=init_backbone.path if init_backbone is not None else "",
+        init_model=init_model.path if init_model is not None else init_model_uri,
         iters_per_epoch=iters_per_epoch,
         resume=True,  # a retried task continues from its last checkpoint
         overwrite=True,  # the output path is this task's own

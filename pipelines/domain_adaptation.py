@@ -49,7 +49,7 @@ def domain_adaptation(
     seed: int = 0,
     experiment: str = "",
 ):
-    track, exit_handler = tracked(experiment)
+    track, exit_handler = tracked(experiment, "domain-adaptation", locals())
     with exit_handler:
         imports = {}
         for name, uri in (("source", source_uri), ("target", target_uri)):
@@ -67,7 +67,7 @@ def domain_adaptation(
             **track,
         )
         source_only = on_cluster(trained.set_display_name("train-source-only"), gpu=True, cache=False)
-        source_eval = evaluate_model(model=source_only.outputs["model"], dataset=target, **track)
+        source_eval = evaluate_model(model=source_only.outputs["model"], dataset=target, headline=False, **track)
         on_cluster(source_eval.set_display_name("evaluate-source-only"))
 
         steps = {"iterations": iterations, "eval_every": eval_every, **shape}
@@ -84,7 +84,11 @@ def domain_adaptation(
             )
             on_cluster(adapted, gpu=True, cache=False)
             adapted_eval = evaluate_model(
-                model=adapted.outputs["model"], dataset=target, baseline=source_only.outputs["model"], **track
+                model=adapted.outputs["model"],
+                dataset=target,
+                baseline=source_only.outputs["model"],
+                headline=False,
+                **track,
             )
             on_cluster(adapted_eval)
 
@@ -92,7 +96,11 @@ def domain_adaptation(
         combined = ensemble_models(candidates=dsl.Collected(adapted.outputs["model"]), **track)
         on_cluster(combined)
         combined_eval = evaluate_model(
-            model=combined.outputs["model"], dataset=target, baseline=source_only.outputs["model"], **track
+            model=combined.outputs["model"],
+            dataset=target,
+            baseline=source_only.outputs["model"],
+            headline=False,
+            **track,
         )
         on_cluster(combined_eval.set_display_name("evaluate-ensemble"))
 

@@ -19,7 +19,7 @@ def prepare_data(
     seed: int = 0,
     experiment: str = "",
 ):
-    track, exit_handler = tracked(experiment)
+    track, exit_handler = tracked(experiment, "prepare-data", locals())
     with exit_handler:
         for name, uri in (("source", source_uri), ("target", target_uri)):
             task = import_data(source_uri=uri, val_fraction=val_fraction, seed=seed, **track)

@@ -40,9 +40,11 @@ def selfsl_then_finetune(
     val_fraction: float = 0.2,
     export_precision: str = "fp32",
     seed: int = 0,
+    registered_model: str = "segflow",
+    promotion_margin: float = 0.0,
     experiment: str = "",
 ):
-    track, exit_handler = tracked(experiment)
+    track, exit_handler = tracked(experiment, "selfsl-then-finetune", locals())
     with exit_handler:
         data = on_cluster(import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track), cache=False)
         masks = on_cluster(
@@ -67,6 +69,8 @@ def selfsl_then_finetune(
             data.outputs["dataset"],
             track,
             export_precision=export_precision,
+            registered_model=registered_model,
+            promotion_margin=promotion_margin,
             init_backbone=backbone.outputs["backbone"],
             model_name=model_name,
             method=finetune_method,

@@ -26,15 +26,19 @@ def supervised(
     val_fraction: float = 0.2,
     export_precision: str = "fp32",
     seed: int = 0,
+    registered_model: str = "segflow",
+    promotion_margin: float = 0.0,
     experiment: str = "",
 ):
-    track, exit_handler = tracked(experiment)
+    track, exit_handler = tracked(experiment, "supervised", locals())
     with exit_handler:
         data = on_cluster(import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track), cache=False)
         train_evaluate_export(
             data.outputs["dataset"],
             track,
             export_precision=export_precision,
+            registered_model=registered_model,
+            promotion_margin=promotion_margin,
             model_name=model_name,
             method=method,
             unlabeled_uri=unlabeled_uri,

@@ -101,6 +101,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over; replace OUT.")] = False,
     init_backbone: Annotated[str, typer.Option(help="Backbone weights from `segflow pretrain`.")] = "",
+    init_model: Annotated[str, typer.Option(help="A model folder to fine-tune (same classes and --model).")] = "",
     amp: Annotated[str, typer.Option(help="auto, off, bf16 or fp16.")] = "auto",
     loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
@@ -345,6 +346,30 @@ def models_convert(
     typer.echo(f"{config['architecture']} {what} -> {out}")
 
 
+@models_app.command("compare")
+def models_compare(
+    name: Annotated[str, typer.Argument(help="Registered model name (a pipeline's registered_model).")],
+    versions: Annotated[list[str] | None, typer.Argument(help="Versions; default: @champion and @challenger.")] = None,
+) -> None:
+    """Registered versions side by side: mDice, mIoU and per-class Dice on their validation data,
+    and the promotion decision of each (MLFLOW_TRACKING_URI, or the local store)."""
+    from segflow import registry, tracking
+
+    client = tracking.client()
+    labels, table = registry.comparison(client, name, versions)
+    width = max(12, *(len(label) for label in labels))
+    typer.echo(f"{'metric (%)':24s}" + "".join(f"{label:>{width + 2}s}" for label in labels))
+    for metric, values in table.items():
+        cells = "".join(
+            f"{100 * values[label]:>{width + 2}.2f}" if label in values else f"{'-':>{width + 2}s}" for label in labels
+        )
+        typer.echo(f"{metric:24s}{cells}")
+    for label in labels:
+        version = client.get_model_version(name, label.split()[0][1:])
+        decision = version.tags.get(registry.DECISION, "?")
+        typer.echo(f"{label}: {decision}: {version.tags.get(registry.REASON, '')}")
+
+
 @app.command("run")
 def run(
     pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],
@@ -437,6 +462,98 @@ def compile_(
         gpu_cpu_request, gpu_memory_request, retries,
     )  # fmt: skip
     typer.echo(f"wrote {orchestration.compile_pipeline(pipeline, output, placement)}")
+
+
+Host = Annotated[str, typer.Option("--host", help="KFP API URL, e.g. https://kubeflow.example.com/pipeline.")]
+Token = Annotated[
+    str,
+    typer.Option("--existing-token", envvar="KF_PIPELINES_TOKEN", help="Bearer token (else kfp's own credentials)."),
+]
+Namespace = Annotated[str, typer.Option("--namespace", help="Kubeflow profile namespace (multi-user).")]
+Params = Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE, repeatable.")]
+Experiment = Annotated[str, typer.Option("--experiment", help="KFP experiment.")]
+
+
+@app.command("submit")
+def submit_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],
+    host: Host,
+    experiment: Experiment = "segflow",
+    run_name: Annotated[str, typer.Option("--run-name", help="Default: PIPELINE-DATE-TIME.")] = "",
+    param: Params = None,
+    existing_token: Token = "",
+    namespace: Namespace = "",
+    cluster_config: ClusterFile = None,
+    gpu_node_selector: GpuSelector = None,
+    gpu_toleration: GpuToleration = None,
+    gpus: Gpus = None,
+    image: Image = "",
+    gpu_image: GpuImage = "",
+    cpu_request: CpuRequest = "",
+    memory_request: MemoryRequest = "",
+    gpu_cpu_request: GpuCpuRequest = "",
+    gpu_memory_request: GpuMemoryRequest = "",
+    retries: Retries = None,
+) -> None:
+    """Compile a pipeline (placed for the cluster, as `compile` does) and start a run of it on a
+    Kubeflow Pipelines server; prints the run's URL."""
+    from segflow import orchestration, submit
+
+    placement = cluster_settings(
+        cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, cpu_request, memory_request,
+        gpu_cpu_request, gpu_memory_request, retries,
+    )  # fmt: skip
+    arguments = orchestration.parse_params(orchestration.load_pipeline(pipeline), param or [])
+    server = submit.Server(host, existing_token, namespace)
+    run = submit.submit(pipeline, server, arguments, experiment, run_name, placement)
+    typer.echo(f"run {run['run_name']} ({run['run_id']}) created in experiment {experiment}")
+    typer.echo(run["url"])
+
+
+@app.command("schedule")
+def schedule_cmd(
+    pipeline: Annotated[Path | None, typer.Argument(help="A file in pipelines/ (not with --list / --delete).")] = None,
+    host: Host = "",
+    cron: Annotated[str, typer.Option("--cron", help='6 fields, seconds first: "0 0 3 * * *" = 03:00 daily.')] = "",
+    name: Annotated[str, typer.Option("--name", help="Recurring run name.")] = "",
+    experiment: Experiment = "segflow",
+    param: Params = None,
+    list_: Annotated[bool, typer.Option("--list", help="List recurring runs.")] = False,
+    delete: Annotated[str, typer.Option("--delete", help="Delete the recurring run with this ID.")] = "",
+    existing_token: Token = "",
+    namespace: Namespace = "",
+    cluster_config: ClusterFile = None,
+    gpu_node_selector: GpuSelector = None,
+    gpu_toleration: GpuToleration = None,
+    gpus: Gpus = None,
+    image: Image = "",
+    gpu_image: GpuImage = "",
+    retries: Retries = None,
+) -> None:
+    """A recurring run on a Kubeflow Pipelines server (max concurrency 1, no catch-up), or
+    --list / --delete ID of the existing ones."""
+    from segflow import orchestration, submit
+
+    if not host:
+        raise SegflowError("--host is required: the KFP API URL, e.g. https://kubeflow.example.com/pipeline.")
+    server = submit.Server(host, existing_token, namespace)
+    if list_:
+        for job in submit.list_schedules(server):
+            typer.echo(f"{job['id']}  {job['name']}  {job['cron']}  {job['status']}")
+        return
+    if delete:
+        submit.delete_schedule(server, delete)
+        typer.echo(f"deleted recurring run {delete}")
+        return
+    if pipeline is None or not cron:
+        raise SegflowError("schedule PIPELINE --cron '0 0 3 * * *' --host URL; or --list, or --delete ID.")
+    submit.check_cron(cron)
+    placement = cluster_settings(
+        cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, "", "", "", "", retries
+    )
+    arguments = orchestration.parse_params(orchestration.load_pipeline(pipeline), param or [])
+    job = submit.schedule(pipeline, server, cron, arguments, experiment, name, placement)
+    typer.echo(f"recurring run {job['name']} ({job['id']}): {job['cron']}, one at a time, no catch-up")
 
 
 @app.command("params")

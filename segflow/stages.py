@@ -27,9 +27,10 @@ from segflow import storage, tracking
 from segflow.adapt.adaptation import adapt
 from segflow.adapt.config import AdaptConfig
 from segflow.data import manifest as manifest_lib
+from segflow.data.datasets import image_files
 from segflow.data.importer import ImportConfig, import_dataset
 from segflow.errors import SegflowError
-from segflow.evaluate import comparison
+from segflow.evaluate import comparison, drift
 from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluation
 from segflow.export.openvino_ir import ExportConfig, export
 from segflow.export.predict import PredictConfig, predict
@@ -92,15 +93,41 @@ def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track:
         storage.local_input(cfg.data, "--data") as data,
         _optional_input(unlabeled, "--unlabeled", sealed=False) as unlabeled_dir,
         _optional_input(cfg.init_backbone, "--init-backbone") as backbone,
+        _optional_input(cfg.init_model, "--init-model") as init_model,
     ):
         checkpoints = _checkpoints(cfg.out, cfg.checkpoint_dir, cfg.resume, main)
         each_epoch = _pushing(checkpoints, log.epoch)
-        result = train_segmenter(cfg, data, out, checkpoints.local, unlabeled_dir, backbone, on_epoch=each_epoch)
+        result = train_segmenter(
+            cfg, data, out, checkpoints.local, unlabeled_dir, backbone, on_epoch=each_epoch, init_model_dir=init_model
+        )
         log.tag(tracking.FINGERPRINT_TAG, result["dataset_fingerprint"])
         log.result(result, "training.json")
+        training = (dataset_ref(data, cfg.data, "training"),)
+        log.headline(run, {"train_seconds": result["metrics"]["train_seconds"]}, training)
     if main:
         checkpoints.discard()
     return result
+
+
+def dataset_ref(local: Path, uri: str, context: str) -> tracking.DatasetRef:
+    """A dataset artifact as an MLflow run input: named for the data it was imported from."""
+    manifest = json.loads((Path(local) / manifest_lib.MANIFEST).read_text())
+    source = str(manifest.get("source", {}).get("uri", "") or uri).rstrip("/")
+    return tracking.DatasetRef(source.rsplit("/", 1)[-1] or "dataset", str(uri), manifest["fingerprint"], context)
+
+
+def headline_scores(metrics: dict, subset: str) -> dict:
+    """An evaluation's headline metrics for the parent run: the same names in every pipeline."""
+    scores = {f"{subset}_mDice": metrics["mDice"], f"{subset}_mIoU": metrics["mIoU"]}
+    for name, value in metrics["per_class"].items():
+        if value["dice"] is not None:
+            scores[f"{subset}_dice_{_metric_name(name)}"] = value["dice"]
+    return scores
+
+
+def _metric_name(text: str) -> str:
+    """MLflow metric names take letters, digits, _ - . / and spaces only."""
+    return re.sub(r"[^\w.\- /]", "_", text)
 
 
 def _checkpoints(out: str, explicit: str, resume: bool, main: bool) -> storage.Checkpoints:
@@ -218,6 +245,10 @@ def adapt_stage(
         result = adapt(cfg, source, target, init, out, checkpoints.local, on_epoch=_pushing(checkpoints, each_snapshot))
         log.tag(tracking.FINGERPRINT_TAG, result["source_fingerprint"])
         log.result(result, "training.json")
+        sets = [dataset_ref(source, cfg.source, "training")]
+        if (target / manifest_lib.MANIFEST).exists():  # a dataset; plain images are not an artifact
+            sets.append(dataset_ref(target, cfg.target, "target"))
+        log.headline(run, datasets=tuple(sets))
     if main:
         checkpoints.discard()
     return result
@@ -267,6 +298,13 @@ def choose_stage(
             log.to_parent(run, markdown, chart, rows)
             if markdown_out:
                 _write(markdown_out, markdown + "\n" + _inline_png(chart))
+        best_scores = json.loads(
+            (
+                inputs.enter_context(storage.local_input(candidates[best["candidate"]][1], "evaluation"))
+                / "metrics.json"
+            ).read_text()
+        )
+        log.headline(run, headline_scores(best_scores, best_scores.get("subset", "val")))
         result = {"best": best["candidate"], "candidates": rows, "metric": metric}
         # MLflow metric names take no "+": "minent+advent" is logged as mDice_minent_advent.
         per_candidate = {re.sub(r"[^\w.\- ]", "_", f"{metric}_{r['candidate']}"): r[metric] for r in rows}
@@ -282,11 +320,17 @@ def _inline_png(path: Path) -> str:
 
 
 def evaluate_stage(
-    cfg: EvalConfig, run: tracking.RunContext | None = None, markdown_out: str | None = None, track: bool = True
+    cfg: EvalConfig,
+    run: tracking.RunContext | None = None,
+    markdown_out: str | None = None,
+    track: bool = True,
+    headline: bool = True,
 ) -> dict:
     """Evaluate a model; metrics, per-class scores and pictures go to MLflow.
 
     ``markdown_out``: also write the report with its pictures inlined (for the KFP UI).
+    ``headline``: the scores also go to the pipeline's parent run (val_mDice, val_dice_CLASS, ...);
+    off for the candidates of a pipeline that chooses among several models.
     """
     with (
         tracking.stage_log("evaluate", cfg, run, cfg.subset, enabled=track) as log,
@@ -300,6 +344,11 @@ def evaluate_stage(
             _write(markdown_out, render_markdown(metrics, (out / "predictions.png").exists(), embed_dir=out))
         log.tag(tracking.FINGERPRINT_TAG, metrics["dataset_fingerprint"])
         log.result(metrics, "metrics.json", folder=out)
+        log.headline(
+            run if headline else None,
+            headline_scores(metrics, cfg.subset),
+            (dataset_ref(data_dir, cfg.data, "validation" if cfg.subset == "val" else cfg.subset),),
+        )
     return metrics
 
 
@@ -313,7 +362,11 @@ def export_stage(cfg: ExportConfig, run: tracking.RunContext | None = None, trac
     ):
         report = export(cfg, model_dir, data_dir, out)
         log.result(report, "export_report.json")
-        report["model_uri"] = log.model(out)
+        report["model_uri"], report["model_id"] = log.model(out)
+        scores = {"export_latency_ms": report["latency_ms"]}
+        if cfg.precision == "int8" and "mDice_drop_points" in report:
+            scores["int8_drop"] = report["mDice_drop_points"]
+        log.headline(run, scores, model_id=report["model_id"])
     return report
 
 
@@ -346,3 +399,138 @@ def predict_stage(cfg: PredictConfig) -> dict:
 def _write(path: str, text: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
+
+
+def register_stage(
+    name: str,
+    model: str,
+    evaluation: str,
+    dataset: str,
+    model_id: str,
+    margin: float = 0.0,
+    metric: str = "val_mDice",
+    run: tracking.RunContext | None = None,
+    artifact_uri: str = "",
+    tags: dict[str, str] | None = None,
+) -> dict:
+    """Register an exported model (logged model ``model_id``) as a version of ``name``; it becomes
+    @challenger, and @champion when it beats the champion by more than ``margin`` on the same
+    validation data (the champion is re-scored on ``dataset`` when it was scored on other data).
+    The comparison goes to the pipeline's parent run as a table and a chart."""
+    from segflow import registry
+
+    if not model_id:
+        raise SegflowError("registering needs the exported model logged to MLflow; run the export with tracking on.")
+    with (
+        tracking.stage_log("register", {"name": name, "margin": margin, "metric": metric}, run, name) as log,
+        contextlib.ExitStack() as inputs,
+        storage.local_input(evaluation, "evaluation") as evaluation_dir,
+        storage.local_input(dataset, "--data") as data_dir,
+    ):
+        scores = json.loads((evaluation_dir / "metrics.json").read_text())
+        subset = scores.get("subset", "val")
+
+        def rescore(artifact: str) -> dict:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = EvalConfig(model=artifact, data=str(data_dir), out=str(Path(tmp) / "eval"), subset=subset)
+                return headline_scores(evaluate_stage(cfg, track=False), subset)
+
+        parent = ""
+        if run is not None and run.run_key:
+            parent = tracking.pipeline_parent(run.run_key, run.run_name, run.experiment or None)
+        candidate = registry.Candidate(
+            model_id=model_id,
+            model_artifact=artifact_uri or str(model),  # where a later run finds it (s3:// on a cluster)
+            scores=headline_scores(scores, subset),
+            validation_fingerprint=scores["dataset_fingerprint"],
+            training_fingerprint=_training_fingerprint(model),
+            run_id=parent,
+            extra_tags=({"segflow.pipeline_run": run.run_key} if run is not None and run.run_key else {})
+            | {k: v for k, v in (tags or {}).items() if v},
+        )
+        # The drift signal's reference: how this model sees its validation images (and, where those
+        # are few, its training images too: a handful of images gives noisy colour statistics).
+        seen = image_files(data_dir / subset / "images")
+        if len(seen) < drift.MIN_REFERENCE_IMAGES and (data_dir / "train" / "images").is_dir():
+            seen += image_files(data_dir / "train" / "images")
+        reference = drift.statistics(model_dir_for(model, inputs), seen)
+        candidate.extra_tags[registry.DRIFT_REFERENCE] = json.dumps(reference)
+        client = tracking.client()
+        metric = metric.replace("val_", f"{subset}_")
+        decision = registry.register(client, name, candidate, metric=metric, margin=margin, rescore=rescore)
+        labels, table = registry.comparison(client, name)
+        markdown = f"# {name}: v{decision['version']} is {decision['decision']}\n\n{decision['reason']}\n\n"
+        markdown += registry.comparison_markdown(labels, table)
+        with tempfile.TemporaryDirectory() as tmp:
+            chart = registry.comparison_chart(labels, table, Path(tmp) / "registry.png", f"{name}: registered versions")
+            log.to_parent(run, markdown, chart, [decision], folder="registry")
+        log.tag("segflow.registered_model", f"{name}/{decision['version']}")
+        result = decision | {"metrics": {"registered_version": decision["version"]}}
+        log.result(result, "registration.json")
+    return result
+
+
+def model_dir_for(model: str, inputs: contextlib.ExitStack) -> Path:
+    return inputs.enter_context(storage.local_input(model, "--model"))
+
+
+def _training_fingerprint(model: str) -> str:
+    with storage.local_input(model, "--model") as model_dir:
+        return json.loads((model_dir / "config.json").read_text()).get("dataset_fingerprint", "")
+
+
+def check_new_data_stage(
+    data_uri: str, registered_model: str, run: tracking.RunContext | None = None, threshold: float | None = None
+) -> dict:
+    """Is ``data_uri`` new? Its fingerprint against the one the champion was trained on (the
+    version's segflow.source_fingerprint tag). Same data: "no new data" goes on the parent run.
+
+    New data and a champion: the label-free drift score of the new images against the champion's
+    validation images (segflow.evaluate.drift) goes to MLflow with its chart. Images without
+    masks are not trained on: the decision is "shifted" when the score passes ``threshold``, else
+    "unlabelled"."""
+    from segflow import registry
+
+    threshold = drift.DEFAULT_THRESHOLD if threshold is None else threshold
+    fingerprint = storage.source_fingerprint(data_uri)
+    current = registry.champion(tracking.client(), registered_model) if registered_model else None
+    same = current is not None and current.tags.get(registry.SOURCE_FINGERPRINT) == fingerprint
+    result = {
+        "fingerprint": fingerprint,
+        "decision": "same" if same else "new",
+        "champion_version": int(current.version) if current is not None else 0,
+        "champion_model": current.tags.get(registry.MODEL_ARTIFACT, "") if current is not None else "",
+    }
+    config = {"data_uri": data_uri, "registered_model": registered_model, "drift_threshold": threshold}
+    with (
+        tracking.stage_log("check_data", config, run) as log,
+        tempfile.TemporaryDirectory() as tmp,
+        contextlib.ExitStack() as inputs,
+    ):
+        files, scores = [], {"new_data": 0 if same else 1}
+        if not same and current is not None and registry.DRIFT_REFERENCE in current.tags:
+            data = inputs.enter_context(storage.local_input(data_uri, "data_uri", sealed=False))
+            labelled = (data / "masks").is_dir() or any(data.glob("*/masks"))
+            images = data / "images" if (data / "images").is_dir() else data
+            reference = json.loads(current.tags[registry.DRIFT_REFERENCE])
+            now = drift.statistics(model_dir_for(result["champion_model"], inputs), images)
+            score, parts = drift.drift_score(reference, now)
+            result |= {"drift_score": score, "drift_parts": parts, "drift_statistics": now, "labelled": labelled}
+            scores |= {"drift_score": score, **{f"drift_{k}": v for k, v in parts.items()}}
+            files.append(drift.drift_chart(reference, now, score, Path(tmp) / "drift.png"))
+            if not labelled:
+                result["decision"] = "shifted" if score > threshold else "unlabelled"
+        log.tag("segflow.source_fingerprint", fingerprint)
+        log.result(result | {"metrics": scores}, "check.json", files=files)
+        score_text = f"{result.get('drift_score', 0):.3f}"
+        notes = {
+            "same": f"no new data: {data_uri} is what champion v{result['champion_version']} was trained on",
+            "new": f"new data: {data_uri} (fingerprint {fingerprint[:16]})",
+            "shifted": f"unlabelled images that drifted (score {score_text} > {threshold}): adapt the champion",
+            "unlabelled": f"unlabelled images, no drift (score {score_text} <= {threshold}): nothing to do",
+        }
+        log.headline(run, scores)
+        log.parent_tags(run, {"segflow.retrain": notes[result["decision"]], "segflow.source_fingerprint": fingerprint})
+        if files:
+            log.parent_file(run, files[0], "drift")
+    return result

@@ -11,10 +11,10 @@ Layers, bottom to top (a module may import its own layer's leaf modules and anyt
     train                                             the one engine and its objectives
     selfsl, adapt                                     objectives of that engine
     export
-    tracking
+    tracking, registry                                registry: champion / challenger in MLflow's model registry
     stages
     launch                                            a stage in several processes (torchrun)
-    orchestration, cli
+    orchestration, submit, cli                        submit: runs and schedules on a KFP server
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ LAYERS = [
     {"train"},
     {"selfsl", "adapt"},
     {"export"},
-    {"tracking"},
+    {"tracking", "registry"},
     {"stages"},
     {"launch"},
-    {"orchestration", "cli"},
+    {"orchestration", "submit", "cli"},
 ]
 RANK = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 

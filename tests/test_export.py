@@ -121,7 +121,7 @@ def test_ir_as_mlflow_pyfunc_logged_from_code(trained, tiny_ir, tmp_path):
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(experiment_id=tracking.ensure_experiment()):
-        uri = log_ir(str(tiny_ir["ir"]))
+        uri, _ = log_ir(str(tiny_ir["ir"]))
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "logged")))
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
     assert "pyfunc_model.py" in (local / "MLmodel").read_text()

@@ -161,9 +161,39 @@ def test_supervised_pipeline_runs_locally(tmp_path, segflow_home):
     mlflow.set_tracking_uri(tracking.tracking_uri())
     runs = mlflow.search_runs(experiment_names=["segflow"], output_format="list")
     names = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"])
-    assert names == ["evaluate val", "export fp32", "import target", "train lite_hrnet_s supervised"]
+    assert names == [
+        "evaluate val",
+        "export fp32",
+        "import target",
+        "register segflow",
+        "train lite_hrnet_s supervised",
+    ]
     ir_meta = json.loads((result["job_dir"] / "export-model" / "executor_output.json").read_text())
     assert ir_meta["artifacts"]["ir"]["artifacts"][0]["metadata"]["parity_passed"] is True
+
+    # The parent run is what the MLflow UI compares: parameters, headline metrics, tags, inputs, model.
+    client = mlflow.MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["data_uri"] == str(data) and parent.data.params["epochs"] == "2"
+    headline = parent.data.metrics
+    assert headline["val_mDice"] == pytest.approx(metrics["mDice"])
+    assert headline["val_mIoU"] == pytest.approx(metrics["mIoU"])
+    for name, scores in metrics["per_class"].items():
+        if scores["dice"] is not None:
+            assert headline[f"val_dice_{name}"] == pytest.approx(scores["dice"])
+    assert headline["export_latency_ms"] > 0 and headline["train_seconds"] > 0
+    assert parent.data.tags["segflow.pipeline"] == "supervised" and parent.data.tags["segflow.version"]
+    fingerprint = metrics["dataset_fingerprint"]
+    assert parent.data.tags["segflow.dataset_fingerprint.training"] == fingerprint
+    inputs = {(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in parent.inputs.dataset_inputs}
+    # One dataset artifact (its train subset trains, its val subset scores): one input, as MLflow
+    # keeps a dataset once per run, with the context it was first logged in.
+    assert inputs == {("target", fingerprint[:32], "training")}
+    models = parent.outputs.model_outputs
+    assert len(models) == 1 and client.get_logged_model(models[0].model_id).name == "model"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_selfsl_then_finetune_ir(tmp_path):
@@ -205,6 +235,7 @@ def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
         "import target",
         "pretrain lite_hrnet_s detcon",
         "pseudo_masks",
+        "register segflow",
         "train lite_hrnet_s supcon",
     ]
 

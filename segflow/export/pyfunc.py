@@ -47,8 +47,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         return masks
 
 
-def log_ir(ir_dir: str, name: str = "model") -> str:
-    """Log the IR folder as a pyfunc model in the active run; return its model URI."""
+def log_ir(ir_dir: str, name: str = "model") -> tuple[str, str]:
+    """Log the IR folder as a pyfunc model in the active run; return (model URI, logged model id)."""
     import openvino
 
     info = mlflow.pyfunc.log_model(
@@ -57,4 +57,4 @@ def log_ir(ir_dir: str, name: str = "model") -> str:
         artifacts={"ir_dir": str(ir_dir)},
         pip_requirements=[f"openvino=={openvino.__version__.split('-')[0]}", "segflow"],
     )
-    return info.model_uri
+    return info.model_uri, info.model_id

@@ -66,6 +66,31 @@ def task_checkpoints(pipeline_root: str, run_key: str, task_name: str) -> str:
     return f"{str(pipeline_root).rstrip('/')}/checkpoints/{run_key or 'run'}/{task_name or 'task'}"
 
 
+def source_fingerprint(uri: str) -> str:
+    """A fingerprint of the raw data under ``uri`` without reading it twice: sha256 over every
+    file's relative path and content hash (locally), or its key, size and ETag (S3: a listing, no
+    download). The same data gives the same fingerprint; any added, removed or changed file, another."""
+    import hashlib
+    import json
+
+    if is_s3(uri):
+        bucket, prefix = s3.split_uri(str(uri).rstrip("/"))
+        base = f"{prefix}/" if prefix else ""
+        try:
+            objects = s3.list_objects(bucket, base)
+        except s3._boto_errors() as exc:
+            raise s3._friendly(exc, str(uri), "list") from None
+        entries = [[o["Key"][len(base) :], o["Size"], o.get("ETag", "")] for o in objects]
+    else:
+        root = Path(uri)
+        if not root.is_dir():
+            raise SegflowError(f"{uri}: not a folder. Point data_uri at the dataset's folder (or s3:// prefix).")
+        entries = [[p.relative_to(root).as_posix(), p.stat().st_size, sha256_file(p)] for p in walk_files(root)]
+    if not entries:
+        raise SegflowError(f"{uri}: no files. Point data_uri at the dataset's folder (or s3:// prefix).")
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
 def remove_task_checkpoints(uri: str) -> None:
     """Remove a pipeline task's checkpoints (local or S3) once its output is published."""
     if is_s3(uri):

@@ -24,6 +24,9 @@ DEFAULT_EXPERIMENT = "segflow"
 PIPELINE_RUN_TAG = "segflow.pipeline_run"
 STAGE_TAG = "segflow.stage"
 FINGERPRINT_TAG = "segflow.dataset_fingerprint"
+# MLflow's UI opens an experiment of this kind on its runs table (an unmarked one: on GenAI traces).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+DIGEST_CHARS = 32  # MLflow stores a dataset digest in 36 characters: the fingerprint's first 32
 
 log = logging.getLogger(__name__)
 _SETTLE_SECONDS = 2.0
@@ -91,6 +94,11 @@ def _unreachable(exc: Exception) -> SegflowError:
     )
 
 
+def client():
+    """An MLflow client of the tracking store (a server, or the local SQLite file)."""
+    return _mlflow().MlflowClient()
+
+
 def ensure_experiment(name: str | None = None) -> str:
     """The experiment's id, created when missing (local stores keep artifacts under SEGFLOW_HOME).
 
@@ -101,6 +109,8 @@ def ensure_experiment(name: str | None = None) -> str:
     try:
         found = mlflow.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND[0] not in found.tags:
+                mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
         location = None
         if tracking_uri().startswith("sqlite:"):
@@ -110,7 +120,7 @@ def ensure_experiment(name: str | None = None) -> str:
                 found = mlflow.get_experiment_by_name(name)
                 if found is not None:
                     return found.experiment_id
-                return mlflow.create_experiment(name, artifact_location=location)
+                return mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
         except mlflow.exceptions.MlflowException as exc:
             found = mlflow.get_experiment_by_name(name)
             if exc.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
@@ -153,13 +163,70 @@ def pipeline_parent(run_key: str, run_name: str = "", experiment: str | None = N
     return mine.info.run_id
 
 
-def end_pipeline_run(run_key: str, succeeded: bool, experiment: str | None = None) -> None:
-    """Mark the parent run of ``run_key`` FINISHED or FAILED (the pipeline's exit handler calls this)."""
+def end_pipeline_run(
+    run_key: str,
+    succeeded: bool,
+    experiment: str | None = None,
+    run_name: str = "",
+    pipeline: str = "",
+    params: dict | None = None,
+) -> None:
+    """Close the parent run of ``run_key`` FINISHED or FAILED (the pipeline's exit handler calls
+    this), with the pipeline's parameters and tags for its name, code version and image, so that
+    runs compare in the UI's runs table and compare view."""
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
-    runs = client.search_runs([ensure_experiment(experiment)], f"tags.`{PIPELINE_RUN_TAG}` = '{run_key}'")
-    for run in runs:
-        client.set_terminated(run.info.run_id, "FINISHED" if succeeded else "FAILED")
+    parent = pipeline_parent(run_key, run_name, experiment)
+    if params:
+        logged = client.get_run(parent).data.params
+        fresh = {k: _param(v) for k, v in params.items() if k not in logged}
+        if fresh:
+            client.log_batch(parent, params=[mlflow.entities.Param(k, v) for k, v in sorted(fresh.items())])
+    for key, value in {**code_tags(), "segflow.pipeline": pipeline}.items():
+        if value:
+            client.set_tag(parent, key, value)
+    client.set_terminated(parent, "FINISHED" if succeeded else "FAILED")
+
+
+def _param(value) -> str:
+    """A pipeline parameter as text; KFP hands an int parameter over as float text ("3.0")."""
+    text = str(value)
+    if text.endswith(".0") and text[:-2].lstrip("-").isdigit():
+        return text[:-2]
+    return text[:6000]
+
+
+def code_tags() -> dict[str, str]:
+    """Which code made a run: the package version, the git commit (a checkout, or SEGFLOW_GIT_COMMIT
+    baked into an image) and the image (SEGFLOW_IMAGE, which compiled tasks set)."""
+    import importlib.metadata
+    import subprocess
+
+    commit = os.environ.get("SEGFLOW_GIT_COMMIT", "")
+    if not commit:
+        try:
+            here = Path(__file__).resolve().parent
+            done = subprocess.run(
+                ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            )
+            commit = done.stdout.strip() if done.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+    return {
+        "segflow.version": importlib.metadata.version("segflow"),
+        "segflow.git_commit": commit,
+        "segflow.image": os.environ.get("SEGFLOW_IMAGE", ""),
+    }
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset artifact a stage read: shown in the runs table's Dataset column."""
+
+    name: str
+    uri: str
+    fingerprint: str
+    context: str  # "training", "validation", "target", ...
 
 
 @dataclass(frozen=True)
@@ -235,25 +302,89 @@ class StageLog:
             mlflow.log_artifacts(str(folder))
         result["mlflow_run_id"] = self.run_id
 
-    def to_parent(self, context: RunContext | None, markdown: str, figure: Path, rows: list[dict]) -> None:
+    def to_parent(
+        self, context: RunContext | None, markdown: str, figure: Path, rows: list[dict], folder: str = "comparison"
+    ) -> None:
         """A comparison onto the pipeline's parent run (where runs of the pipeline are compared):
-        the table as Markdown and JSON, and the chart."""
+        the table as Markdown and JSON, and the chart, under ``folder``."""
         if self._run is None or context is None or not context.run_key:
             return
         mlflow = _mlflow()
         parent = pipeline_parent(context.run_key, context.run_name, context.experiment or None)
         client = mlflow.MlflowClient()
-        client.log_text(parent, markdown, "comparison/comparison.md")
-        client.log_dict(parent, {"candidates": rows}, "comparison/comparison.json")
-        client.log_artifact(parent, str(figure), "comparison")
+        client.log_text(parent, markdown, f"{folder}/{folder}.md")
+        client.log_dict(parent, {"candidates": rows}, f"{folder}/{folder}.json")
+        client.log_artifact(parent, str(figure), folder)
 
-    def model(self, ir_dir: Path) -> str:
-        """Log an OpenVINO IR folder as the run's pyfunc model; return its URI ("" when off)."""
+    def parent_tags(self, context: RunContext | None, tags: dict[str, str]) -> None:
+        """Tags on the pipeline's parent run (e.g. what a retraining tick decided)."""
+        if self._run is None or context is None or not context.run_key:
+            return
+        client = _mlflow().MlflowClient()
+        parent = pipeline_parent(context.run_key, context.run_name, context.experiment or None)
+        for key, value in tags.items():
+            client.set_tag(parent, key, value)
+
+    def parent_file(self, context: RunContext | None, path: Path, folder: str) -> None:
+        """A file (a chart) onto the pipeline's parent run, under ``folder``."""
+        if self._run is None or context is None or not context.run_key:
+            return
+        parent = pipeline_parent(context.run_key, context.run_name, context.experiment or None)
+        _mlflow().MlflowClient().log_artifact(parent, str(path), folder)
+
+    def model(self, ir_dir: Path) -> tuple[str, str]:
+        """Log an OpenVINO IR folder as the run's pyfunc model; return (model URI, model id), empty when off."""
         if self._run is None:
-            return ""
+            return "", ""
         from segflow.export.pyfunc import log_ir
 
         return log_ir(str(ir_dir))
+
+    def headline(
+        self,
+        context: RunContext | None,
+        metrics: dict | None = None,
+        datasets: tuple[DatasetRef, ...] = (),
+        model_id: str = "",
+    ) -> None:
+        """What a stage adds to its pipeline's parent run, where runs are compared: metrics under
+        names every pipeline shares (val_mDice, val_dice_CLASS, export_latency_ms, ...), the
+        datasets it read as run inputs (digest: the fingerprint), and the logged model it exported.
+        The datasets also go to the stage's own run."""
+        if self._run is None:
+            return
+        mlflow = _mlflow()
+        client = mlflow.MlflowClient()
+        inputs = [_dataset_input(d) for d in datasets]
+        if inputs:
+            client.log_inputs(self.run_id, datasets=inputs)
+        if context is None or not context.run_key:
+            return
+        parent = pipeline_parent(context.run_key, context.run_name, context.experiment or None)
+        numbers = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float) and v is not None}
+        if numbers:
+            client.log_batch(parent, metrics=[mlflow.entities.Metric(k, v, _now_ms(), 0) for k, v in numbers.items()])
+        if inputs:
+            client.log_inputs(parent, datasets=inputs)
+            for d in datasets:
+                client.set_tag(parent, f"{FINGERPRINT_TAG}.{d.context}", d.fingerprint)
+        if model_id:
+            client.log_outputs(parent, [mlflow.entities.LoggedModelOutput(model_id, 0)])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _dataset_input(ref: DatasetRef):
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    uri = ref.uri if "://" in ref.uri else str(Path(ref.uri).resolve())
+    dataset = MetaDataset(resolve_dataset_source(uri), name=ref.name, digest=ref.fingerprint[:DIGEST_CHARS])
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, ref.context)])
 
 
 def _jsonable(value):

@@ -77,6 +77,7 @@ class TrainConfig:
     overwrite: bool = False
     checkpoint_dir: str = ""  # local folder or s3:// prefix; default: beside OUT (see storage.Checkpoints)
     init_backbone: str = ""  # folder of DetCon-pretrained backbone weights
+    init_model: str = ""  # a segflow model folder: start from all its weights (fine-tune a champion)
     amp: str = "auto"  # auto: bf16 (or fp16) on CUDA, off on CPU; or off / bf16 / fp16
     channels_last: str = "auto"  # auto: on for CUDA
     labeled_subset: str = "train"
@@ -108,6 +109,7 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (self.max_labeled >= 0, "--max-labeled must be 0 (all) or more"),
             (self.iters_per_epoch >= 0, "--iters-per-epoch must be 0 (one pass) or more"),
+            (not (self.init_backbone and self.init_model), "--init-backbone and --init-model exclude each other"),
         ]
         for ok, message in checks:
             if not ok:

@@ -48,6 +48,7 @@ def train_segmenter(
     unlabeled_dir: Path | None = None,
     backbone_dir: Path | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    init_model_dir: Path | None = None,
 ) -> dict:
     """Train, validate every epoch, publish the best model into ``out_dir``; return the result."""
     cfg.validate()
@@ -77,7 +78,18 @@ def train_segmenter(
 
     objective = make_objective(cfg, len(labels), SPECS[cfg.model].head_channels, unlabeled)
 
+    if init_model_dir is not None:
+        start = model_artifact.read_config(init_model_dir)
+        if start["labels"] != labels or start["architecture"] != cfg.model:
+            raise SegflowError(
+                f"--init-model {cfg.init_model}: a {start['architecture']} model of classes {start['labels']} cannot "
+                f"start a {cfg.model} model of classes {labels}; use a model trained on these classes, or "
+                "--init-backbone."
+            )
+
     def build():
+        if init_model_dir is not None:
+            return model_artifact.create_from(init_model_dir)
         return create_model(cfg.model, len(labels), backbone_weights=str(backbone_dir) if backbone_dir else None)
 
     def validate(model) -> dict:

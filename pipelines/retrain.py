@@ -1,0 +1,57 @@
+"""Retrain when new data lands: fingerprint, and only when the data is new, fine-tune the champion.
+
+check the data's fingerprint against the champion's training data
+  same -> the parent run records "no new data"; nothing else runs
+  new  -> import -> fine-tune from the champion (from scratch when there is none) -> evaluate ->
+          export -> register: @challenger, and @champion when better by promotion_margin
+
+    segflow run pipelines/retrain.py --local -p data_uri=runs/demo/data/target -p registered_model=street
+    segflow schedule pipelines/retrain.py --cron "0 0 3 * * *" --host URL -p data_uri=s3://bucket/data/
+"""
+
+from kfp import dsl
+
+from segflow_components.data_import import import_data
+from segflow_components.flows import train_evaluate_export
+from segflow_components.lifecycle import check_for_new_data
+from segflow_components.platform import on_cluster
+from segflow_components.tracking import tracked
+
+
+@dsl.pipeline(name="retrain", description="Fine-tune the champion on new data; promote the better model.")
+def retrain(
+    data_uri: str = "runs/demo/data/target",
+    registered_model: str = "segflow",
+    promotion_margin: float = 0.0,
+    model_name: str = "lite_hrnet_s",
+    epochs: int = 12,
+    batch_size: int = 8,
+    input_size: int = 96,
+    iters_per_epoch: int = 0,
+    val_fraction: float = 0.2,
+    export_precision: str = "fp32",
+    seed: int = 0,
+    experiment: str = "",
+):
+    track, exit_handler = tracked(experiment, "retrain", locals())
+    with exit_handler:
+        check = check_for_new_data(data_uri=data_uri, registered_model=registered_model, **track)
+        on_cluster(check, cpu="1", memory="2G", cache=False)
+        with dsl.If(check.outputs["Output"] == "new", name="new-data"):
+            data = import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track)
+            on_cluster(data, cache=False)
+            train_evaluate_export(
+                data.outputs["dataset"],
+                track,
+                export_precision=export_precision,
+                registered_model=registered_model,
+                promotion_margin=promotion_margin,
+                source_fingerprint=check.outputs["fingerprint"],
+                init_model_uri=check.outputs["champion_model"],
+                model_name=model_name,
+                epochs=epochs,
+                batch_size=batch_size,
+                input_size=input_size,
+                iters_per_epoch=iters_per_epoch,
+                seed=seed,
+            )
