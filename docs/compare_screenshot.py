@@ -95,11 +95,11 @@ def main() -> None:
                 [experiment.experiment_id], "tags.`segflow.pipeline` = 'supervised'", order_by=["start_time ASC"]
             )
             ids = [r.info.run_id for r in parents][-2:]
-            shoot(browser, f"{uri}/#/experiments/{experiment.experiment_id}", HERE / "mlflow_runs.png", "1600,900")
+            shoot(browser, f"{uri}/#/experiments/{experiment.experiment_id}/runs", HERE / "mlflow_runs.png", "1600,900")
             query = urllib.parse.urlencode(
                 {"runs": json.dumps(ids), "experiments": json.dumps([experiment.experiment_id])}
             )
-            shoot(browser, f"{uri}/#/compare-runs?{query}", HERE / "mlflow_compare.png", "1600,1400")
+            shoot(browser, f"{uri}/#/compare-runs?{query}", HERE / "mlflow_compare.png", "1600,2600")
         finally:
             server.terminate()
             server.wait(timeout=30)
