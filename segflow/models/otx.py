@@ -127,8 +127,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # pickle refuses objects beyond tensors and plain containers
             raise SegflowError(
                 f"{path} cannot be read with weights_only=True ({str(exc).splitlines()[0][:200]}). segflow reads "
-                "only tensors from pickled checkpoints: in the environment that wrote it, save the weights "
-                "alone, e.g. `torch.save(torch.load(CKPT)['state_dict'], 'weights.pth')`."
+                "only tensors from pickled checkpoints: in the environment that wrote it (where its code is "
+                "trusted), save the weights alone with safetensors, e.g. "
+                "`safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')`, and convert that file."
             ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
