@@ -43,7 +43,7 @@ demo-adapt: $(STAMP)
 
 # Two worker processes (pytest-xdist) share the cores; each gives torch its share of threads.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --durations=12
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -66,6 +66,7 @@ bench: $(STAMP)
 
 preview: $(STAMP)
 	$(BIN)/segflow data preview docs/synthetic_domains.png --size 128
+	$(BIN)/segflow data preview docs/indoor_family.png --size 128 --family indoor
 
 # Refresh the pins from a clean environment after changing dependencies in pyproject.toml.
 constraints:

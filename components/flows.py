@@ -40,7 +40,7 @@ def train_evaluate_export(
 
 
 def register(
-    model, exported, evaluated, dataset, track: dict, registered_model, margin, source_fingerprint=""
+    model, exported, evaluated, dataset, track: dict, registered_model, margin, source_fingerprint="", adapted_to=""
 ) -> PipelineTask:
     """The registration task of an exported model (its evaluation decides champion or challenger)."""
     task = register_model(
@@ -51,6 +51,7 @@ def register(
         registered_model=registered_model,
         margin=margin,
         source_fingerprint=source_fingerprint,
+        adapted_to=adapted_to,
         **track,
     )
     return on_cluster(task, cpu="1", memory="4G", cache=False)

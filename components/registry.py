@@ -16,13 +16,15 @@ def register_model(
     registered_model: str = "segflow",
     margin: float = 0.0,
     source_fingerprint: str = "",
+    adapted_to: str = "",
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
 ) -> str:
     """A new version of REGISTERED_MODEL (the IR, with its scores, fingerprints and pipeline run);
     @challenger always, @champion when it beats the champion by more than MARGIN (mDice, 0-1) on
-    the same validation data. Returns the decision: champion or challenger."""
+    the same validation data. ADAPTED_TO: the fingerprint of the unlabelled images the model was
+    adapted to (retrain's drift branch). Returns the decision: champion or challenger."""
     from segflow.stages import register_stage
     from segflow.tracking import RunContext
 
@@ -35,7 +37,11 @@ def register_model(
         margin=margin,
         run=RunContext(run_key, run_name, experiment),
         artifact_uri=model.uri,
-        tags={"segflow.source_fingerprint": source_fingerprint},
+        tags={
+            "segflow.source_fingerprint": source_fingerprint,
+            "segflow.training_data": dataset.uri,  # a later retrain adapts from it (pipelines/retrain.py)
+            "segflow.adapted_to": adapted_to,
+        },
     )
     registration.log_metric("version", result["version"])
     registration.metadata.update({"decision": result["decision"], "reason": result["reason"]})

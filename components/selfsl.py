@@ -11,21 +11,22 @@ def pseudo_masks(
     images_uri: str,
     masks: Output[Dataset],
     metrics: Output[Metrics],
-    scale: float = 1000.0,
+    scale: float = 0.0,
     sigma: float = 0.8,
-    min_size: int = 1000,
+    min_size: int = 0,
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
 ):
-    """Felzenszwalb masks of every image under IMAGES_URI (local path or s3://; no labels needed)."""
+    """Felzenszwalb masks of every image under IMAGES_URI (local path or s3://; no labels needed).
+    SCALE and MIN_SIZE 0: chosen from the image size (segflow.selfsl.pseudo_masks)."""
     from segflow.selfsl.pseudo_masks import FelzenszwalbParams
     from segflow.stages import log_metrics_to, pseudo_masks_stage
     from segflow.tracking import RunContext
 
     params = FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size)
     result = pseudo_masks_stage(images_uri, masks.path, params, run=RunContext(run_key, run_name, experiment))
-    masks.metadata.update({"images": result["images"], "source": images_uri, "scale": scale, "min_size": min_size})
+    masks.metadata.update({"images": result["images"], "source": images_uri, **result["params"]})
     log_metrics_to(metrics, result["metrics"])
 
 
@@ -38,8 +39,8 @@ def pretrain_backbone(
     model_name: str = "lite_hrnet_s",
     epochs: int = 10,
     batch_size: int = 16,
-    input_size: int = 224,
-    lr: float = 0.001,
+    input_size: int = 0,
+    lr: float = 0.0,
     iters_per_epoch: int = 0,
     seed: int = 0,
     processes: int = 0,
@@ -49,8 +50,9 @@ def pretrain_backbone(
     run_name: str = "",
     experiment: str = "",
 ):
-    """DetCon-B pretraining of the backbone on the images and their pseudo masks. PROCESSES and
-    CHECKPOINT_ROOT: as for train_model."""
+    """DetCon-B pretraining of the backbone on the images and their pseudo masks. INPUT_SIZE and
+    LR 0: chosen from the images and the step budget (segflow.selfsl.detcon.auto_settings).
+    PROCESSES and CHECKPOINT_ROOT: as for train_model."""
     from segflow import storage
     from segflow.launch import run_stage
     from segflow.selfsl.detcon import PretrainConfig

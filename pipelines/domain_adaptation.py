@@ -3,7 +3,8 @@
 import source and target -> source-only training -> the adaptation methods as parallel branches
 (AdaptSegNet single- and multi-level, MinEnt, AdvEnt, DACS) -> MinEnt + AdvEnt ensemble -> every
 candidate evaluated on the target val subset (pictures beside the source-only model) -> the best
-exported. The target's labels choose snapshots and candidates; they are never trained on.
+exported and registered under registered_model (@champion only when it beats the champion on the
+target val subset by promotion_margin). The target's labels choose snapshots and candidates; they are never trained on.
 
     segflow run pipelines/domain_adaptation.py --local     # synthetic "game engine" -> "camera" data
     segflow compile pipelines/domain_adaptation.py --output domain_adaptation.yaml
@@ -18,6 +19,7 @@ from segflow_components.adapt import adapt_model, choose_best, ensemble_models
 from segflow_components.data_import import import_data
 from segflow_components.evaluate import evaluate_model
 from segflow_components.export import export_model
+from segflow_components.flows import register
 from segflow_components.platform import on_cluster, resumable
 from segflow_components.tracking import tracked
 from segflow_components.train import train_model
@@ -47,6 +49,8 @@ def domain_adaptation(
     val_fraction: float = 0.2,
     export_precision: str = "fp32",
     seed: int = 0,
+    registered_model: str = "segflow",
+    promotion_margin: float = 0.0,
     experiment: str = "",
 ):
     track, exit_handler = tracked(experiment, "domain-adaptation", locals())
@@ -116,3 +120,7 @@ def domain_adaptation(
         on_cluster(best)
         exported = export_model(model=best.outputs["best"], dataset=target, precision=export_precision, **track)
         on_cluster(exported)
+        # Registered like any exported model: compared with the champion on the target val subset.
+        best_eval = evaluate_model(model=best.outputs["best"], dataset=target, headline=False, **track)
+        on_cluster(best_eval.set_display_name("evaluate-best"))
+        register(best.outputs["best"], exported, best_eval, target, track, registered_model, promotion_margin)

@@ -7,9 +7,10 @@ import labelled data -> pseudo masks (Felzenszwalb) -> DetCon pretraining -> fin
     segflow compile pipelines/selfsl_then_finetune.py --output selfsl_then_finetune.yaml
     kfp run create -e segflow -r my-run -f selfsl_then_finetune.yaml data_uri=s3://... unlabeled_uri=s3://...
 
-Defaults are sized for the demo (96 px images, CPU). For real data use the OTX settings:
-felzenszwalb_scale=1000, felzenszwalb_min_size=1000, pretrain_input_size=224, pretrain_lr=0.001,
-input_size=512, epochs=300.
+Felzenszwalb scale and minimum size, the pretraining view size and learning rate are chosen from
+the unlabelled images when left at 0 (the README's "auto" rules; the chosen values are logged as
+auto.* params of the pseudo-masks and pretrain runs). The other defaults are sized for the demo
+(96 px images, CPU); for real data, fine-tune longer and larger: input_size=512, epochs=300.
 """
 
 from kfp import dsl
@@ -27,12 +28,12 @@ def selfsl_then_finetune(
     unlabeled_uri: str = "runs/demo/data/unlabeled",
     model_name: str = "lite_hrnet_s",
     finetune_method: str = "supervised",
-    felzenszwalb_scale: float = 100.0,
-    felzenszwalb_min_size: int = 40,
+    felzenszwalb_scale: float = 0.0,
+    felzenszwalb_min_size: int = 0,
     pretrain_epochs: int = 10,
     pretrain_batch_size: int = 16,
-    pretrain_input_size: int = 96,
-    pretrain_lr: float = 0.05,
+    pretrain_input_size: int = 0,
+    pretrain_lr: float = 0.0,
     epochs: int = 12,
     batch_size: int = 8,
     input_size: int = 96,

@@ -41,12 +41,13 @@ def data_synth(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
     unlabeled: Annotated[bool, typer.Option("--unlabeled", help="Images only, no masks or meta.")] = False,
+    family: Annotated[str, typer.Option(help="street (7 classes) or indoor (8 classes: rooms, furniture).")] = "street",
 ) -> None:
-    """Render procedural street scenes (7 classes) in Common Semantic Segmentation layout."""
+    """Render procedural scenes (street or indoor) in Common Semantic Segmentation layout."""
     from segflow.data.synth import synthesize
 
-    path = synthesize(out, domain, num_images, size, seed, unlabeled)  # type: ignore[arg-type]
-    typer.echo(f"wrote {num_images} {domain} {'images' if unlabeled else 'labelled scenes'} to {path}")
+    path = synthesize(out, domain, num_images, size, seed, unlabeled, family)  # type: ignore[arg-type]
+    typer.echo(f"wrote {num_images} {family} {domain} {'images' if unlabeled else 'labelled scenes'} to {path}")
 
 
 @data_app.command("preview")
@@ -54,11 +55,12 @@ def data_preview(
     out: Annotated[Path, typer.Argument(help="PNG file to write.")],
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option()] = 0,
+    family: Annotated[str, typer.Option(help="street or indoor.")] = "street",
 ) -> None:
     """Save a grid of source and target samples with their masks."""
     from segflow.data.synth import preview_grid
 
-    typer.echo(f"wrote {preview_grid(out, size=size, seed=seed)}")
+    typer.echo(f"wrote {preview_grid(out, size=size, seed=seed, family_name=family)}")
 
 
 @data_app.command("import")
@@ -120,24 +122,63 @@ def train_cmd(
     )
 
 
+def auto_number(value: str, setting: str, kind: type = float) -> float:
+    """An option that takes a number or ``auto`` (stored as 0: the stage chooses from the data)."""
+    if value.strip().lower() == "auto":
+        return kind(0)
+    try:
+        number = kind(value)
+    except ValueError:
+        raise SegflowError(f"{setting} must be a number or 'auto' (got {value!r}).") from None
+    if number <= 0:
+        raise SegflowError(f"{setting} must be positive, or 'auto' (got {value!r}).")
+    return number
+
+
+AUTO_RULE = "auto: chosen from the image size (see the README)."
+Scale = Annotated[str, typer.Option(help=f"Felzenszwalb scale, or {AUTO_RULE}")]
+MinSize = Annotated[str, typer.Option(help=f"Felzenszwalb minimum region size in pixels, or {AUTO_RULE}")]
+Sigma = Annotated[float, typer.Option(help="Felzenszwalb Gaussian sigma.")]
+
+
+def felzenszwalb_options(scale: str, sigma: float, min_size: str):
+    from segflow.selfsl.pseudo_masks import FelzenszwalbParams
+
+    return FelzenszwalbParams(
+        scale=auto_number(scale, "--scale"), sigma=sigma, min_size=int(auto_number(min_size, "--min-size", int))
+    )
+
+
 @app.command("pseudo-masks")
 def pseudo_masks_cmd(
     images: Annotated[str, typer.Argument(help="Folder of images (local or s3://).")],
     out: Annotated[str, typer.Option(help="Mask folder; default: detcon_mask/ beside IMAGES.")] = "",
     workers: Annotated[int, typer.Option(help="Processes; 0 = one per core.")] = 0,
-    scale: Annotated[float, typer.Option(help="Felzenszwalb scale.")] = 1000.0,
-    sigma: Annotated[float, typer.Option(help="Felzenszwalb Gaussian sigma.")] = 0.8,
-    min_size: Annotated[int, typer.Option(help="Felzenszwalb minimum region size (pixels).")] = 1000,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an s3:// OUT that exists.")] = False,
+    scale: Scale = "auto",
+    sigma: Sigma = 0.8,
+    min_size: MinSize = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace masks made with other parameters (or an s3:// OUT).")
+    ] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = False,
 ) -> None:
-    """Felzenszwalb pseudo masks for DetCon; masks already made for the same image and parameters are reused."""
-    from segflow.selfsl.pseudo_masks import FelzenszwalbParams
+    """Felzenszwalb pseudo masks for DetCon; masks already made for the same image and parameters are reused.
+
+    Masks made with other parameters are kept unless --overwrite says to replace them.
+    """
     from segflow.stages import pseudo_masks_stage
 
-    params = FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size)
+    params = felzenszwalb_options(scale, sigma, min_size)
     result = pseudo_masks_stage(images, out, params, workers, track=track, overwrite=overwrite)
-    typer.echo(f"{result['images']} images: {result['made']} masks made, {result['reused']} reused -> {result['out']}")
+    typer.echo(
+        f"{result['images']} images: {result['made']} masks made, {result['reused']} reused, "
+        f"{result['segments_per_image']:g} segments per image ({_felzenszwalb_said(result)}) -> {result['out']}"
+    )
+
+
+def _felzenszwalb_said(made: dict) -> str:
+    p = made["params"]
+    return f"scale {p['scale']:g}, sigma {p['sigma']:g}, min size {p['min_size']}: {made['params_chosen_by']}"
 
 
 @app.command("pretrain")
@@ -147,19 +188,47 @@ def detcon_cmd(
     model: Annotated[str, typer.Option(help="lite_hrnet_s, lite_hrnet_18 or lite_hrnet_x.")] = "lite_hrnet_s",
     epochs: Annotated[int, typer.Option()] = 10,
     batch_size: Annotated[int, typer.Option()] = 16,
-    input_size: Annotated[int, typer.Option(help="View side in pixels (multiple of 32).")] = 224,
-    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 1e-3,
+    input_size: Annotated[str, typer.Option(help=f"View side in pixels (multiple of 32), or {AUTO_RULE}")] = "auto",
+    lr: Annotated[str, typer.Option(help="SGD learning rate, or auto: chosen from the step budget.")] = "auto",
     iters_per_epoch: Annotated[int, typer.Option(help="At least this many steps per epoch.")] = 0,
+    masks: Annotated[
+        str, typer.Option(help="Pseudo-mask folder (pseudo-masks --out); default: detcon_mask/ beside IMAGES.")
+    ] = "",
+    scale: Scale = "auto",
+    sigma: Sigma = 0.8,
+    min_size: MinSize = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over; replace OUT (never the masks).")] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
 ) -> None:
-    """DetCon self-supervised pretraining of a backbone (pseudo masks are made first when missing)."""
+    """DetCon self-supervised pretraining of a backbone.
+
+    Pseudo masks already in --masks (or detcon_mask/ beside the images) are used as they are; the
+    missing ones are made with their parameters, or by the size rule when there are none. Asking for
+    other Felzenszwalb parameters than those masks have stops with an error: nothing is replaced.
+    """
     from segflow.selfsl.detcon import PretrainConfig
     from segflow.stages import detcon_stage
 
-    metrics = detcon_stage(from_options(PretrainConfig, locals()), track=track)["metrics"]
+    cfg = from_options(
+        PretrainConfig,
+        locals(),
+        input_size=int(auto_number(input_size, "--input-size", int)),
+        lr=auto_number(lr, "--lr"),
+        felzenszwalb=felzenszwalb_options(scale, sigma, min_size),
+    )
+    result = detcon_stage(cfg, track=track)
+    metrics, chosen = result["metrics"], result["chosen"]
+    if result["pseudo_masks"]:
+        typer.echo(
+            f"pseudo masks: {result['pseudo_masks']['made']} made, {result['pseudo_masks']['reused']} reused, "
+            f"{result['pseudo_masks']['segments_per_image']:g} segments per image "
+            f"({_felzenszwalb_said(result['pseudo_masks'])})"
+        )
+    for name in ("input_size", "lr"):
+        if name in chosen:
+            typer.echo(f"auto {name} = {chosen[name]:g} ({chosen[name + '_rule']})")
     typer.echo(
         f"DetCon loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} over {metrics['epochs']} epochs "
         f"on {metrics['images']} images -> {out}  (use: segflow train --init-backbone {out})"

@@ -30,6 +30,8 @@ TRAIN_FINGERPRINT = "segflow.training_fingerprint"
 SOURCE_FINGERPRINT = "segflow.source_fingerprint"  # the raw data it was trained on (pipelines/retrain.py)
 DRIFT_REFERENCE = "segflow.drift_reference"  # segflow.evaluate.drift statistics on its validation images
 MODEL_ARTIFACT = "segflow.model_artifact"  # the segflow model folder (PyTorch), for re-scoring
+TRAINING_DATA = "segflow.training_data"  # the dataset artifact it was trained on (the source when adapting)
+ADAPTED_TO = "segflow.adapted_to"  # fingerprint of the unlabelled images an adapted version was adapted to
 DECISION, REASON = "segflow.decision", "segflow.reason"
 SETTLE_SECONDS = 2.0
 
@@ -53,12 +55,12 @@ def scores_of(version) -> dict[str, float]:
     return {k[len(SCORE_PREFIX) :]: float(v) for k, v in version.tags.items() if k.startswith(SCORE_PREFIX)}
 
 
-def champion(client, name: str):
-    """The version under @champion, or None."""
+def champion(client, name: str, alias: str = CHAMPION):
+    """The version under @champion (or another alias), or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 

@@ -170,7 +170,7 @@ def pseudo_masks_stage(
     config = {"images": images, "out": out, **params.__dict__}
     with tracking.stage_log("pseudo_masks", config, run, enabled=track) as log:
         if not storage.is_s3(images) and not storage.is_s3(out):
-            result = make_pseudo_masks(Path(images), Path(out) if out else None, params, workers)
+            result = make_pseudo_masks(Path(images), Path(out) if out else None, params, workers, replace=overwrite)
         else:
             if not out:
                 raise SegflowError("pseudo masks of s3:// images need --out (a local folder or s3:// prefix).")
@@ -179,7 +179,8 @@ def pseudo_masks_stage(
                 storage.local_input(images, "IMAGES", sealed=False) as folder,
             ):
                 result = make_pseudo_masks(folder, stage, params, workers) | {"out": out}
-        result["metrics"] = {k: result[k] for k in ("images", "made", "reused")}
+        result["metrics"] = {k: result[k] for k in ("images", "made", "reused", "segments_per_image")}
+        log.chosen(_masks_chosen(result))
         log.result(result)
     return result
 
@@ -192,6 +193,14 @@ def detcon_masks(cfg: PretrainConfig, images: Path) -> tuple[Path, dict]:
     """The pseudo masks DetCon trains on: ``--masks`` or detcon_mask/ beside the images, made when missing."""
     masks = detcon_masks_dir(cfg, images)
     return masks, make_pseudo_masks(images, masks, cfg.felzenszwalb)
+
+
+def _masks_chosen(made: dict) -> dict:
+    """The Felzenszwalb parameters a run used and why, as "auto" settings to log."""
+    if not made:
+        return {}
+    chosen = {f"felzenszwalb.{k}": v for k, v in made["params"].items()}
+    return chosen | {"felzenszwalb_rule": made["params_chosen_by"], "segments_per_image": made["segments_per_image"]}
 
 
 def detcon_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
@@ -212,6 +221,7 @@ def detcon_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, tr
         checkpoints = _checkpoints(cfg.out, cfg.checkpoint_dir, cfg.resume, main)
         result = train_detcon(cfg, images, masks, out, checkpoints.local, on_epoch=_pushing(checkpoints, log.epoch))
         result["pseudo_masks"] = made
+        log.chosen(result["chosen"] | _masks_chosen(made))
         log.result(result, "pretraining.json")
     if main:
         checkpoints.discard()
@@ -487,19 +497,28 @@ def check_new_data_stage(
 
     New data and a champion: the label-free drift score of the new images against the champion's
     validation images (segflow.evaluate.drift) goes to MLflow with its chart. Images without
-    masks are not trained on: the decision is "shifted" when the score passes ``threshold``, else
-    "unlabelled"."""
+    masks are not trained on: the decision is "shifted" when the score passes ``threshold`` (the
+    pipeline then adapts the champion to them, from its training data), else "unlabelled".
+    Images the champion or the challenger was already adapted to are "adapted": nothing to do."""
     from segflow import registry
 
     threshold = drift.DEFAULT_THRESHOLD if threshold is None else threshold
     fingerprint = storage.source_fingerprint(data_uri)
-    current = registry.champion(tracking.client(), registered_model) if registered_model else None
+    client = tracking.client() if registered_model else None
+    current = registry.champion(client, registered_model) if registered_model else None
     same = current is not None and current.tags.get(registry.SOURCE_FINGERPRINT) == fingerprint
+    adapted = None
+    for alias in (registry.CHAMPION, registry.CHALLENGER) if current is not None and not same else ():
+        version = registry.champion(client, registered_model, alias)
+        if version is not None and version.tags.get(registry.ADAPTED_TO) == fingerprint:
+            adapted = version
+            break
     result = {
         "fingerprint": fingerprint,
-        "decision": "same" if same else "new",
+        "decision": "same" if same else "adapted" if adapted else "new",
         "champion_version": int(current.version) if current is not None else 0,
         "champion_model": current.tags.get(registry.MODEL_ARTIFACT, "") if current is not None else "",
+        "champion_data": current.tags.get(registry.TRAINING_DATA, "") if current is not None else "",
     }
     config = {"data_uri": data_uri, "registered_model": registered_model, "drift_threshold": threshold}
     with (
@@ -508,7 +527,7 @@ def check_new_data_stage(
         contextlib.ExitStack() as inputs,
     ):
         files, scores = [], {"new_data": 0 if same else 1}
-        if not same and current is not None and registry.DRIFT_REFERENCE in current.tags:
+        if result["decision"] == "new" and current is not None and registry.DRIFT_REFERENCE in current.tags:
             data = inputs.enter_context(storage.local_input(data_uri, "data_uri", sealed=False))
             labelled = (data / "masks").is_dir() or any(data.glob("*/masks"))
             images = data / "images" if (data / "images").is_dir() else data
@@ -519,7 +538,9 @@ def check_new_data_stage(
             scores |= {"drift_score": score, **{f"drift_{k}": v for k, v in parts.items()}}
             files.append(drift.drift_chart(reference, now, score, Path(tmp) / "drift.png"))
             if not labelled:
-                result["decision"] = "shifted" if score > threshold else "unlabelled"
+                # Adapting needs the champion's labelled training data as the source.
+                can_adapt = score > threshold and bool(result["champion_data"])
+                result["decision"] = "shifted" if can_adapt else "unlabelled"
         log.tag("segflow.source_fingerprint", fingerprint)
         log.result(result | {"metrics": scores}, "check.json", files=files)
         score_text = f"{result.get('drift_score', 0):.3f}"
@@ -528,7 +549,13 @@ def check_new_data_stage(
             "new": f"new data: {data_uri} (fingerprint {fingerprint[:16]})",
             "shifted": f"unlabelled images that drifted (score {score_text} > {threshold}): adapt the champion",
             "unlabelled": f"unlabelled images, no drift (score {score_text} <= {threshold}): nothing to do",
+            "adapted": f"unlabelled images v{adapted.version if adapted else 0} was already adapted to: nothing to do",
         }
+        if result["decision"] == "unlabelled" and result.get("drift_score", 0) > threshold:
+            notes["unlabelled"] = (
+                f"unlabelled images that drifted (score {score_text} > {threshold}), but champion "
+                f"v{result['champion_version']} records no training data to adapt from: retrain it with this version"
+            )
         log.headline(run, scores)
         log.parent_tags(run, {"segflow.retrain": notes[result["decision"]], "segflow.source_fingerprint": fingerprint})
         if files:

@@ -35,7 +35,8 @@ def all_tasks(ir: dict) -> dict[str, dict]:
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_every_pipeline_compiles_with_project_image_and_platform_settings(path, tmp_path):
     ir, platform = compile_ir(path, tmp_path)
-    executors = ir["deploymentSpec"]["executors"]
+    # Importers (retrain's run-time URIs) run no container of ours.
+    executors = {k: v for k, v in ir["deploymentSpec"]["executors"].items() if "importer" not in v}
     assert executors
     for name, executor in executors.items():
         container = executor["container"]
@@ -218,10 +219,8 @@ def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
         "batch_size": 4,
         "pretrain_epochs": 1,
         "pretrain_batch_size": 4,
-        "pretrain_input_size": 64,
-        "felzenszwalb_min_size": 20,
         "finetune_method": "supcon",
-    }
+    }  # Felzenszwalb parameters, pretraining view size and lr: auto
     result = orchestration.run_local(REPO / "pipelines" / "selfsl_then_finetune.py", params)
     assert (result["job_dir"] / "pretrain-backbone" / "backbone" / "backbone.safetensors").exists()
     summary = json.loads((result["job_dir"] / "train-model" / "model" / "training.json").read_text())
@@ -238,6 +237,15 @@ def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
         "register segflow",
         "train lite_hrnet_s supcon",
     ]
+    # What "auto" chose is on the stage runs: the size rule for 64 px images.
+    by_name = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"]}
+    masks = by_name["pseudo_masks"].data.params
+    assert float(masks["auto.felzenszwalb.scale"]) > 0 and int(masks["auto.felzenszwalb.min_size"]) > 0
+    assert masks["auto.felzenszwalb_rule"].startswith("size rule for 64 px images x"), masks
+    assert 10 <= float(masks["auto.segments_per_image"]) <= 32, masks
+    pretrain = by_name["pretrain lite_hrnet_s detcon"].data.params
+    assert pretrain["auto.input_size"] == "64" and pretrain["auto.lr"] == "0.05"
+    assert pretrain["auto.felzenszwalb_rule"] == "those of the masks already made"
 
 
 def test_domain_adaptation_ir_runs_branches_in_parallel(tmp_path):
@@ -278,3 +286,6 @@ def test_domain_adaptation_pipeline_runs_locally(tmp_path, segflow_home):
     client = mlflow.MlflowClient(tracking.tracking_uri())
     artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "comparison")}
     assert {"comparison/comparison.md", "comparison/comparison.png"} <= artifacts
+    # The chosen model is registered like any export, with the target's validation fingerprint.
+    version = client.get_model_version_by_alias("segflow", "challenger")
+    assert version.tags["segflow.pipeline_run"] and version.tags["segflow.validation_fingerprint"]

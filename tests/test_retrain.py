@@ -5,7 +5,8 @@
 3. More labelled data: the champion is fine-tuned, v2 is registered, and the better holds @champion.
 
 Then unlabelled images: of the training domain (low drift score, nothing to do), and in the target
-style (the score passes the threshold and the run says so).
+style: the score passes the threshold, the champion is adapted to them from its own training data
+and registered, tagged with those images; the same images again do nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ PIPELINE = REPO / "pipelines" / "retrain.py"
 @pytest.mark.slow
 def test_three_ticks(tmp_path, segflow_home):
     data = synthesize(tmp_path / "landing", "source", num_images=12, size=64, seed=77)
-    params = {"data_uri": str(data), "registered_model": "street", "epochs": 2, "input_size": 64, "batch_size": 4}
+    params = {
+        "data_uri": str(data),
+        "registered_model": "street",
+        "epochs": 2,
+        "input_size": 64,
+        "batch_size": 4,
+        "adapt_iterations": 4,
+        "adapt_eval_every": 2,
+    }
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
 
@@ -70,16 +79,31 @@ def test_three_ticks(tmp_path, segflow_home):
     assert "segflow.drift_reference" in champion.tags
 
     # Unlabelled images land: nothing trains; the drift score says whether they moved away.
-    def unlabelled_tick(domain: str, seed: int) -> dict:
-        images = synthesize(tmp_path / f"unl-{domain}", domain, num_images=12, size=64, seed=seed, unlabeled=True)
+    def unlabelled_tick(images) -> tuple[dict, object]:
         tick = orchestration.run_local(PIPELINE, {**params, "data_uri": str(images)})
         assert "train-model" not in tick["tasks"]
-        return client.get_run(tick["mlflow_run_id"])
+        return tick, client.get_run(tick["mlflow_run_id"])
 
-    calm = unlabelled_tick("source", 79)  # the training domain
-    moved = unlabelled_tick("target", 80)  # the camera style
+    calm_images = synthesize(tmp_path / "unl-source", "source", num_images=12, size=64, seed=79, unlabeled=True)
+    moved_images = synthesize(tmp_path / "unl-target", "target", num_images=12, size=64, seed=80, unlabeled=True)
+    calm_tick, calm = unlabelled_tick(calm_images)  # the training domain
+    assert "adapt-model" not in calm_tick["tasks"], sorted(calm_tick["tasks"])
+    moved_tick, moved = unlabelled_tick(moved_images)  # the camera style
     low, high = calm.data.metrics["drift_score"], moved.data.metrics["drift_score"]
     print(f"drift scores: unshifted {low:.3f}, shifted {high:.3f}")
     assert calm.data.tags["segflow.retrain"].startswith("unlabelled images, no drift")
     assert moved.data.tags["segflow.retrain"].startswith("unlabelled images that drifted")
+    assert moved.data.tags["segflow.retrain"].endswith("adapt the champion")
     assert low < high
+
+    # The drifted images: the champion was adapted to them (DACS, its training data as the source)
+    # and registered as a new version that says what it was adapted to.
+    assert {"adapt-model", "register-model-2"} <= set(moved_tick["tasks"]), sorted(moved_tick["tasks"])
+    adapted = max(client.search_model_versions("name = 'street'"), key=lambda v: int(v.version))
+    assert adapted.tags[registry.ADAPTED_TO] == moved.data.tags["segflow.source_fingerprint"]
+    assert adapted.tags[registry.TRAINING_DATA] == champion.tags[registry.TRAINING_DATA]
+    versions = len(client.search_model_versions("name = 'street'"))
+    again_tick, again = unlabelled_tick(moved_images)
+    assert "adapt-model" not in again_tick["tasks"], again_tick["tasks"]
+    assert again.data.tags["segflow.retrain"].startswith("unlabelled images v"), again.data.tags["segflow.retrain"]
+    assert len(client.search_model_versions("name = 'street'")) == versions

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_pretrain, run_train
+from conftest import run_cli, run_pretrain, run_train
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -34,16 +34,75 @@ def images(tmp_path) -> Path:
 def test_masks_go_beside_the_images_and_are_reused(images):
     first = make_pseudo_masks(images, params=SMALL, workers=2)
     masks = images.parent / "detcon_mask"
-    assert first == {"images": 8, "made": 8, "reused": 0, "out": str(masks)}
+    assert {k: first[k] for k in ("images", "made", "reused", "out")} == {
+        "images": 8,
+        "made": 8,
+        "reused": 0,
+        "out": str(masks),
+    }
+    assert first["params"] == {"scale": 100, "sigma": 0.8, "min_size": 20} and first["params_chosen_by"] == "as set"
     mask = np.asarray(Image.open(masks / "target_00000.png"))
     assert mask.dtype == np.uint8 and mask.shape == (64, 64) and len(np.unique(mask)) >= 3
     stamps = {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")}
     assert make_pseudo_masks(images, params=SMALL)["reused"] == 8
     assert {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")} == stamps, "reused masks must not be rewritten"
-    # A changed image, or other parameters, make new masks.
+    # A changed image makes a new mask; so do other parameters, but only when told to replace.
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(images / "target_00003.png")
     assert make_pseudo_masks(images, params=SMALL)["made"] == 1
-    assert make_pseudo_masks(images, params=FelzenszwalbParams(scale=50, min_size=20))["made"] == 8
+    other = FelzenszwalbParams(scale=50, min_size=20)
+    with pytest.raises(SegflowError, match=r"other Felzenszwalb parameters \(scale 100, sigma 0.8, min size 20\)"):
+        make_pseudo_masks(images, params=other)
+    assert {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")}.keys() == stamps.keys()
+    assert make_pseudo_masks(images, params=other, replace=True)["made"] == 8
+
+
+def test_auto_parameters_adopt_existing_masks_and_otherwise_follow_the_image_size(images, tmp_path):
+    """Left at auto, the parameters are those of the masks already made (a user's own), else the
+    size rule fitted to about 20 segments per image, on 64 px and 256 px images alike."""
+    made = make_pseudo_masks(images, params=SMALL)
+    again = make_pseudo_masks(images)  # auto
+    assert again["reused"] == 8 and again["params"] == made["params"]
+    assert again["params_chosen_by"] == "those of the masks already made"
+    for size in (64, 256):
+        folder = synthesize(tmp_path / f"u{size}" / "images", "target", num_images=6, size=size, seed=1, unlabeled=True)
+        result = make_pseudo_masks(folder)
+        assert result["params_chosen_by"].startswith(f"size rule for {size} px images x"), result
+        assert 10 <= result["segments_per_image"] <= 32, result
+    # OTX's fixed defaults (made for ~512 px images) collapse a 64 px image into one or two segments.
+    otx = FelzenszwalbParams(scale=1000, sigma=0.8, min_size=1000)
+    image = np.asarray(Image.open(sorted((tmp_path / "u64" / "images").iterdir())[0]).convert("RGB"))
+    assert len(np.unique(segment(image, otx))) <= 3
+
+
+def test_pretrain_command_uses_the_masks_a_user_made_and_never_replaces_them(tmp_path):
+    """The README's command-line path: masks made with `segflow pseudo-masks --scale --min-size`
+    are what `segflow pretrain --images --out --epochs` trains on; asking for other parameters
+    stops with a clear error and leaves them as they were; on fresh 96 px images the defaults give
+    a sane number of segments and fit the view size to the images."""
+    images = synthesize(tmp_path / "unl" / "images", "target", num_images=6, size=96, seed=2, unlabeled=True)
+    masks = tmp_path / "unl" / "detcon_mask"
+    code, out, err = run_cli("pseudo-masks", images, "--scale", "150", "--min-size", "30")
+    assert code == 0, err
+    stamps = {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")}
+    code, out, err = run_cli("pretrain", "--images", images, "--out", tmp_path / "bb", "--epochs", "1", "--no-track")
+    assert code == 0, err
+    assert "0 made, 6 reused" in out and "scale 150, sigma 0.8, min size 30: those of the masks already made" in out
+    assert "auto input_size = 96" in out and "auto lr = 0.05" in out
+    assert {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")} == stamps
+    code, out, err = run_cli(
+        "pretrain", "--images", images, "--out", tmp_path / "bb2", "--epochs", "1", "--scale", "300", "--no-track"
+    )
+    assert code == 2 and "other Felzenszwalb parameters (scale 150, sigma 0.8, min size 30)" in err, err
+    assert "Traceback" not in err and not (tmp_path / "bb2").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")} == stamps
+    code, out, err = run_cli("pretrain", "--images", images, "--out", tmp_path / "bb3", "--lr", "fast", "--no-track")
+    assert code == 2 and "--lr must be a number or 'auto'" in err
+    # Fresh images, defaults only.
+    fresh = synthesize(tmp_path / "fresh", "target", num_images=6, size=96, seed=3, unlabeled=True)
+    code, out, err = run_cli("pretrain", "--images", fresh, "--out", tmp_path / "bb4", "--epochs", "1", "--no-track")
+    assert code == 0, err
+    segments = float(re.search(r"([\d.]+) segments per image", out).group(1))
+    assert 10 <= segments <= 32 and "size rule for 96 px images" in out, out
 
 
 def test_same_image_same_mask():

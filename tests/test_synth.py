@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segflow.data import indoor
 from segflow.data.synth import CLASSES, make_sample, preview_grid, synthesize
 from segflow.errors import SegflowError
 
@@ -68,6 +69,7 @@ def test_preview_grid(tmp_path):
         ({"domain": "night"}, "--domain"),
         ({"num_images": 0}, "--num-images"),
         ({"size": 8}, "--size"),
+        ({"family_name": "forest"}, "--family 'forest' is not known"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, kwargs, message):
@@ -82,3 +84,35 @@ def test_refuses_non_empty_output(tmp_path):
     with pytest.raises(SegflowError, match="not empty"):
         synthesize(tmp_path / "x", "source", 2, 48, 0)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_street_scenes_are_the_same_bytes_as_ever():
+    """Adding families must not change the street family's scenes (datasets, fingerprints and
+    benchmark figures made before depend on them)."""
+    h = hashlib.sha256()
+    for domain in ("source", "target"):
+        for i in range(3):
+            image, mask = make_sample(domain, i, 64, 7)
+            h.update(image.tobytes())
+            h.update(mask.tobytes())
+    assert h.hexdigest() == "cd5db9275efaac68b79ad4c8cb967a5fca059cdf060b8914c68c686bf18d0010"
+
+
+def test_indoor_family_is_deterministic_and_unlike_the_street(tmp_path):
+    a = synthesize(tmp_path / "a", "target", num_images=3, size=64, seed=5, family_name="indoor")
+    b = synthesize(tmp_path / "b", "target", num_images=3, size=64, seed=5, family_name="indoor")
+    assert _digest(a) == _digest(b)
+    meta = json.loads((a / "dataset_meta.json").read_text())
+    assert list(meta["label_map"].values()) == list(indoor.CLASSES) and not set(indoor.CLASSES) & set(CLASSES)
+    assert sorted(p.name for p in (a / "images").iterdir())[0] == "indoor-target_00000.png"
+    counts = np.zeros(len(indoor.CLASSES))
+    for i in range(24):
+        for domain in ("source", "target"):
+            _, mask = make_sample(domain, i, 64, 0, "indoor")
+            counts += np.bincount(mask.ravel(), minlength=len(indoor.CLASSES))
+    share = counts / counts.sum()
+    assert (share > 0).all(), share  # every class appears
+    # Walls and floor dominate; furniture is rare (the street family's balance is another).
+    assert share[indoor.WALL] + share[indoor.FLOOR] > 0.5 and share[indoor.TABLE] < 0.05, share
+    # The same index and seed in the two families are different scenes.
+    assert not np.array_equal(make_sample("target", 0, 64, 0)[0], make_sample("target", 0, 64, 0, "indoor")[0])

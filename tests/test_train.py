@@ -144,17 +144,67 @@ def test_supcon_contrastive_loss_falls(dataset, tmp_path):
     assert all(np.isfinite(contrastive)) and contrastive[-1] < contrastive[0], contrastive
 
 
-def test_mean_teacher_student_fits_the_teacher_on_unlabelled_images(dataset, unlabeled, tmp_path):
-    """From the teacher's first epoch on, the student's loss on the unlabelled images (against the
-    teacher's pseudo-labels) falls; before it, only labelled pixels count."""
-    mt = MeanTeacherConfig(unlabeled=str(unlabeled), start_epoch=1, unlabeled_batch_size=2)
+def test_mean_teacher_warms_up_then_ramps_and_learns_the_confident_pseudo_labels(dataset, unlabeled, tmp_path):
+    """Supervised only during the warm-up steps; then the unsupervised weight ramps to its full
+    value, and the student's loss against the teacher's confident pseudo-labels falls."""
+    mt = MeanTeacherConfig(
+        unlabeled=str(unlabeled), warmup_steps=4, ramp_steps=8, confidence=0.2, unlabeled_batch_size=2
+    )
     summary = run_train(cfg(dataset, tmp_path / "m", epochs=6, iters_per_epoch=4, mean_teacher=mt))
     assert summary["objective"] == "mean_teacher"
     first, *taught = summary["history"]
     assert "train_unsup" not in first
-    unsup = [h["train_unsup"] for h in taught]
-    assert unsup[-1] < unsup[0], unsup
-    assert taught[-1]["train_dropped"] == pytest.approx(0.2 * (1 - 5 / 100))
+    weights = [h["train_unsup_weight"] for h in taught]
+    assert weights == sorted(weights) and weights[-1] == pytest.approx(1.0) and weights[0] < 1.0, weights
+    shares = [h["train_confident_share"] for h in taught]
+    assert all(0 <= share <= 1 for share in shares) and max(shares) > 0, shares
+    assert np.isfinite([h["train_unsup"] for h in taught]).all()
+
+
+class FixedLogits(torch.nn.Module):
+    """A "network" whose output is a fixed (trainable) logit tensor, for checking a loss by hand."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, images):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits[: images.shape[0]])
+
+
+def test_mean_teacher_learns_only_where_the_teacher_is_sure():
+    """The student gets gradient from an unlabelled pixel only when the teacher's confidence there
+    reaches the threshold; during the warm-up, from none."""
+    from segflow.train.engine import Step, Stream
+    from segflow.train.objectives import MeanTeacher
+
+    classes, size = 4, 6
+    teacher_logits = torch.zeros(1, classes, size, size)
+    teacher_logits[0, 2, :, :3] = 10.0  # sure of class 2 on the left half, undecided on the right
+    mt = MeanTeacher(MeanTeacherConfig(unlabeled="u", warmup_steps=5, ramp_steps=0), Stream([], 1))
+    mt.teacher = FixedLogits(teacher_logits)
+    batch = {
+        "image": torch.zeros(1, 3, size, size),
+        "mask": torch.zeros(1, size, size, dtype=torch.long),
+        "unlabeled": {"image": torch.zeros(1, 3, size, size), "strong": torch.zeros(1, 3, size, size)},
+    }
+    student = FixedLogits(torch.zeros(2, classes, size, size))
+    loss, logs = mt.loss(student, batch, Step(epoch=0, iteration=5, seed=0, total=10))
+    loss.backward()
+    unlabelled_grad = student.logits.grad[1].abs().sum(0)
+    assert logs["confident_share"] == pytest.approx(0.5) and logs["unsup_weight"] == 1.0
+    assert (unlabelled_grad[:, :3] > 0).all() and (unlabelled_grad[:, 3:] == 0).all()
+    student.logits.grad = None
+    loss, logs = mt.loss(student, batch, Step(epoch=0, iteration=4, seed=0, total=10))  # still warming up
+    assert "unsup" not in logs
+
+
+def test_mean_teacher_settings_are_checked():
+    bad = MeanTeacherConfig(unlabeled="u", confidence=1.5)
+    with pytest.raises(SegflowError, match="confidence must be between 0 and 1"):
+        TrainConfig(data="d", out="o", mean_teacher=bad).validate()
 
 
 def test_ddp_with_two_cpu_processes(dataset, tmp_path):

@@ -29,7 +29,7 @@ from torch import nn
 from segflow.adapt.config import AdaptConfig
 from segflow.data import IGNORE_INDEX
 from segflow.models.discriminator import OutputDiscriminator
-from segflow.models.outputs import entropy_map, probabilities, self_information
+from segflow.models.outputs import confident_labels, entropy_map, probabilities, self_information
 from segflow.train.engine import Objective, Part, Step, Stream, ema_update, frozen_copy
 
 SOURCE, TARGET = 0.0, 1.0  # the discriminators' labels
@@ -190,13 +190,13 @@ class DACS(TwoDomains):
         n = source.shape[0]
         with torch.no_grad():
             self.teacher.eval()
-            confidence, pseudo = probabilities(self.teacher(target).logits).max(1)
+            pseudo, confident = confident_labels(self.teacher(target).logits, self.cfg.confidence)
             # DACS: the target part of a mixed image counts as much as the teacher is sure of it.
-            target_weight = (confidence > self.cfg.confidence).float().mean((1, 2))
+            target_weight = confident.float().mean((1, 2))
             mask = classmix_masks(labels, step.generator(11))
             mixed = torch.where(mask[:, None], source, target)
             mixed_labels = torch.where(mask, labels, pseudo)
-            weights = torch.where(mask, torch.ones_like(confidence), target_weight[:, None, None])
+            weights = torch.where(mask, torch.ones_like(mask, dtype=torch.float32), target_weight[:, None, None])
         logits = net(torch.cat([source, mixed])).logits
         seg = cross_entropy(logits[:n], labels)
         per_pixel = F.cross_entropy(logits[n:].float(), mixed_labels, ignore_index=IGNORE_INDEX, reduction="none")

@@ -1,4 +1,6 @@
-"""Procedural street scenes: the built-in data for the demo, the tests and the benchmarks.
+"""Procedural street scenes: the built-in data for the demo, the tests and the benchmarks (the
+``street`` family; ``segflow.data.indoor`` is the second family, drawn with the same canvas and
+camera model).
 
 Two domains share one label set and one scene grammar but differ the way a game engine differs
 from a real camera:
@@ -16,9 +18,10 @@ index), so the same seed gives the same bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -106,16 +109,16 @@ class Scene:
     object_shade: list[float]  # object id -> brightness factor (windows, wheels are darker)
 
 
-class _Canvas:
+class Canvas:
     """Draws each shape into the class map and the object map at once (hard edges, no blending)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, background: int = SKY) -> None:
         self.size = size
-        self.labels = Image.new("L", (size, size), SKY)
+        self.labels = Image.new("L", (size, size), background)
         self.objects = Image.new("I", (size, size), 0)
         self._draw_labels = ImageDraw.Draw(self.labels)
         self._draw_objects = ImageDraw.Draw(self.objects)
-        self.object_class: list[int] = [SKY]  # object 0 is the sky
+        self.object_class: list[int] = [background]  # object 0 is the background (the sky)
         self.object_shade: list[float] = [1.0]
 
     def new_object(self, cls: int, shade: float = 1.0) -> int:
@@ -148,26 +151,26 @@ class _Canvas:
         )
 
 
-def _between(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+def between(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
     return float(rng.uniform(bounds[0], bounds[1]))
 
 
-def _count(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
+def count(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
     return int(rng.integers(bounds[0], bounds[1] + 1))
 
 
 def draw_scene(rng: np.random.Generator, size: int, style: DomainStyle) -> Scene:
     """Lay out one street scene, back to front: ground, road, buildings, trees, people, cars."""
-    c = _Canvas(size)
+    c = Canvas(size)
     s = float(size)
-    horizon = _between(rng, style.horizon) * s
+    horizon = between(rng, style.horizon) * s
 
     # Ground: grass verge, then a sidewalk trapezoid, then the road, all meeting at a vanishing point.
-    vx = _between(rng, (0.35, 0.65)) * s
+    vx = between(rng, (0.35, 0.65)) * s
     c.rectangle((0, horizon, s, s), VEGETATION, c.new_object(VEGETATION))
-    half_road = _between(rng, style.road_width) * s / 2
-    shift = _between(rng, (-0.15, 0.15)) * s
-    walk = _between(rng, (0.15, 0.35)) * s
+    half_road = between(rng, style.road_width) * s / 2
+    shift = between(rng, (-0.15, 0.15)) * s
+    walk = between(rng, (0.15, 0.35)) * s
     c.polygon(
         [
             (vx - 3, horizon),
@@ -191,10 +194,10 @@ def draw_scene(rng: np.random.Generator, size: int, style: DomainStyle) -> Scene
         return road_left[0] + t * (road_left[1] - road_left[0]), road_right[0] + t * (road_right[1] - road_right[0])
 
     # Buildings stand on the horizon; windows are darker rectangles of the same class.
-    for _ in range(_count(rng, style.buildings)):
-        w = _between(rng, (0.10, 0.30)) * s
-        x = _between(rng, (-0.1, 1.0)) * s
-        h = _between(rng, style.building_height) * s
+    for _ in range(count(rng, style.buildings)):
+        w = between(rng, (0.10, 0.30)) * s
+        x = between(rng, (-0.1, 1.0)) * s
+        h = between(rng, style.building_height) * s
         obj = c.new_object(BUILDING)
         c.rectangle((x, horizon - h, x + w, horizon + 1), BUILDING, obj)
         win = c.new_object(BUILDING, shade=0.55)
@@ -204,25 +207,25 @@ def draw_scene(rng: np.random.Generator, size: int, style: DomainStyle) -> Scene
                 c.rectangle((wx, wy, wx + step / 3, wy + step / 3), BUILDING, win)
 
     # Trees on the verges: a trunk and a crown, both vegetation.
-    for _ in range(_count(rng, style.trees)):
-        y = horizon + _between(rng, (0.0, 0.25)) * (s - horizon)
+    for _ in range(count(rng, style.trees)):
+        y = horizon + between(rng, (0.0, 0.25)) * (s - horizon)
         scale = 0.4 + (y - horizon) / max(s - horizon, 1.0)
         left, right = road_span(y)
-        x = _between(rng, (0.0, max(left - 4, 1.0))) if rng.random() < 0.5 else _between(rng, (right + 4, s))
+        x = between(rng, (0.0, max(left - 4, 1.0))) if rng.random() < 0.5 else between(rng, (right + 4, s))
         crown = 0.12 * s * scale
         obj = c.new_object(VEGETATION)
         c.rectangle((x - crown / 6, y - crown * 1.6, x + crown / 6, y), VEGETATION, obj)
         c.ellipse((x - crown, y - crown * 2.8, x + crown, y - crown * 1.2), VEGETATION, obj)
 
     # People on the sidewalks, sized by distance.
-    for _ in range(_count(rng, style.people)):
-        y = horizon + _between(rng, (0.15, 0.95)) * (s - horizon)
+    for _ in range(count(rng, style.people)):
+        y = horizon + between(rng, (0.15, 0.95)) * (s - horizon)
         scale = (y - horizon) / max(s - horizon, 1.0)
         left, right = road_span(y)
         x = (
-            left - _between(rng, (2, 10)) * (0.5 + scale)
+            left - between(rng, (2, 10)) * (0.5 + scale)
             if rng.random() < 0.5
-            else right + _between(rng, (2, 10)) * (0.5 + scale)
+            else right + between(rng, (2, 10)) * (0.5 + scale)
         )
         h = (0.08 + 0.30 * scale) * s
         obj = c.new_object(PERSON)
@@ -230,13 +233,13 @@ def draw_scene(rng: np.random.Generator, size: int, style: DomainStyle) -> Scene
         c.ellipse((x - h * 0.09, y - h, x + h * 0.09, y - h * 0.80), PERSON, obj)
 
     # Cars on the road, far ones first so near ones cover them.
-    car_rows = sorted(horizon + _between(rng, (0.12, 0.95)) * (s - horizon) for _ in range(_count(rng, style.cars)))
+    car_rows = sorted(horizon + between(rng, (0.12, 0.95)) * (s - horizon) for _ in range(count(rng, style.cars)))
     for y in car_rows:
         scale = (y - horizon) / max(s - horizon, 1.0)
         left, right = road_span(y)
         w = (0.08 + 0.30 * scale) * s
         h = w * 0.45
-        x = _between(rng, (left, max(left + 1, right - w)))
+        x = between(rng, (left, max(left + 1, right - w)))
         obj = c.new_object(CAR)
         c.rectangle((x, y - h * 0.65, x + w, y - h * 0.1), CAR, obj)
         c.polygon(
@@ -251,7 +254,15 @@ def draw_scene(rng: np.random.Generator, size: int, style: DomainStyle) -> Scene
     return c.scene()
 
 
-def _object_colors(rng: np.random.Generator, scene: Scene, style: DomainStyle) -> np.ndarray:
+class Look(Protocol):
+    """What rendering needs of a domain style (street and indoor styles both have it)."""
+
+    palette: dict[int, tuple[int, int, int]]
+    jitter: float
+    textured: bool
+
+
+def _object_colors(rng: np.random.Generator, scene: Scene, style: Look) -> np.ndarray:
     """One colour per object: the class's base colour plus per-object jitter."""
     base = np.array([style.palette[cls] for cls in scene.object_class], dtype=np.float32)
     jitter = rng.normal(0.0, style.jitter, size=base.shape).astype(np.float32)
@@ -266,15 +277,15 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(img, dtype=np.float32)
 
 
-def render(rng: np.random.Generator, scene: Scene, style: DomainStyle) -> np.ndarray:
+def render(rng: np.random.Generator, scene: Scene, style: Look, gradient_class: int = SKY) -> np.ndarray:
     """Paint a scene into an HxWx3 uint8 RGB image in the domain's style."""
     size = scene.labels.shape[0]
     colors = _object_colors(rng, scene, style)
     img = colors[scene.objects]  # HxWx3 float32
     if not style.textured:
-        # Game-engine sky: a clean vertical gradient; everything else stays flat.
+        # Game-engine light: a clean vertical gradient on one class (the sky); the rest stays flat.
         rows = np.linspace(1.0, 0.8, size, dtype=np.float32)[:, None, None]
-        sky = scene.labels[..., None] == SKY
+        sky = scene.labels[..., None] == gradient_class
         img = np.where(sky, img * rows, img)
         return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -282,32 +293,77 @@ def render(rng: np.random.Generator, scene: Scene, style: DomainStyle) -> np.nda
     texture = 1.0 + 0.12 * _smooth_noise(rng, size, 12)[..., None] + 0.10 * _smooth_noise(rng, size, 48)[..., None]
     img = img * texture
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    sun = _between(rng, (-0.35, 0.35))
+    sun = between(rng, (-0.35, 0.35))
     light = 1.0 + sun * (xx - 0.5) - 0.35 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
     img = img * light[..., None]
-    cast = np.array([_between(rng, (0.9, 1.1)) for _ in range(3)], dtype=np.float32)
+    cast = np.array([between(rng, (0.9, 1.1)) for _ in range(3)], dtype=np.float32)
     img = np.clip(img * cast, 0, 255)
-    radius = _between(rng, (0.6, 1.3)) * size / 128
+    radius = between(rng, (0.6, 1.3)) * size / 128
     blurred = Image.fromarray(img.astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius))
     img = np.asarray(blurred, dtype=np.float32) + rng.normal(0.0, 6.0, size=img.shape).astype(np.float32)
-    gamma = _between(rng, (0.8, 1.2))
+    gamma = between(rng, (0.8, 1.2))
     img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** gamma
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_sample(domain: Domain, index: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Family:
+    """A kind of scene: its classes, display colours, and how to draw one in a domain's style."""
+
+    name: str
+    id: int  # part of every scene's seed, so families never share random streams
+    classes: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+    styles: dict
+    draw: Callable[[np.random.Generator, int, object], Scene]
+    gradient_class: int  # lit by the flat (source) render's gradient
+    file_prefix: str  # image names: PREFIX + domain + _00000.png
+
+
+def family(name: str) -> Family:
+    """The built-in families: ``street`` (the default) and ``indoor`` (segflow.data.indoor)."""
+    from segflow.data import indoor
+
+    families = {
+        "street": Family("street", 0, CLASSES, CLASS_COLORS, STYLES, draw_scene, SKY, ""),
+        "indoor": Family(
+            "indoor",
+            1,
+            indoor.CLASSES,
+            indoor.CLASS_COLORS,
+            indoor.STYLES,
+            indoor.draw_scene,
+            indoor.CEILING,
+            "indoor-",
+        ),
+    }
+    if name not in families:
+        raise SegflowError(f"--family {name!r} is not known: use {' or '.join(repr(f) for f in families)}.")
+    return families[name]
+
+
+FAMILIES = ("street", "indoor")
+
+
+def make_sample(
+    domain: Domain, index: int, size: int, seed: int, family_name: str = "street"
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (RGB image HxWx3 uint8, class mask HxW uint8) for one scene."""
-    style = STYLES[domain]
-    rng = np.random.default_rng([seed, _DOMAIN_IDS[domain], index])
-    scene = draw_scene(rng, size, style)
-    return render(rng, scene, style), scene.labels
+    kind = family(family_name)
+    style = kind.styles[domain]
+    # The street family keeps its original seeding, so its scenes stay byte-identical.
+    key = [seed, _DOMAIN_IDS[domain], index] if kind.id == 0 else [seed, kind.id, _DOMAIN_IDS[domain], index]
+    rng = np.random.default_rng(key)
+    scene = kind.draw(rng, size, style)
+    return render(rng, scene, style, kind.gradient_class), scene.labels
 
 
-def dataset_meta() -> dict:
-    """The dataset_meta.json of Datumaro's Common Semantic Segmentation format for these classes."""
+def dataset_meta(family_name: str = "street") -> dict:
+    """The dataset_meta.json of Datumaro's Common Semantic Segmentation format for a family's classes."""
+    kind = family(family_name)
     return {
-        "label_map": {str(i): name for i, name in enumerate(CLASSES)},
-        "segmentation_colors": [list(c) for c in CLASS_COLORS],
+        "label_map": {str(i): name for i, name in enumerate(kind.classes)},
+        "segmentation_colors": [list(c) for c in kind.colors],
     }
 
 
@@ -318,12 +374,14 @@ def synthesize(
     size: int,
     seed: int,
     unlabeled: bool = False,
+    family_name: str = "street",
 ) -> Path:
-    """Write ``num_images`` scenes to ``out``.
+    """Write ``num_images`` scenes of a family to ``out``.
 
     Labelled: Common Semantic Segmentation layout (dataset_meta.json, images/, masks/).
     Unlabelled: a plain folder of PNG images, nothing else.
     """
+    kind = family(family_name)
     if domain not in STYLES:
         raise SegflowError(f"--domain {domain!r} is not known: use 'source' or 'target'.")
     if num_images < 1:
@@ -337,30 +395,33 @@ def synthesize(
     image_dir.mkdir(parents=True, exist_ok=True)
     if not unlabeled:
         (out / "masks").mkdir(exist_ok=True)
-        (out / "dataset_meta.json").write_text(json.dumps(dataset_meta(), indent=2) + "\n")
-    for i in progress(range(num_images), num_images, f"rendering {domain} scenes"):
-        image, mask = make_sample(domain, i, size, seed)
-        name = f"{domain}_{i:05d}.png"
+        (out / "dataset_meta.json").write_text(json.dumps(dataset_meta(family_name), indent=2) + "\n")
+    for i in progress(range(num_images), num_images, f"rendering {family_name} {domain} scenes"):
+        image, mask = make_sample(domain, i, size, seed, family_name)
+        name = f"{kind.file_prefix}{domain}_{i:05d}.png"
         Image.fromarray(image).save(image_dir / name)
         if not unlabeled:
             Image.fromarray(mask, mode="L").save(out / "masks" / name)
     return out
 
 
-def colorize(mask: np.ndarray) -> np.ndarray:
+def colorize(mask: np.ndarray, family_name: str = "street") -> np.ndarray:
     """Class ids to display colours; 255 (ignore) is black."""
+    colors = family(family_name).colors
     palette = np.zeros((256, 3), dtype=np.uint8)
-    palette[: len(CLASS_COLORS)] = np.array(CLASS_COLORS, dtype=np.uint8)
+    palette[: len(colors)] = np.array(colors, dtype=np.uint8)
     return palette[mask]
 
 
-def preview_grid(out_png: Path, size: int = 128, per_domain: int = 4, seed: int = 0) -> Path:
+def preview_grid(
+    out_png: Path, size: int = 128, per_domain: int = 4, seed: int = 0, family_name: str = "street"
+) -> Path:
     """Save a grid: rows = source images, source masks, target images, target masks."""
     rows = []
     for domain in ("source", "target"):
-        samples = [make_sample(domain, i, size, seed) for i in range(per_domain)]
+        samples = [make_sample(domain, i, size, seed, family_name) for i in range(per_domain)]
         rows.append(np.concatenate([img for img, _ in samples], axis=1))
-        rows.append(np.concatenate([colorize(mask) for _, mask in samples], axis=1))
+        rows.append(np.concatenate([colorize(mask, family_name) for _, mask in samples], axis=1))
     grid = np.concatenate(rows, axis=0)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ Recipes (each a function of a numpy Generator, an image and optionally its mask)
 - :func:`train_augment`: the OTX supervised recipe: rescale (0.5-2x) then crop, flip, rotate,
   then "mixing images" or photometric distortion;
 - :func:`weak_augment`: geometry only (Mean Teacher's teacher input);
-- :func:`strong_augment`: a weak view's pixels, recoloured, sometimes grey, with one CutOut box
+- :func:`strong_augment`: a weak view's pixels, recoloured, sometimes grey or blurred, with one CutOut box
   (Mean Teacher's student input: the same geometry, so the teacher's labels still fit);
 - :func:`contrastive_view`: DetCon-B's view (RandomResizedCrop, flip, colour jitter, greyscale,
   blur, solarize). DetCon cuts its masks from Felzenszwalb segments, SupCon from label maps.
@@ -193,10 +193,14 @@ def train_augment(
 
 
 def strong_augment(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """The student's view of a weakly augmented image: recoloured, grey with p 0.2, one CutOut box."""
+    """The student's view of a weakly augmented image (UniMatch's strong view without CutMix):
+    recoloured, grey with p 0.2, blurred with p 0.5 (sigma 0.1-2 at 224 px, scaled to the image),
+    one CutOut box. The teacher only ever sees the weak view."""
     out = colour_jitter(rng, image, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.1, p_each=0.8)
     if rng.random() < 0.2:
         out = greyscale(out)
+    if rng.random() < 0.5:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.1, 2.0) * out.shape[0] / 224)
     return np.ascontiguousarray(cutout(rng, out))
 
 

@@ -1,5 +1,6 @@
 """What is computed from a segmentation model's logits, in one place: resizing, probabilities,
-and the entropy measures that Mean Teacher, prediction and adaptation all use."""
+the entropy measures that prediction and adaptation use, and the confident pseudo-labels that Mean
+Teacher and DACS learn from."""
 
 from __future__ import annotations
 
@@ -32,3 +33,10 @@ def self_information(probs: torch.Tensor) -> torch.Tensor:
 def entropy_map(probs: torch.Tensor) -> torch.Tensor:
     """Normalised entropy per pixel, in [0, 1] (N x H x W): the sum of the self-information map."""
     return self_information(probs).sum(1)
+
+
+def confident_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's pseudo-labels (argmax, N x H x W) and which pixels it is at least ``threshold``
+    sure of (bool, N x H x W): what Mean Teacher learns from and DACS weights its mixed loss by."""
+    confidence, labels = probabilities(logits).max(1)
+    return labels, confidence >= threshold

@@ -19,9 +19,10 @@ for ``segflow train --init-backbone``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from segflow.errors import SegflowError
 from segflow.models import artifact as model_artifact
 from segflow.models import check_input_size, check_name
 from segflow.models.lite_hrnet import SPECS, LiteHRNet
-from segflow.selfsl.pseudo_masks import FelzenszwalbParams, mask_path_for
+from segflow.selfsl.pseudo_masks import FelzenszwalbParams, mask_path_for, median_side
 from segflow.train.config import check_loop
 from segflow.train.contrastive import ContrastBranch, ContrastObjective
 from segflow.train.engine import LoopConfig, Recipe, Training, fit
@@ -54,9 +55,9 @@ class PretrainConfig:
     model: str = "lite_hrnet_s"
     epochs: int = 10
     batch_size: int = 16
-    input_size: int = 224
+    input_size: int = 0  # view side; 0: auto (see auto_settings)
     seed: int = 0
-    lr: float = 1e-3  # SGD, momentum 0.9, weight decay 1e-3 (OTX DetCon recipe)
+    lr: float = 0.0  # SGD, momentum 0.9, weight decay 1e-3 (OTX DetCon recipe); 0: auto
     momentum: float = 0.9
     weight_decay: float = 1e-3
     temperature: float = 0.1
@@ -76,16 +77,45 @@ class PretrainConfig:
 
     def validate(self) -> None:
         check_name(self.model)
-        check_input_size(self.input_size)
+        if self.input_size:
+            check_input_size(self.input_size)
         check_loop(self.epochs, self.batch_size, self.amp, self.channels_last)
-        if self.lr <= 0:
-            raise SegflowError("--lr must be positive.")
+        if self.lr < 0:
+            raise SegflowError("--lr must be positive (or 0 / auto).")
 
     def loop(self) -> LoopConfig:
         return LoopConfig(**{f.name: getattr(self, f.name) for f in fields(LoopConfig) if hasattr(self, f.name)})
 
     def recipe(self) -> Recipe:
         return Recipe(optimizer="sgd", lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+# OTX's DetCon recipe (224 px views, lr 1e-3) is for long runs on large images. A short run on a
+# few hundred small images needs views no larger than the images and a much larger step: lr 0.05
+# for 20 epochs on 96 images at 96 px gave +9.5 test mDice where 1e-3 gave nothing (the label
+# efficiency benchmark). The rule keeps 0.05 up to 1000 steps and shrinks it with the square root
+# of the step budget beyond, to OTX's 1e-3 at the longest runs.
+MAX_VIEW = 224
+SHORT_RUN_STEPS = 1000
+
+
+def auto_settings(cfg: PretrainConfig, files: list[Path]) -> tuple[PretrainConfig, dict]:
+    """Fill the settings left at 0 (``auto``) from the images; return the config and what was chosen."""
+    chosen: dict = {}
+    if not cfg.input_size:
+        side = median_side(files)
+        size = max(32, min(MAX_VIEW, side // 32 * 32))
+        cfg = replace(cfg, input_size=size)
+        chosen["input_size"] = size
+        chosen["input_size_rule"] = f"median short side {side} px, floored to a multiple of 32, at most {MAX_VIEW}"
+    if not cfg.lr:
+        batch = min(cfg.batch_size, len(files))
+        steps = cfg.epochs * max(cfg.iters_per_epoch, math.ceil(len(files) / max(batch, 1)))
+        lr = 0.05 if steps <= SHORT_RUN_STEPS else max(1e-3, 0.05 * math.sqrt(SHORT_RUN_STEPS / steps))
+        cfg = replace(cfg, lr=round(lr, 5))
+        chosen["lr"] = cfg.lr
+        chosen["lr_rule"] = f"{steps} SGD steps: 0.05 up to {SHORT_RUN_STEPS}, then 0.05*sqrt({SHORT_RUN_STEPS}/steps)"
+    return cfg, chosen
 
 
 class PseudoMaskedImages(Dataset):
@@ -174,14 +204,13 @@ def train_detcon(
     """DetCon on the images and their pseudo masks; publish backbone weights into ``out_dir``."""
     cfg.validate()
     started = time.monotonic()
+    cfg, chosen = auto_settings(cfg, image_files(images_dir))
     norm = image_statistics(image_files(images_dir))
     dataset = PseudoMaskedImages(images_dir, masks_dir, cfg.input_size, norm, cfg.seed)
     if len(dataset) < 2:
         raise SegflowError(f"--images {cfg.images}: DetCon needs at least 2 images.")
     loop = cfg.loop()
     if len(dataset) < loop.batch_size:
-        from dataclasses import replace
-
         loop = replace(loop, batch_size=len(dataset))
 
     def publish(model: DetConNet, summary: dict) -> None:
@@ -210,6 +239,7 @@ def train_detcon(
     return {
         "history": summary["history"],
         "images": len(dataset),
+        "chosen": chosen,
         "metrics": {
             "first_loss": losses[0],
             "final_loss": losses[-1],

@@ -284,6 +284,11 @@ class StageLog:
         """The engine's per-epoch record, as curves (step = epoch, from 1)."""
         self.metrics(record, step=epoch + 1)
 
+    def chosen(self, values: dict) -> None:
+        """Settings the stage chose itself (those left at auto), as params named ``auto.NAME``."""
+        if self._run is not None and values:
+            _mlflow().log_params({f"auto.{k}": _param(v) for k, v in values.items()})
+
     def tag(self, key: str, value: str) -> None:
         if self._run is not None:
             _mlflow().set_tag(key, value)

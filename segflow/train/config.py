@@ -26,13 +26,26 @@ class SupConConfig:
 
 @dataclass(frozen=True)
 class MeanTeacherConfig:
+    """A confidence-thresholded EMA teacher (FixMatch / UniMatch style semi-supervision)."""
+
     unlabeled: str = ""  # folder of plain images (local or s3://)
-    weight: float = 0.7  # unsupervised loss weight
+    weight: float = 1.0  # unsupervised loss weight once ramped up
     ema_momentum: float = 0.99
-    start_epoch: int = -1  # teacher starts teaching from this epoch; -1: after a quarter of the epochs
-    drop_start: float = 0.2  # share of most-uncertain pseudo-label pixels ignored at first ...
-    drop_decay_epochs: int = 100  # ... decaying linearly to 0 over this many epochs
+    confidence: float = 0.9  # only teacher pixels at least this sure become pseudo-labels
+    warmup_steps: int = -1  # supervised-only steps first; -1: a third of all steps
+    ramp_steps: int = -1  # then the unsupervised weight grows linearly over this many; -1: a fifth of all steps
     unlabeled_batch_size: int = 0  # 0: same as the labelled batch
+
+    def validate(self) -> None:
+        checks = [
+            (0 < self.confidence < 1, "Mean Teacher confidence must be between 0 and 1"),
+            (self.weight >= 0, "Mean Teacher weight must be 0 or more"),
+            (0 <= self.ema_momentum < 1, "Mean Teacher EMA momentum must be in [0, 1)"),
+            (self.warmup_steps >= -1 and self.ramp_steps >= -1, "warm-up and ramp steps must be -1 (auto) or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SegflowError(f"{message}.")
 
 
 METHODS = ("supervised", "supcon", "mean_teacher")
@@ -116,6 +129,8 @@ class TrainConfig:
                 raise SegflowError(f"{message}.")
         if self.mean_teacher is not None and not self.mean_teacher.unlabeled:
             raise SegflowError("--method mean_teacher needs --unlabeled IMAGES: a folder of unlabelled images.")
+        if self.mean_teacher is not None:
+            self.mean_teacher.validate()
         if self.supcon is not None and self.mean_teacher is not None:
             raise SegflowError("SupCon and Mean Teacher cannot be combined; choose one --method.")
 

@@ -36,7 +36,7 @@ def make_objective(cfg: TrainConfig, num_classes: int, feature_channels: int, un
     if cfg.supcon is not None:
         return SupCon(cfg.supcon, num_classes, feature_channels)
     if cfg.mean_teacher is not None:
-        return MeanTeacher(cfg.mean_teacher, unlabeled, cfg.epochs)
+        return MeanTeacher(cfg.mean_teacher, unlabeled)
     return Objective()
 
 
