@@ -60,7 +60,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/import_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/pseudo_masks.py
-	$(BIN)/python benchmarks/label_efficiency.py
+	$(BIN)/python benchmarks/label_efficiency.py --family street --size 64 --epochs 25 --iters 8 --budget 5 10 20
+	$(BIN)/python benchmarks/label_efficiency.py --family indoor --size 64 --epochs 25 --iters 8 --budget 5 10 20
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/domain_adaptation.py
 
