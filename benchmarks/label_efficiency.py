@@ -31,6 +31,7 @@ import re
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from segflow.data.importer import ImportConfig
@@ -116,6 +117,8 @@ def run_one(
         init_backbone=backbone,
         **method_settings(train_method, unlabeled),
     )
+    if cfg.mean_teacher is not None and args.mt_confidence:
+        cfg = replace(cfg, mean_teacher=replace(cfg.mean_teacher, confidence=args.mt_confidence))
     train_stage(cfg, track=False)
     evaluation = EvalConfig(model=str(out), data=str(data["test"]), out=str(work / f"eval-{out.name}"))
     metrics = evaluate_stage(evaluation, track=False)
@@ -161,6 +164,7 @@ def main() -> None:
         help="the printed output of an earlier run with the same settings: its lines for --reuse methods are kept",
     )
     parser.add_argument("--reuse", nargs="*", default=["supervised", "supcon", "mean_teacher"])
+    parser.add_argument("--mt-confidence", type=float, default=0.0, help="Mean Teacher threshold; 0: its default")
 
     parser.add_argument(
         "--budget",
