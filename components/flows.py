@@ -1,4 +1,4 @@
-"""Wiring that several pipelines share: train -> evaluate -> export.
+"""Wiring that several pipelines share: train -> evaluate -> export -> register.
 
 A plain function that adds the three tasks to the pipeline being defined. It is not a nested
 ``@dsl.pipeline``: the local runner (kfp.local 2.17) cannot run a nested pipeline whose optional
@@ -31,12 +31,37 @@ def train_evaluate_export(
     backbone = {"init_backbone": init_backbone} if init_backbone is not None else {}
     trained = train_model(dataset=dataset, **backbone, **train_args, **resumable(), **track)
     on_cluster(trained, gpu=True, cache=False)
-    model = trained.outputs["model"]
-    evaluated = on_cluster(evaluate_model(model=model, dataset=dataset, **track), cache=False)
+    evaluated, exported = evaluate_export_register(
+        trained.outputs["model"],
+        dataset,
+        track,
+        export_precision,
+        registered_model,
+        promotion_margin,
+        source_fingerprint=source_fingerprint,
+    )
+    return trained, evaluated, exported
+
+
+def evaluate_export_register(
+    model,
+    dataset,
+    track: dict,
+    export_precision: str,
+    registered_model,
+    margin,
+    source_fingerprint="",
+    adapted_to="",
+    headline: bool = True,
+) -> tuple[PipelineTask, PipelineTask]:
+    """Evaluate ``model`` on ``dataset``'s val subset, export it once the evaluation passed, and
+    register the export (champion / challenger); returns the evaluate and export tasks.
+    ``headline``: whether the evaluation's scores are the parent run's headline metrics."""
+    evaluated = on_cluster(evaluate_model(model=model, dataset=dataset, headline=headline, **track), cache=False)
     exported = export_model(model=model, dataset=dataset, precision=export_precision, **track)
     on_cluster(exported.after(evaluated), cache=False)
-    register(model, exported, evaluated, dataset, track, registered_model, promotion_margin, source_fingerprint)
-    return trained, evaluated, exported
+    register(model, exported, evaluated, dataset, track, registered_model, margin, source_fingerprint, adapted_to)
+    return evaluated, exported
 
 
 def register(

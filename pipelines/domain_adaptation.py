@@ -18,8 +18,7 @@ from kfp import dsl
 from segflow_components.adapt import adapt_model, choose_best, ensemble_models
 from segflow_components.data_import import import_data
 from segflow_components.evaluate import evaluate_model
-from segflow_components.export import export_model
-from segflow_components.flows import register
+from segflow_components.flows import evaluate_export_register
 from segflow_components.platform import on_cluster, resumable
 from segflow_components.tracking import tracked
 from segflow_components.train import train_model
@@ -118,9 +117,9 @@ def domain_adaptation(
             **track,
         )
         on_cluster(best)
-        exported = export_model(model=best.outputs["best"], dataset=target, precision=export_precision, **track)
-        on_cluster(exported)
-        # Registered like any exported model: compared with the champion on the target val subset.
-        best_eval = evaluate_model(model=best.outputs["best"], dataset=target, headline=False, **track)
-        on_cluster(best_eval.set_display_name("evaluate-best"))
-        register(best.outputs["best"], exported, best_eval, target, track, registered_model, promotion_margin)
+        # Exported and registered like any model: compared with the champion on the target val
+        # subset (choose-best already put the winner's scores on the parent run).
+        best_eval, _ = evaluate_export_register(
+            best.outputs["best"], target, track, export_precision, registered_model, promotion_margin, headline=False
+        )
+        best_eval.set_display_name("evaluate-best")

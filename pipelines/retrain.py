@@ -19,9 +19,7 @@ from kfp.dsl import Dataset, Model
 
 from segflow_components.adapt import adapt_model
 from segflow_components.data_import import import_data
-from segflow_components.evaluate import evaluate_model
-from segflow_components.export import export_model
-from segflow_components.flows import register, train_evaluate_export
+from segflow_components.flows import evaluate_export_register, train_evaluate_export
 from segflow_components.lifecycle import check_for_new_data
 from segflow_components.platform import on_cluster, resumable
 from segflow_components.tracking import tracked
@@ -92,17 +90,12 @@ def retrain(
                 **track,
             )
             on_cluster(adapted, gpu=True, cache=False)
-            model = adapted.outputs["model"]
             # Scored on the champion's own validation data: the only labels there are.
-            evaluated = on_cluster(evaluate_model(model=model, dataset=source.output, **track), cache=False)
-            exported = export_model(model=model, dataset=source.output, precision=export_precision, **track)
-            on_cluster(exported.after(evaluated), cache=False)
-            register(
-                model,
-                exported,
-                evaluated,
+            evaluate_export_register(
+                adapted.outputs["model"],
                 source.output,
                 track,
+                export_precision,
                 registered_model,
                 promotion_margin,
                 adapted_to=check.outputs["fingerprint"],

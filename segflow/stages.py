@@ -489,6 +489,17 @@ def _training_fingerprint(model: str) -> str:
         return json.loads((model_dir / "config.json").read_text()).get("dataset_fingerprint", "")
 
 
+def _adapted_to(client, name: str, fingerprint: str):
+    """The @champion or @challenger version already adapted to the images ``fingerprint``, or None."""
+    from segflow import registry
+
+    for alias in (registry.CHAMPION, registry.CHALLENGER):
+        version = registry.champion(client, name, alias)
+        if version is not None and version.tags.get(registry.ADAPTED_TO) == fingerprint:
+            return version
+    return None
+
+
 def check_new_data_stage(
     data_uri: str, registered_model: str, run: tracking.RunContext | None = None, threshold: float | None = None
 ) -> dict:
@@ -507,12 +518,7 @@ def check_new_data_stage(
     client = tracking.client() if registered_model else None
     current = registry.champion(client, registered_model) if registered_model else None
     same = current is not None and current.tags.get(registry.SOURCE_FINGERPRINT) == fingerprint
-    adapted = None
-    for alias in (registry.CHAMPION, registry.CHALLENGER) if current is not None and not same else ():
-        version = registry.champion(client, registered_model, alias)
-        if version is not None and version.tags.get(registry.ADAPTED_TO) == fingerprint:
-            adapted = version
-            break
+    adapted = _adapted_to(client, registered_model, fingerprint) if current is not None and not same else None
     result = {
         "fingerprint": fingerprint,
         "decision": "same" if same else "adapted" if adapted else "new",
