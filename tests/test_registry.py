@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import mlflow
@@ -96,12 +97,18 @@ def test_champion_is_rescored_on_new_validation_data(client):
 
 
 RACER = """
-import sys, mlflow
+import pathlib, sys, time, mlflow
 from segflow import registry
 client = mlflow.MlflowClient(sys.argv[1])
 experiment = client.get_experiment_by_name("Default").experiment_id
 model = client.create_logged_model(experiment, name="model")
 scores = {"val_mDice": float(sys.argv[3])}
+# Start line: both racers are imported and connected before either registers, so the two
+# registrations overlap even on a loaded machine where one interpreter starts seconds late.
+ready, go = pathlib.Path(sys.argv[4] + ".ready"), pathlib.Path(sys.argv[4]).parent / "go"
+ready.touch()
+while not go.exists():
+    time.sleep(0.01)
 print(registry.register(client, sys.argv[2], registry.Candidate(model.model_id, "", scores, "a" * 64, ""))["decision"])
 """
 
@@ -114,10 +121,18 @@ def test_two_registrations_at_once_leave_one_champion_the_better(client, server,
     env = {**os.environ, "MLFLOW_TRACKING_URI": server["uri"]}
     racers = [
         subprocess.Popen(
-            [sys.executable, str(script), server["uri"], name, score], env=env, stdout=subprocess.PIPE, text=True
+            [sys.executable, str(script), server["uri"], name, score, str(tmp_path / score)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for score in ("0.60", "0.50")
     ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"{score}.ready").exists() for score in ("0.60", "0.50")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in racers), "a racer did not start"
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
     decisions = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in racers]
     assert all(p.returncode == 0 for p in racers)
     versions = client.search_model_versions(f"name = '{name}'")
