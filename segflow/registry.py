@@ -11,7 +11,8 @@ compare`` and the UI show them without opening any run.
 Two pipelines may register at the same moment. MLflow numbers their versions atomically, so every
 version is recorded. The champion alias has no compare-and-set, so a promoter checks again after a
 short wait and contends until the alias names the better version (see ``_settle``); both end with
-exactly one champion, the better of the two.
+exactly one champion, the better of the two. A version that held @champion and lost it gets
+``segflow.superseded_by`` (the version that took it); its decision tag says what it decided then.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ MODEL_ARTIFACT = "segflow.model_artifact"  # the segflow model folder (PyTorch),
 TRAINING_DATA = "segflow.training_data"  # the dataset artifact it was trained on (the source when adapting)
 ADAPTED_TO = "segflow.adapted_to"  # fingerprint of the unlabelled images an adapted version was adapted to
 DECISION, REASON = "segflow.decision", "segflow.reason"
+SUPERSEDED_BY = "segflow.superseded_by"  # set on a champion when a later version takes @champion from it
 SETTLE_SECONDS = 2.0
 
 
@@ -133,6 +135,8 @@ def register(
         reason = f"{metric} {mine:.4f} {verb} champion v{current.version} ({theirs:.4f}) by more than {margin}"
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)
+        if current is not None:
+            _mark_superseded(client, name, current.version, str(version.version))
         promote, reason = _settle(client, name, str(version.version), candidate, metric, margin, rescore, reason)
     decision = CHAMPION if promote else CHALLENGER
     client.set_model_version_tag(name, version.version, DECISION, decision)
@@ -154,7 +158,25 @@ def _settle(client, name: str, mine: str, candidate: Candidate, metric: str, mar
                 f"{reason}, but v{current.version} ({theirs:.4f}), registered at the same time, took @champion"
             )
         client.set_registered_model_alias(name, CHAMPION, mine)
+        # Its own decision tag may already say champion (its settling ended first): this says why it is not.
+        _mark_superseded(client, name, current.version, mine)
     return True, reason
+
+
+def _mark_superseded(client, name: str, version: str, by: str) -> None:
+    """Tag ``version`` as superseded by ``by``. Two racing registrations may tag the same old
+    champion at once; MLflow's tag write is not an upsert then, and the loser of that insert race
+    writes again (an update by then)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.set_model_version_tag(name, version, SUPERSEDED_BY, by)
+            return
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
 
 
 def comparison(client, name: str, versions: list[str] | None = None) -> tuple[list[str], dict[str, dict]]:

@@ -77,6 +77,8 @@ def test_champion_changes_only_when_beaten_by_the_margin(client):
     v2 = client.get_model_version(name, "2")
     assert v2.tags[registry.DECISION] == "challenger" and v2.tags["segflow.score.val_mDice"] == "0.51"
     assert v2.tags[registry.VAL_FINGERPRINT] == FP_A
+    assert client.get_model_version(name, "1").tags[registry.SUPERSEDED_BY] == "3"  # v1 was champion until v3
+    assert registry.SUPERSEDED_BY not in v2.tags
 
 
 def test_champion_is_rescored_on_new_validation_data(client):
@@ -142,9 +144,11 @@ def test_two_registrations_at_once_leave_one_champion_the_better(client, server,
     aliases = [client.get_model_version(name, v.version).aliases for v in versions]
     assert sum("champion" in a for a in aliases) == 1 and sum("challenger" in a for a in aliases) == 1
     assert decisions[0] == "champion"
-    # The slower one may have been champion for a moment; its tags say what happened.
+    # The slower one may have been champion for a moment; its tags say what happened: it stood as
+    # challenger, or it was champion until the better one took @champion from it.
     loser = next(v for v in versions if v.tags.get("segflow.score.val_mDice") == "0.5")
-    assert client.get_model_version(name, loser.version).tags[registry.DECISION] == "challenger"
+    tags = client.get_model_version(name, loser.version).tags
+    assert tags[registry.DECISION] == "challenger" or tags.get(registry.SUPERSEDED_BY) == champion.version, tags
 
 
 def test_models_compare_prints_versions_side_by_side(client, server):
