@@ -42,8 +42,9 @@ demo-adapt: $(STAMP)
 	@echo "The candidates compared: the parent run's comparison/ artifacts in MLflow, and choose-best/ of that run."
 
 # Two worker processes (pytest-xdist) share the cores; each gives torch its share of threads.
+# One test at a time per worker, the slow ones first (tests/conftest.py): the workers end together.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --durations=12
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --maxschedchunk=1 --durations=12
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

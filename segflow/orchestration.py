@@ -177,17 +177,27 @@ def run_local(path: str | Path, params: dict[str, Any] | None = None, show=None)
 @contextlib.contextmanager
 def _runner_logs_to(log_path: Path):
     """kfp.local logs through the root logger, also after its own log context ends ("Cleaned up
-    workspace"): while a pipeline runs, those records go to the run's log file, not the terminal."""
+    workspace"): while a pipeline runs, those records go to the run's log file, not the terminal.
+
+    Afterwards the root logger gets back exactly the handlers it had. kfp.local swaps them per
+    task, and tasks of a ParallelFor do so from several threads at once, so one of them can
+    "restore" another's handler: a StreamHandler on the redirected output, closed after the run."""
     root = logging.getLogger()
     handler = logging.FileHandler(log_path)  # append mode, like the redirected output beside it
-    quiet = [(h, h.level) for h in root.handlers]
+    before = root.handlers[:]
+    quiet = [(h, h.level) for h in before]
     for h, _ in quiet:
         h.setLevel(logging.WARNING)
     root.addHandler(handler)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        for h in root.handlers[:]:
+            if h not in before:
+                root.removeHandler(h)
+        for h in before:
+            if h not in root.handlers:
+                root.addHandler(h)
         handler.close()
         for h, level in quiet:
             h.setLevel(level)

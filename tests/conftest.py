@@ -24,6 +24,34 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(max(1, cpu_count() // workers))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests first (in their collected order), so that pytest-xdist's workers, handed one
+    test at a time (--maxschedchunk=1 in the Makefile), do not end with one long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handler_on_a_closed_stream(request):
+    """Tests run pipelines and the CLI in this process, under redirected output. A log handler
+    left on a stream that the test then closed makes every later test's logging print
+    "--- Logging error ---" into the output it checks (kfp.local's parallel tasks once left one:
+    see orchestration._runner_logs_to). The test that leaves one fails; the handler is removed."""
+    import logging
+
+    yield
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    left = []
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
+                left.append(f"{handler!r} on logger {logger.name!r}")
+    if left:
+        pytest.fail(f"{request.node.nodeid} left log handlers on closed streams: {left}")
+
+
 @pytest.fixture(autouse=True)
 def segflow_home(tmp_path_factory, monkeypatch) -> Path:
     """Every test tracks into its own SQLite store, never into the checkout's runs/."""

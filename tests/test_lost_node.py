@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -48,6 +49,7 @@ def keys(bucket: str, prefix: str) -> list[str]:
     return s3_lib.list_keys(bucket, prefix)
 
 
+@pytest.mark.slow
 def test_retry_in_a_fresh_pod_resumes_from_s3_to_the_same_weights(tiny, s3, tmp_path):
     data = tiny["data"]
     command, env, straight = pod(tmp_path, "straight", data, f"s3://{s3}/straight")

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -39,6 +40,7 @@ def task(tmp_path: Path, name: str, data: Path) -> tuple[list[str], dict, Path]:
     return [sys.executable, str(work / "task.py"), str(data), str(work / "model"), str(work / "root")], env, work
 
 
+@pytest.mark.slow
 def test_two_process_task_resumes_to_the_same_weights(tiny, tmp_path):
     command, env, straight = task(tmp_path, "straight", tiny["data"])
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

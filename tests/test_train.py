@@ -89,6 +89,7 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_result(dataset, tmp_path):
     args = [
         "--data",
