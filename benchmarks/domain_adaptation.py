@@ -171,6 +171,7 @@ def throughput(args) -> None:
     import torch
 
     from segflow.adapt.objectives import make_objective
+    from segflow.data.datasets import Normalization
     from segflow.models import create_model
     from segflow.train.engine import MAIN, Dist, Objective, Part, Recipe, Step, Stream, autocast_for, train_step
 
@@ -189,7 +190,7 @@ def throughput(args) -> None:
             objective = Objective()
         else:
             cfg = AdaptConfig("-", "-", "-", "-", method=method, levels=levels, input_size=size)
-            objective = make_objective(cfg, 7, Stream(None, batch))
+            objective = make_objective(cfg, 7, Stream(None, batch), Normalization([128.0] * 3, [64.0] * 3))
         objective.setup(model, dist.device)
         parts = [Part(MAIN, list(model.parameters()) + objective.external_params(), Recipe(clip_norm=40.0))]
         parts += objective.parts()

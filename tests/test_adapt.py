@@ -95,6 +95,24 @@ def test_label_free_choice_with_target_images_only(domains, tmp_path):
     assert "val_target_entropy" in result["history"][0]
 
 
+def test_dacs_recolours_mixed_images_for_the_student_only():
+    """The mixed image goes through DACS's jitter and blur on its way back from the normalised
+    tensor; the same generator gives the same images, and the round trip alone changes nothing."""
+    from segflow.adapt.objectives import DACS
+    from segflow.data.datasets import Normalization, to_image, to_tensor
+
+    norm = Normalization([120.0, 110.0, 100.0], [60.0, 55.0, 50.0])
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    batch = torch.stack([to_tensor(im, norm.mean, norm.std) for im in images])
+    assert all(np.array_equal(to_image(t, norm.mean, norm.std), im) for t, im in zip(batch, images, strict=True))
+    dacs = DACS(AdaptConfig("-", "-", "-", "-", method="dacs"), target=None, norm=norm)
+    first = dacs.augment(batch, torch.Generator().manual_seed(5))
+    again = dacs.augment(batch, torch.Generator().manual_seed(5))
+    assert first.shape == batch.shape and first.dtype == batch.dtype
+    assert torch.equal(first, again) and not torch.allclose(first, batch, atol=0.05)
+
+
 @pytest.mark.parametrize("method", ["adaptsegnet", "dacs"])
 def test_resume_gives_the_same_result(domains, tmp_path, method):
     """Discriminators and their optimiser (AdaptSegNet), the EMA teacher (DACS): all in the

@@ -81,7 +81,7 @@ def adapt(
     norm = Normalization(**init["normalization"])  # the model's own: source and target alike
     source_ds = SegmentationDataset(source_dir, "train", cfg.input_size, norm, True, cfg.seed)
     target_ds = UnlabeledImages(target_images, cfg.input_size, norm, seed=cfg.seed + 17)
-    objective = make_objective(cfg, len(labels), Stream(target_ds, cfg.batch_size))
+    objective = make_objective(cfg, len(labels), Stream(target_ds, cfg.batch_size), norm)
     validate, criterion = _validation(cfg, target_dir, target_images, target_manifest, norm, len(labels))
     arch = init["architecture"]
 

@@ -6,7 +6,7 @@
 - ADVENT (Vu et al., CVPR 2019): MinEnt weights the normalised target entropy by 0.001 / 0.0002;
   AdvEnt feeds the discriminator weighted self-information maps instead of softmax.
 - DACS (Tranheden et al., WACV 2021): ClassMix, an EMA teacher (0.99), pixel weight = the share of
-  the teacher's pixels above 0.968 confidence.
+  the teacher's pixels above 0.968 confidence; the mixed images are colour-jittered and blurred.
 
 The papers train DeepLab-v2 from ImageNet for 100k+ iterations; here a Lite-HRNet already trained
 on the source is adapted for a short run, so the segmenter's optimiser and the adversarial and
@@ -58,6 +58,7 @@ class AdaptConfig:
     # DACS.
     ema_momentum: float = 0.99
     confidence: float = 0.968
+    mix_augment: bool = True  # DACS: recolour and blur the mixed images (the paper's augmentation)
     validation_images: int = 64  # unlabelled target: images for the label-free snapshot score
     amp: str = "auto"
     channels_last: str = "auto"

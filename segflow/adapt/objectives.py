@@ -12,7 +12,7 @@ target predictions:
 - ``MinEnt``: the normalised entropy of target predictions is minimised.
 - ``DACS``: ClassMix: half the classes of each source image are pasted onto a target image; the
   label is the source's there and an EMA teacher's pseudo-label elsewhere, weighted by the share of
-  the teacher's confident pixels.
+  the teacher's confident pixels. The student sees the mixed image recoloured and blurred.
 - ``SourceOnly``: the control: the same steps on source batches alone.
 """
 
@@ -22,12 +22,15 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segflow.adapt.config import AdaptConfig
 from segflow.data import IGNORE_INDEX
+from segflow.data.datasets import Normalization, to_image, to_tensor
+from segflow.data.transforms import mixed_view
 from segflow.models.discriminator import OutputDiscriminator
 from segflow.models.outputs import confident_labels, entropy_map, probabilities, self_information
 from segflow.train.engine import Objective, Part, Step, Stream, ema_update, frozen_copy
@@ -174,8 +177,9 @@ def classmix_masks(labels: torch.Tensor, generator: torch.Generator) -> torch.Te
 class DACS(TwoDomains):
     name = "dacs"
 
-    def __init__(self, cfg: AdaptConfig, target: Stream) -> None:
+    def __init__(self, cfg: AdaptConfig, target: Stream, norm: Normalization) -> None:
         super().__init__(cfg, target)
+        self.norm = norm
         self.teacher: nn.Module | None = None
 
     def setup(self, model, device):
@@ -195,6 +199,8 @@ class DACS(TwoDomains):
             target_weight = confident.float().mean((1, 2))
             mask = classmix_masks(labels, step.generator(11))
             mixed = torch.where(mask[:, None], source, target)
+            if self.cfg.mix_augment:
+                mixed = self.augment(mixed, step.generator(12))
             mixed_labels = torch.where(mask, labels, pseudo)
             weights = torch.where(mask, torch.ones_like(mask, dtype=torch.float32), target_weight[:, None, None])
         logits = net(torch.cat([source, mixed])).logits
@@ -205,11 +211,20 @@ class DACS(TwoDomains):
         logs = {"seg": seg.item(), "mix": mix.item(), "confident_share": target_weight.mean().item()}
         return seg + mix, logs
 
+    def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Each mixed image through the shared numpy recipe (a few small images per step: the
+        round trip through uint8 costs little next to the network)."""
+        rng = torch.randint(2**31, (1,), generator=generator).item()
+        rngs = [np.random.default_rng((rng, i)) for i in range(len(images))]
+        mean, std = self.norm.mean, self.norm.std
+        views = [to_tensor(mixed_view(r, to_image(x, mean, std)), mean, std) for r, x in zip(rngs, images, strict=True)]
+        return torch.stack(views).to(images.device, images.dtype)
+
     def after_step(self, net, step):
         ema_update(self.teacher, net, self.cfg.ema_momentum)
 
 
-def make_objective(cfg: AdaptConfig, num_classes: int, target: Stream) -> Objective:
+def make_objective(cfg: AdaptConfig, num_classes: int, target: Stream, norm: Normalization) -> Objective:
     if cfg.method == "adaptsegnet":
         return Adversarial(cfg, target, num_classes, "softmax")
     if cfg.method == "advent":
@@ -217,5 +232,5 @@ def make_objective(cfg: AdaptConfig, num_classes: int, target: Stream) -> Object
     if cfg.method == "minent":
         return MinEnt(cfg, target)
     if cfg.method == "dacs":
-        return DACS(cfg, target)
+        return DACS(cfg, target, norm)
     return SourceOnly(cfg, target)

@@ -48,6 +48,12 @@ def to_tensor(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Ten
     return torch.from_numpy(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())
 
 
+def to_image(tensor: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_tensor`: 3xHxW normalised float -> HxWx3 uint8 RGB."""
+    pixels = tensor.detach().float().cpu().numpy().transpose(1, 2, 0) * std + mean
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
 class Normalization:
     def __init__(self, mean: list[float], std: list[float]) -> None:
         self.mean = np.asarray(mean, dtype=np.float32)

@@ -6,6 +6,8 @@ Recipes (each a function of a numpy Generator, an image and optionally its mask)
 - :func:`weak_augment`: geometry only (Mean Teacher's teacher input);
 - :func:`strong_augment`: a weak view's pixels, recoloured, sometimes grey or blurred, with one CutOut box
   (Mean Teacher's student input: the same geometry, so the teacher's labels still fit);
+- :func:`mixed_view`: DACS's recolouring and blur of a ClassMix image (source pixels pasted onto a
+  target image), applied to the student's input only;
 - :func:`contrastive_view`: DetCon-B's view (RandomResizedCrop, flip, colour jitter, greyscale,
   blur, solarize). DetCon cuts its masks from Felzenszwalb segments, SupCon from label maps.
 
@@ -202,6 +204,18 @@ def strong_augment(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     if rng.random() < 0.5:
         out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.1, 2.0) * out.shape[0] / 224)
     return np.ascontiguousarray(cutout(rng, out))
+
+
+def mixed_view(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """DACS (Tranheden et al., 2021) augments each mixed image before the student sees it: colour
+    jitter of strength 0.2 with p 0.8, then Gaussian blur with p 0.5 (sigma 0.15-1.15 px). The
+    teacher's pseudo-labels come from the clean target image."""
+    out = image
+    if rng.random() < 0.8:
+        out = colour_jitter(rng, out, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.2)
+    if rng.random() < 0.5:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.15, 1.15))
+    return np.ascontiguousarray(out)
 
 
 def contrastive_view(
