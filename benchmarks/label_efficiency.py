@@ -58,8 +58,13 @@ def build_data(root: Path, size: int, family: str) -> dict[str, Path]:
     return {"pool": root / "pool", "test": root / "test", "unlabeled": unlabeled}
 
 
-# OTX's fixed self-SL settings (for ~512 px images): what the command line used before "auto".
-OTX_PRETRAIN = {"felzenszwalb": FelzenszwalbParams(scale=1000, sigma=0.8, min_size=1000), "lr": 1e-3}
+# OTX's fixed self-SL settings (for ~512 px images, one pass an epoch): what the command line used
+# before "auto".
+OTX_PRETRAIN = {
+    "felzenszwalb": FelzenszwalbParams(scale=1000, sigma=0.8, min_size=1000),
+    "lr": 1e-3,
+    "iters_per_epoch": 1,
+}
 
 
 def pretrained_backbone(data: dict[str, Path], work: Path, seed: int, epochs: int, otx: bool = False) -> Path:

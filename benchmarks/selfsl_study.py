@@ -1,18 +1,23 @@
-"""What DetCon's gain depends on: pseudo-mask granularity (segments per image), on one family.
+"""What DetCon's gain depends on, on one family: pseudo-mask granularity (segments per image) and
+any other pretraining setting.
 
     .venv/bin/python benchmarks/selfsl_study.py [--family street|indoor] [--mask-scales 0.5 1 2 4]
-        [--labeled 8] [--seeds 0 1 2] [--pretrain-epochs 20] [--epochs 25] [--iters 8] [--size 64]
+        [--settings '{"ema_momentum": 0.99}' ...] [--labeled 8] [--seeds 0 1 2] [--pretrain-epochs 20]
+        [--epochs 25] [--iters 8] [--size 64]
 
 The data, training and scoring are benchmarks/label_efficiency.py's. Each variant pretrains with
-DetCon on the 96 unlabelled images with every setting at its default ("auto") except the
-Felzenszwalb scale and minimum size: the size rule's values times K (K = 1 is the default; larger K,
-fewer and larger segments). It then fine-tunes like "supervised"; the gain over supervised is
-paired by seed. The median segments per image of each variant's masks are printed beside it.
+DetCon on the 96 unlabelled images with every setting at its default ("auto") except:
+- ``--mask-scales K``: the Felzenszwalb scale and minimum size are the size rule's values times K
+  (K = 1 is the default; larger K, fewer and larger segments);
+- ``--settings JSON``: these PretrainConfig fields (masks at the default rule).
+It then fine-tunes like "supervised"; the gain over supervised is paired by seed. The median
+segments per image of each variant's masks are printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
@@ -32,9 +37,10 @@ def scaled_rule(images: Path, k: float) -> FelzenszwalbParams:
     return FelzenszwalbParams(scale=rule.scale * k, sigma=rule.sigma, min_size=max(1, round(rule.min_size * k)))
 
 
-def pretrain_variant(data: dict, work: Path, seed: int, epochs: int, k: float) -> tuple[Path, float]:
-    """DetCon with masks at K times the size rule; returns the backbone and segments per image."""
-    out = work / f"detcon-k{k:g}-{seed}"
+def pretrain_variant(data: dict, work: Path, seed: int, epochs: int, k: float, name: str, settings: dict):
+    """DetCon with masks at K times the size rule and ``settings``; returns the backbone and
+    segments per image."""
+    out = work / f"detcon-{name}-{seed}"
     result = detcon_stage(
         PretrainConfig(
             images=str(data["unlabeled"]),
@@ -44,6 +50,7 @@ def pretrain_variant(data: dict, work: Path, seed: int, epochs: int, k: float) -
             seed=seed,
             masks=str(work / f"masks-k{k:g}"),
             felzenszwalb=scaled_rule(data["unlabeled"], k),
+            **settings,
         ),
         track=False,
     )
@@ -53,7 +60,8 @@ def pretrain_variant(data: dict, work: Path, seed: int, epochs: int, k: float) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="street", choices=["street", "indoor"])
-    parser.add_argument("--mask-scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--mask-scales", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0])
+    parser.add_argument("--settings", nargs="*", default=[], help="PretrainConfig fields as JSON, one variant each")
     parser.add_argument("--labeled", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrain-epochs", type=int, default=20)
@@ -69,23 +77,25 @@ def main() -> None:
         base = [run_one(data, work, "supervised", args.labeled, seed, args) for seed in args.seeds]
         print(f"  supervised: {' '.join(f'{100 * s:.2f}' for s in base)}", flush=True)
         rows = []
-        for k in args.mask_scales:
+        variants = [(f"K {k:g}", k, {}) for k in args.mask_scales]
+        variants += [(text, 1.0, json.loads(text)) for text in args.settings]
+        for i, (name, k, settings) in enumerate(variants):
             scores, segments = [], []
             for seed in args.seeds:
-                backbone, count = pretrain_variant(data, work, seed, args.pretrain_epochs, k)
+                backbone, count = pretrain_variant(data, work, seed, args.pretrain_epochs, k, str(i), settings)
                 segments.append(count)
                 scores.append(run_one(data, work, "supervised", args.labeled, seed, args, backbone=str(backbone)))
             gains = [100 * (a - b) for a, b in zip(scores, base, strict=True)]
-            rows.append((k, statistics.median(segments), *mean_std([100 * s for s in scores]), *mean_std(gains)))
-            print(f"  K {k:g}: {' '.join(f'{100 * s:.2f}' for s in scores)}", flush=True)
+            rows.append((name, statistics.median(segments), *mean_std([100 * s for s in scores]), *mean_std(gains)))
+            print(f"  {name}: {' '.join(f'{100 * s:.2f}' for s in scores)}", flush=True)
     print(
         f"\n{args.family} family, {args.labeled} labelled, {args.size}px, DetCon {args.pretrain_epochs} epochs, "
         f"seeds {args.seeds}; test mDice %, {time.monotonic() - started:.0f}s"
     )
     sup_mean, sup_std = mean_std([100 * s for s in base])
     print(f"supervised                       {sup_mean:6.2f} +- {sup_std:4.2f}")
-    for k, segments, mean, std, gain, spread in rows:
-        print(f"K {k:<4g} ({segments:5.1f} segments)    {mean:6.2f} +- {std:4.2f}   gain {gain:+6.2f} +- {spread:4.2f}")
+    for name, segments, mean, std, gain, spread in rows:
+        print(f"{name:24s} ({segments:5.1f} segments)  {mean:6.2f} +- {std:4.2f}   gain {gain:+6.2f} +- {spread:4.2f}")
 
 
 if __name__ == "__main__":

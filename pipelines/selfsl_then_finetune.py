@@ -7,8 +7,8 @@ import labelled data -> pseudo masks (Felzenszwalb) -> DetCon pretraining -> fin
     segflow compile pipelines/selfsl_then_finetune.py --output selfsl_then_finetune.yaml
     kfp run create -e segflow -r my-run -f selfsl_then_finetune.yaml data_uri=s3://... unlabeled_uri=s3://...
 
-Felzenszwalb scale and minimum size, the pretraining view size and learning rate are chosen from
-the unlabelled images when left at 0 (the README's "auto" rules; the chosen values are logged as
+Felzenszwalb scale and minimum size, the pretraining view size, steps per epoch and learning rate
+are chosen from the unlabelled images when left at 0 (the README's "auto" rules; the chosen values are logged as
 auto.* params of the pseudo-masks and pretrain runs). The other defaults are sized for the demo
 (96 px images, CPU); for real data, fine-tune longer and larger: input_size=512, epochs=300.
 """
@@ -30,10 +30,11 @@ def selfsl_then_finetune(
     finetune_method: str = "supervised",
     felzenszwalb_scale: float = 0.0,
     felzenszwalb_min_size: int = 0,
-    pretrain_epochs: int = 10,
+    pretrain_epochs: int = 5,  # x 50 steps on the demo's 96 images (the auto steps-per-epoch rule)
     pretrain_batch_size: int = 16,
     pretrain_input_size: int = 0,
     pretrain_lr: float = 0.0,
+    pretrain_iters_per_epoch: int = 0,
     epochs: int = 12,
     batch_size: int = 8,
     input_size: int = 96,
@@ -61,6 +62,7 @@ def selfsl_then_finetune(
             batch_size=pretrain_batch_size,
             input_size=pretrain_input_size,
             lr=pretrain_lr,
+            iters_per_epoch=pretrain_iters_per_epoch,
             seed=seed,
             **resumable(),
             **track,

@@ -190,7 +190,9 @@ def detcon_cmd(
     batch_size: Annotated[int, typer.Option()] = 16,
     input_size: Annotated[str, typer.Option(help=f"View side in pixels (multiple of 32), or {AUTO_RULE}")] = "auto",
     lr: Annotated[str, typer.Option(help="SGD learning rate, or auto: chosen from the step budget.")] = "auto",
-    iters_per_epoch: Annotated[int, typer.Option(help="At least this many steps per epoch.")] = 0,
+    iters_per_epoch: Annotated[
+        int, typer.Option(help="At least this many steps per epoch; 0: auto (one pass, at least 50 steps).")
+    ] = 0,
     masks: Annotated[
         str, typer.Option(help="Pseudo-mask folder (pseudo-masks --out); default: detcon_mask/ beside IMAGES.")
     ] = "",
@@ -226,7 +228,7 @@ def detcon_cmd(
             f"{result['pseudo_masks']['segments_per_image']:g} segments per image "
             f"({_felzenszwalb_said(result['pseudo_masks'])})"
         )
-    for name in ("input_size", "lr"):
+    for name in ("input_size", "iters_per_epoch", "lr"):
         if name in chosen:
             typer.echo(f"auto {name} = {chosen[name]:g} ({chosen[name + '_rule']})")
     typer.echo(

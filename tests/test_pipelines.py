@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import mlflow
@@ -88,6 +89,7 @@ def test_load_pipeline_errors(tmp_path):
         orchestration.load_pipeline(tmp_path / "broken.py")
 
 
+@pytest.mark.slow
 def test_prepare_data_runs_locally_and_is_tracked(tmp_path, segflow_home):
     source = synthesize(tmp_path / "source", "source", num_images=8, size=48, seed=0)
     target = synthesize(tmp_path / "target", "target", num_images=8, size=48, seed=1)
@@ -119,6 +121,7 @@ def test_prepare_data_runs_locally_and_is_tracked(tmp_path, segflow_home):
     assert sorted(r.info.run_name for r in children) == ["import source", "import target"]
 
 
+@pytest.mark.slow
 def test_failing_pipeline_marks_the_parent_failed(tmp_path, segflow_home):
     source = synthesize(tmp_path / "source", "source", num_images=4, size=48, seed=0)
     (tmp_path / "target").mkdir()
@@ -149,6 +152,7 @@ def test_supervised_ir_wires_import_train_evaluate(tmp_path):
     assert "nodeSelector" not in k8s  # clusters label GPU pools their own way: --gpu-node-selector
 
 
+@pytest.mark.slow
 def test_supervised_pipeline_runs_locally(tmp_path, segflow_home):
     data = synthesize(tmp_path / "target", "target", num_images=12, size=64, seed=2)
     result = orchestration.run_local(
@@ -208,6 +212,7 @@ def test_selfsl_then_finetune_ir(tmp_path):
     assert train_inputs["init_backbone"]["isOptional"] is True
 
 
+@pytest.mark.slow
 def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
     data = synthesize(tmp_path / "target", "target", num_images=12, size=64, seed=2)
     unlabeled = synthesize(tmp_path / "unl", "target", num_images=8, size=64, seed=3, unlabeled=True)
@@ -219,6 +224,7 @@ def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
         "batch_size": 4,
         "pretrain_epochs": 1,
         "pretrain_batch_size": 4,
+        "pretrain_iters_per_epoch": 1,  # one pass (auto repeats small sets to 50 steps an epoch)
         "finetune_method": "supcon",
     }  # Felzenszwalb parameters, pretraining view size and lr: auto
     result = orchestration.run_local(REPO / "pipelines" / "selfsl_then_finetune.py", params)
@@ -260,6 +266,7 @@ def test_domain_adaptation_ir_runs_branches_in_parallel(tmp_path):
     assert adapt_exec["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
 
 
+@pytest.mark.slow
 def test_domain_adaptation_pipeline_runs_locally(tmp_path, segflow_home):
     """Two branches (the ensemble's members) to keep it short; every candidate evaluated beside the
     source-only model, the best exported, the comparison on the parent run."""
@@ -275,7 +282,10 @@ def test_domain_adaptation_pipeline_runs_locally(tmp_path, segflow_home):
         "eval_every": 2,
         "batch_size": 4,
     }
+    handlers = logging.getLogger().handlers[:]
     result = orchestration.run_local(REPO / "pipelines" / "domain_adaptation.py", params)
+    # Parallel branches swap the root logger's handlers from several threads; the run puts back its own.
+    assert logging.getLogger().handlers == handlers
     job = result["job_dir"]
     chosen = json.loads((job / "choose-best" / "executor_output.json").read_text())
     best = chosen["artifacts"]["best"]["artifacts"][0]["metadata"]["candidate"]

@@ -84,8 +84,20 @@ def test_pretrain_command_uses_the_masks_a_user_made_and_never_replaces_them(tmp
     code, out, err = run_cli("pseudo-masks", images, "--scale", "150", "--min-size", "30")
     assert code == 0, err
     stamps = {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")}
-    code, out, err = run_cli("pretrain", "--images", images, "--out", tmp_path / "bb", "--epochs", "1", "--no-track")
+    code, out, err = run_cli(
+        "pretrain",
+        "--images",
+        images,
+        "--out",
+        tmp_path / "bb",
+        "--epochs",
+        "1",
+        "--iters-per-epoch",
+        "1",
+        "--no-track",
+    )
     assert code == 0, err
+    assert "auto iters_per_epoch" not in out  # set by the user
     assert "0 made, 6 reused" in out and "scale 150, sigma 0.8, min size 30: those of the masks already made" in out
     assert "auto input_size = 96" in out and "auto lr = 0.05" in out
     assert {p.name: p.stat().st_mtime_ns for p in masks.glob("*.png")} == stamps
@@ -103,6 +115,8 @@ def test_pretrain_command_uses_the_masks_a_user_made_and_never_replaces_them(tmp
     assert code == 0, err
     segments = float(re.search(r"([\d.]+) segments per image", out).group(1))
     assert 10 <= segments <= 32 and "size rule for 96 px images" in out, out
+    # Six images are one step a pass: a short run repeats them, 50 steps an epoch.
+    assert "auto iters_per_epoch = 50 (one pass (1 steps) or 50, the larger)" in out, out
 
 
 def test_same_image_same_mask():
