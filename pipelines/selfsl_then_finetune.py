@@ -30,7 +30,7 @@ def selfsl_then_finetune(
     finetune_method: str = "supervised",
     felzenszwalb_scale: float = 0.0,
     felzenszwalb_min_size: int = 0,
-    pretrain_epochs: int = 5,  # x 50 steps on the demo's 96 images (the auto steps-per-epoch rule)
+    pretrain_epochs: int = 10,  # x 50 steps on the demo's 96 images (the auto steps-per-epoch rule)
     pretrain_batch_size: int = 16,
     pretrain_input_size: int = 0,
     pretrain_lr: float = 0.0,
