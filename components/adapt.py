@@ -20,6 +20,8 @@ def adapt_model(
     batch_size: int = 8,
     input_size: int = 256,
     lr: float = 0.0001,
+    adv_weight: float = 0.1,
+    ent_weight: float = 1.0,
     seed: int = 0,
     processes: int = 0,
     checkpoint_root: str = "",
@@ -49,6 +51,8 @@ def adapt_model(
         batch_size=batch_size,
         input_size=input_size,
         lr=lr,
+        adv_weight=adv_weight,
+        ent_weight=ent_weight,
         seed=seed,
         resume=True,  # a retried task continues from its last checkpoint
         overwrite=True,  # the output path is this task's own

@@ -113,6 +113,30 @@ def test_dacs_recolours_mixed_images_for_the_student_only():
     assert torch.equal(first, again) and not torch.allclose(first, batch, atol=0.05)
 
 
+def test_entropy_weight_scales_the_target_term_on_both_levels():
+    """MinEnt's loss is the source loss plus ent_weight x (main entropy + aux_ratio x auxiliary
+    entropy): weight 0 leaves the source loss alone, and the tuned default is what is applied."""
+    from segflow.adapt.objectives import MinEnt
+    from segflow.models import create_model
+    from segflow.models.outputs import entropy_map, probabilities
+
+    torch.manual_seed(0)
+    net = create_model("lite_hrnet_s", 7, aux=True).eval()  # eval: the same forward every call
+    batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 7, (2, 32, 32))}
+    batch["target"] = {"image": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        out = net(batch["target"]["image"], with_aux=True)
+        main, aux = (entropy_map(probabilities(x)).mean() for x in (out.logits, out.aux_logits))
+        totals = {}
+        for weight in (0.0, AdaptConfig("-", "-", "-", "-").ent_weight):
+            cfg = AdaptConfig("-", "-", "-", "-", method="minent", levels="multi", ent_weight=weight)
+            totals[weight], logs = MinEnt(cfg, target=None).loss(net, batch, None)
+    weight = max(totals)
+    assert weight == 1.0 and cfg.aux_ratio == 0.2
+    assert torch.allclose(totals[0.0], torch.tensor(logs["seg"]), atol=1e-6)
+    assert torch.allclose(totals[weight] - totals[0.0], weight * (main + 0.2 * aux), atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["adaptsegnet", "dacs"])
 def test_resume_gives_the_same_result(domains, tmp_path, method):
     """Discriminators and their optimiser (AdaptSegNet), the EMA teacher (DACS): all in the
@@ -159,6 +183,8 @@ def test_clear_errors(domains, tmp_path):
     assert code == 2 and "no config.json" in err
     with pytest.raises(SegflowError, match="--method"):
         AdaptConfig("s", "t", "i", "o", method="cycada").validate()
+    with pytest.raises(SegflowError, match="--ent-weight must not be negative"):
+        AdaptConfig("s", "t", "i", "o", method="minent", ent_weight=-1.0).validate()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "other", "other_raw"]
 
 

@@ -79,11 +79,12 @@ class TwoDomains(Objective):
             seg = seg + self.cfg.seg_aux_weight * cross_entropy(out.aux_logits[:n], labels)
         return out, n, seg
 
-    def levels(self, out, weights: tuple[float, float]) -> list[tuple[str, torch.Tensor, float]]:
-        """(name, logits, loss weight) of the outputs the method acts on."""
-        levels = [("main", out.logits, weights[0])]
+    def levels(self, out, weight: float) -> list[tuple[str, torch.Tensor, float]]:
+        """(name, logits, loss weight) of the outputs the method acts on: ``weight`` on the main
+        output, ``aux_ratio`` of it on the auxiliary."""
+        levels = [("main", out.logits, weight)]
         if self.cfg.multi_level:
-            levels.append(("aux", out.aux_logits, weights[1]))
+            levels.append(("aux", out.aux_logits, weight * self.cfg.aux_ratio))
         return levels
 
 
@@ -105,7 +106,7 @@ class MinEnt(TwoDomains):
 
     def loss(self, net, batch, step):
         out, n, seg = self.forward(net, batch)
-        levels = self.levels(out, (self.cfg.ent_main, self.cfg.ent_aux))
+        levels = self.levels(out, self.cfg.ent_weight)
         entropies = [(weight, entropy_map(probabilities(logits[n:])).mean()) for _, logits, weight in levels]
         total = seg + sum(weight * entropy for weight, entropy in entropies)
         return total, {"seg": seg.item(), "target_entropy": entropies[0][1].item()}
@@ -143,7 +144,7 @@ class Adversarial(TwoDomains):
         out, n, seg = self.forward(net, batch)
         adversarial = disc_loss = 0.0
         accuracy = []
-        for name, logits, weight in self.levels(out, (self.cfg.adv_main, self.cfg.adv_aux)):
+        for name, logits, weight in self.levels(out, self.cfg.adv_weight):
             disc = self.discriminators[name]
             maps = self.map(logits)
             with fixed(disc):  # the segmenter wants target outputs to pass for source ones
