@@ -36,10 +36,9 @@ demo-data: $(STAMP)
 	$(BIN)/segflow data synth $(DEMO_DATA)/source --domain source --num-images 96 --size 96 --seed 3
 
 # Domain adaptation on the same demo data: "game engine" source -> "camera" target (~3 min on 2 cores).
-# kfp.local runs the branches side by side: one torch thread each, or they fight over the cores (>4x slower).
 demo-adapt: $(STAMP)
 	test -d $(DEMO_DATA)/source || $(MAKE) demo-data
-	OMP_NUM_THREADS=1 $(BIN)/segflow run pipelines/domain_adaptation.py --local
+	$(BIN)/segflow run pipelines/domain_adaptation.py --local
 	@echo "The candidates compared: the parent run's comparison/ artifacts in MLflow, and choose-best/ of that run."
 
 # Two worker processes (pytest-xdist) share the cores; each gives torch its share of threads.

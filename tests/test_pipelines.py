@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import mlflow
@@ -299,3 +300,20 @@ def test_domain_adaptation_pipeline_runs_locally(tmp_path, segflow_home):
     # The chosen model is registered like any export, with the target's validation fingerprint.
     version = client.get_model_version_by_alias("segflow", "challenger")
     assert version.tags["segflow.pipeline_run"] and version.tags["segflow.validation_fingerprint"]
+
+
+def test_parallel_branches_get_one_thread_per_task(monkeypatch):
+    """Only a pipeline with a ParallelFor gives its tasks one torch thread; a user's own setting
+    stays, and nothing is left in the environment afterwards."""
+    parallel = orchestration.load_pipeline(REPO / "pipelines" / "domain_adaptation.py", orchestration.LOCAL)
+    sequential = orchestration.load_pipeline(REPO / "pipelines" / "selfsl_then_finetune.py", orchestration.LOCAL)
+    assert orchestration.has_parallel_branches(parallel)
+    assert not orchestration.has_parallel_branches(sequential)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with orchestration._one_thread_per_task():
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with orchestration._one_thread_per_task():
+        assert os.environ["OMP_NUM_THREADS"] == "3"
+    assert os.environ["OMP_NUM_THREADS"] == "3"
