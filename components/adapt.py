@@ -1,5 +1,7 @@
 """Domain adaptation: adapt a source-trained model to a target domain; ensembles of models."""
 
+from typing import Optional
+
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -20,8 +22,9 @@ def adapt_model(
     batch_size: int = 8,
     input_size: int = 256,
     lr: float = 0.0001,
-    adv_weight: float = 0.1,
+    adv_weight: Optional[float] = None,  # noqa: UP045 (kfp reads the annotation: Optional, not "| None")
     ent_weight: float = 1.0,
+    mix_weighting: str = "pixel",
     seed: int = 0,
     processes: int = 0,
     checkpoint_root: str = "",
@@ -53,6 +56,7 @@ def adapt_model(
         lr=lr,
         adv_weight=adv_weight,
         ent_weight=ent_weight,
+        mix_weighting=mix_weighting,
         seed=seed,
         resume=True,  # a retried task continues from its last checkpoint
         overwrite=True,  # the output path is this task's own

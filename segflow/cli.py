@@ -251,8 +251,13 @@ def adapt_cmd(
     batch_size: Annotated[int, typer.Option()] = 8,
     input_size: Annotated[int, typer.Option(help="Crop side in pixels (multiple of 32).")] = 256,
     lr: Annotated[float, typer.Option(help="Segmenter learning rate (Adam, poly decay).")] = 1e-4,
-    adv_weight: Annotated[float, typer.Option(help="AdaptSegNet / AdvEnt: adversarial loss weight.")] = 0.1,
+    adv_weight: Annotated[
+        float | None, typer.Option(help="Adversarial loss weight; default: 0.01 AdaptSegNet, 0.1 AdvEnt.")
+    ] = None,
     ent_weight: Annotated[float, typer.Option(help="MinEnt: target entropy weight.")] = 1.0,
+    mix_weighting: Annotated[
+        str, typer.Option(help="DACS: weight pseudo-labels per pixel by the teacher's confidence, or per image.")
+    ] = "pixel",
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over; replace OUT.")] = False,

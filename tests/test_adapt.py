@@ -113,6 +113,31 @@ def test_dacs_recolours_mixed_images_for_the_student_only():
     assert torch.equal(first, again) and not torch.allclose(first, batch, atol=0.05)
 
 
+def test_dacs_weights_each_pseudo_label_by_the_teachers_confidence():
+    """``pixel`` (the default): a pixel's weight is the teacher's probability of its pseudo-label;
+    ``image`` (the paper's): every pixel of an image gets the share of its confident pixels."""
+    from segflow.adapt.objectives import pseudo_label_weights
+    from segflow.models.outputs import confident_labels
+
+    # Two classes, one image of 2 x 2 pixels: the teacher is sure of the first pixel only.
+    p = torch.tensor([[0.99, 0.7], [0.6, 0.2]])
+    logits = torch.stack([p.log(), (1 - p).log()])[None]
+    _, confident = confident_labels(logits, 0.968)
+    pixel = pseudo_label_weights(logits, confident, AdaptConfig("-", "-", "-", "-").mix_weighting)
+    assert torch.allclose(pixel, torch.tensor([[[0.99, 0.7], [0.6, 0.8]]]), atol=1e-6)
+    image = pseudo_label_weights(logits, confident, "image")
+    assert image.shape == (1, 2, 2) and torch.allclose(image, torch.full((1, 2, 2), 0.25))
+    with pytest.raises(SegflowError, match="--mix-weighting must be pixel or image"):
+        AdaptConfig("s", "t", "i", "o", method="dacs", mix_weighting="soft").validate()
+
+
+def test_each_adversarial_method_has_its_own_tuned_weight_unless_given():
+    weights = {m: AdaptConfig("-", "-", "-", "-", method=m).adversarial_weight for m in ("adaptsegnet", "advent")}
+    assert weights == {"adaptsegnet": 0.01, "advent": 0.1}
+    assert AdaptConfig("-", "-", "-", "-", method="adaptsegnet", adv_weight=0.3).adversarial_weight == 0.3
+    assert AdaptConfig("-", "-", "-", "-", method="adaptsegnet", adv_weight=0.0).adversarial_weight == 0.0
+
+
 def test_entropy_weight_scales_the_target_term_on_both_levels():
     """MinEnt's loss is the source loss plus ent_weight x (main entropy + aux_ratio x auxiliary
     entropy): weight 0 leaves the source loss alone, and the tuned default is what is applied."""
@@ -185,6 +210,8 @@ def test_clear_errors(domains, tmp_path):
         AdaptConfig("s", "t", "i", "o", method="cycada").validate()
     with pytest.raises(SegflowError, match="--ent-weight must not be negative"):
         AdaptConfig("s", "t", "i", "o", method="minent", ent_weight=-1.0).validate()
+    with pytest.raises(SegflowError, match="--adv-weight and --ent-weight must not be negative"):
+        AdaptConfig("s", "t", "i", "o", method="advent", adv_weight=-0.1).validate()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "other", "other_raw"]
 
 
