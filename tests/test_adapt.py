@@ -117,15 +117,16 @@ def test_dacs_weights_each_pseudo_label_by_the_teachers_confidence():
     """``pixel`` (the default): a pixel's weight is the teacher's probability of its pseudo-label;
     ``image`` (the paper's): every pixel of an image gets the share of its confident pixels."""
     from segflow.adapt.objectives import pseudo_label_weights
-    from segflow.models.outputs import confident_labels
+    from segflow.models.outputs import pseudo_labels
 
     # Two classes, one image of 2 x 2 pixels: the teacher is sure of the first pixel only.
     p = torch.tensor([[0.99, 0.7], [0.6, 0.2]])
     logits = torch.stack([p.log(), (1 - p).log()])[None]
-    _, confident = confident_labels(logits, 0.968)
-    pixel = pseudo_label_weights(logits, confident, AdaptConfig("-", "-", "-", "-").mix_weighting)
+    _, confidence = pseudo_labels(logits)
+    confident = confidence >= 0.968
+    pixel = pseudo_label_weights(confidence, confident, AdaptConfig("-", "-", "-", "-").mix_weighting)
     assert torch.allclose(pixel, torch.tensor([[[0.99, 0.7], [0.6, 0.8]]]), atol=1e-6)
-    image = pseudo_label_weights(logits, confident, "image")
+    image = pseudo_label_weights(confidence, confident, "image")
     assert image.shape == (1, 2, 2) and torch.allclose(image, torch.full((1, 2, 2), 0.25))
     with pytest.raises(SegflowError, match="--mix-weighting must be pixel or image"):
         AdaptConfig("s", "t", "i", "o", method="dacs", mix_weighting="soft").validate()

@@ -33,7 +33,7 @@ from segflow.data import IGNORE_INDEX
 from segflow.data.datasets import Normalization, to_image, to_tensor
 from segflow.data.transforms import mixed_view
 from segflow.models.discriminator import OutputDiscriminator
-from segflow.models.outputs import confident_labels, entropy_map, probabilities, self_information
+from segflow.models.outputs import entropy_map, probabilities, pseudo_labels, self_information
 from segflow.train.engine import Objective, Part, Step, Stream, ema_update, frozen_copy
 
 SOURCE, TARGET = 0.0, 1.0  # the discriminators' labels
@@ -176,12 +176,13 @@ def classmix_masks(labels: torch.Tensor, generator: torch.Generator) -> torch.Te
     return masks
 
 
-def pseudo_label_weights(teacher_logits: torch.Tensor, confident: torch.Tensor, weighting: str) -> torch.Tensor:
-    """The loss weight of each pseudo-labelled target pixel (N x H x W), by how sure the teacher is:
+def pseudo_label_weights(confidence: torch.Tensor, confident: torch.Tensor, weighting: str) -> torch.Tensor:
+    """The loss weight of each pseudo-labelled target pixel (N x H x W), from the teacher's
+    probability of each pseudo-label (``confidence``) and which pixels pass the threshold:
 
     - ``pixel``: the teacher's probability of the pixel's own pseudo-label;
-    - ``image``: the DACS paper's: one weight per image, the share of its pixels the teacher is
-      ``confidence`` sure of.
+    - ``image``: the DACS paper's: one weight per image, the share of its pixels that pass the
+      threshold (``AdaptConfig.confidence``).
 
     At the paper's threshold the source model is sure of only 9-16% of a synthetic target image,
     so ``image`` gives each pseudo-label about a tenth of a source label's weight and the teacher
@@ -190,7 +191,7 @@ def pseudo_label_weights(teacher_logits: torch.Tensor, confident: torch.Tensor, 
     weight's size; ``pixel`` is kept because it still discounts the pixels the teacher doubts.
     """
     if weighting == "pixel":
-        return probabilities(teacher_logits).max(1).values
+        return confidence
     return confident.float().mean((1, 2), keepdim=True).expand(confident.shape)
 
 
@@ -214,9 +215,9 @@ class DACS(TwoDomains):
         n = source.shape[0]
         with torch.no_grad():
             self.teacher.eval()
-            teacher_logits = self.teacher(target).logits
-            pseudo, confident = confident_labels(teacher_logits, self.cfg.confidence)
-            target_weight = pseudo_label_weights(teacher_logits, confident, self.cfg.mix_weighting)
+            pseudo, confidence = pseudo_labels(self.teacher(target).logits)
+            confident = confidence >= self.cfg.confidence
+            target_weight = pseudo_label_weights(confidence, confident, self.cfg.mix_weighting)
             mask = classmix_masks(labels, step.generator(11))
             mixed = torch.where(mask[:, None], source, target)
             if self.cfg.mix_augment:

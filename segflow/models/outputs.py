@@ -35,8 +35,8 @@ def entropy_map(probs: torch.Tensor) -> torch.Tensor:
     return self_information(probs).sum(1)
 
 
-def confident_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A teacher's pseudo-labels (argmax, N x H x W) and which pixels it is at least ``threshold``
-    sure of (bool, N x H x W): what Mean Teacher learns from and DACS weights its mixed loss by."""
+def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's pseudo-labels (argmax, N x H x W) and its probability of each (N x H x W): Mean
+    Teacher learns from the pixels above a threshold, DACS weights its mixed loss by either."""
     confidence, labels = probabilities(logits).max(1)
-    return labels, confidence >= threshold
+    return labels, confidence

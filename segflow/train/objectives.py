@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segflow.data import IGNORE_INDEX
-from segflow.models.outputs import confident_labels
+from segflow.models.outputs import pseudo_labels
 from segflow.train.config import MeanTeacherConfig, SupConConfig
 from segflow.train.contrastive import ContrastBranch, ContrastObjective
 from segflow.train.engine import Objective, Stream, ema_update, frozen_copy
@@ -105,7 +105,8 @@ class MeanTeacher(Objective):
         weak, strong = batch["unlabeled"]["image"], batch["unlabeled"]["strong"]
         with torch.no_grad():
             self.teacher.eval()
-            pseudo, confident = confident_labels(self.teacher(weak).logits, self.cfg.confidence)
+            pseudo, confidence = pseudo_labels(self.teacher(weak).logits)
+            confident = confidence >= self.cfg.confidence
         logits = net(torch.cat([images, strong])).logits
         ce = cross_entropy(logits[:n], masks)
         per_pixel = F.cross_entropy(logits[n:].float(), pseudo, reduction="none")
