@@ -55,7 +55,7 @@ format: $(STAMP)
 
 compile: $(STAMP)
 	mkdir -p build/pipelines
-	for f in pipelines/*.py; do $(BIN)/segflow compile $$f --output build/pipelines/$$(basename $$f .py).yaml || exit 1; done
+	for f in pipelines/*.py; do $(BIN)/segflow compile $$f --output build/pipelines/$$(basename $$f .py).yaml --overwrite || exit 1; done
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/import_throughput.py
@@ -67,8 +67,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/domain_adaptation.py
 
 preview: $(STAMP)
-	$(BIN)/segflow data preview docs/synthetic_domains.png --size 128
-	$(BIN)/segflow data preview docs/indoor_family.png --size 128 --family indoor
+	$(BIN)/segflow data preview docs/synthetic_domains.png --size 128 --overwrite
+	$(BIN)/segflow data preview docs/indoor_family.png --size 128 --family indoor --overwrite
 
 # Refresh the pins from a clean environment after changing dependencies in pyproject.toml.
 constraints:

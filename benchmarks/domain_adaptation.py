@@ -15,7 +15,8 @@ Per seed:
   labelled target scenes, the bound of what an adaptation run could reach from the same start.
 Every model is scored on a separate target test set (never used for choosing). The table gives
 target test mIoU and mDice, mean +- standard deviation over seeds, and the source-only model's
-score on source val, the domain gap.
+score on source val, the domain gap; then each row's share of target pixels predicted as each
+class, under the true shares (a method that pulls the target toward the source's layout shows there).
 """
 
 from __future__ import annotations
@@ -74,9 +75,21 @@ def build_data(root: Path, size: int, counts: dict[str, int]) -> dict[str, Path]
 
 
 def score(model: Path, data: Path, work: Path, subset: str = "val") -> dict:
+    """mIoU and mDice (%), and the share of the pixels predicted as each class against the share
+    that is that class: an adaptation that drags the target's class layout toward the source's
+    shows there (RESULTS.md, "Why AdaptSegNet does not gain here")."""
     out = work / f"eval-{model.name}-{data.name}"
     metrics = evaluate_stage(EvalConfig(model=str(model), data=str(data), out=str(out), subset=subset), track=False)
-    return {"mIoU": 100 * metrics["mIoU"], "mDice": 100 * metrics["mDice"]}
+    confusion = [[float(v) for v in row] for row in metrics["confusion_matrix"]]  # rows: truth, columns: prediction
+    pixels = sum(map(sum, confusion)) or 1.0
+    predicted = [sum(column) / pixels for column in zip(*confusion, strict=True)]
+    truth = [sum(row) / pixels for row in confusion]
+    return {
+        "mIoU": 100 * metrics["mIoU"],
+        "mDice": 100 * metrics["mDice"],
+        "predicted": dict(zip(metrics["labels"], predicted, strict=True)),
+        "truth": dict(zip(metrics["labels"], truth, strict=True)),
+    }
 
 
 def supervised(data: Path, out: Path, seed: int, args) -> Path:
@@ -176,6 +189,23 @@ def report(results: dict[str, list[dict]], args) -> None:
     src = mean_std("source only, on source val", "mIoU")[0]
     print(f"domain gap of the source-only model: {src:.1f} mIoU on source val, {base:.1f} on the target test set "
           f"({src - base:.1f} points)")  # fmt: skip
+    class_shares(results)
+
+
+def class_shares(results: dict[str, list[dict]]) -> None:
+    """Per row, the share of target test pixels predicted as each class (mean over seeds), under
+    the true shares of the target test set and of the source val set."""
+    rows = {name: runs for name, runs in results.items() if all("predicted" in r for r in runs)}
+    if "source only" not in rows:
+        return  # results saved before the shares were recorded
+    classes = list(rows["source only"][0]["truth"])
+    print(f"\nshare of pixels per class (%), mean over seeds\n{'':30s} " + " ".join(f"{c[:10]:>10s}" for c in classes))
+    truths = {"truth, target test": rows["source only"], "truth, source val": rows.get("source only, on source val")}
+    lines = [(name, runs, "truth") for name, runs in truths.items() if runs]
+    lines += [(name, runs, "predicted") for name, runs in rows.items() if "source val" not in name]
+    for name, runs, key in lines:
+        shares = [statistics.mean(r[key][c] for r in runs) for c in classes]
+        print(f"{name:30s} " + " ".join(f"{100 * v:10.1f}" for v in shares))
 
 
 def throughput(args) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated
 import typer
 
 from segflow.errors import SegflowError
+from segflow.redact import redact, redact_logging
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -56,11 +58,12 @@ def data_preview(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option()] = 0,
     family: Annotated[str, typer.Option(help="street or indoor.")] = "street",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT.png if it exists.")] = False,
 ) -> None:
     """Save a grid of source and target samples with their masks."""
     from segflow.data.synth import preview_grid
 
-    typer.echo(f"wrote {preview_grid(out, size=size, seed=seed, family_name=family)}")
+    typer.echo(f"wrote {preview_grid(out, size=size, seed=seed, family_name=family, overwrite=overwrite)}")
 
 
 @data_app.command("import")
@@ -130,8 +133,8 @@ def auto_number(value: str, setting: str, kind: type = float) -> float:
         number = kind(value)
     except ValueError:
         raise SegflowError(f"{setting} must be a number or 'auto' (got {value!r}).") from None
-    if number <= 0:
-        raise SegflowError(f"{setting} must be positive, or 'auto' (got {value!r}).")
+    if not math.isfinite(number) or number <= 0:
+        raise SegflowError(f"{setting} must be a finite positive number, or 'auto' (got {value!r}).")
     return number
 
 
@@ -471,8 +474,9 @@ def run(
     for name, value in result["outputs"].items():
         typer.echo(f"  output {name}: {getattr(value, 'uri', value)}")
     typer.echo(f"  full log: {result['log']}")
-    typer.echo(f"  MLflow:   parent run {result['mlflow_run_id'] or '(none)'} in {tracking.tracking_uri()}")
-    typer.echo(f"  browse:   mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    store = redact(tracking.tracking_uri())
+    typer.echo(f"  MLflow:   parent run {result['mlflow_run_id'] or '(none)'} in {store}")
+    typer.echo(f"  browse:   mlflow ui --backend-store-uri {store}")
 
 
 # Where compiled tasks run (segflow.cluster.ClusterConfig): shared by compile, submit and schedule.
@@ -531,6 +535,7 @@ def compile_(
     gpu_cpu_request: GpuCpuRequest = "",
     gpu_memory_request: GpuMemoryRequest = "",
     retries: Retries = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists.")] = False,
 ) -> None:
     """Compile a pipeline to KFP IR YAML (what `kfp run create -f` takes), placed for a cluster."""
     from segflow import orchestration
@@ -539,7 +544,7 @@ def compile_(
         cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, cpu_request, memory_request,
         gpu_cpu_request, gpu_memory_request, retries,
     )  # fmt: skip
-    typer.echo(f"wrote {orchestration.compile_pipeline(pipeline, output, placement)}")
+    typer.echo(f"wrote {orchestration.compile_pipeline(pipeline, output, placement, overwrite)}")
 
 
 Host = Annotated[str, typer.Option("--host", help="KFP API URL, e.g. https://kubeflow.example.com/pipeline.")]
@@ -585,7 +590,7 @@ def submit_cmd(
     server = submit.Server(host, existing_token, namespace)
     run = submit.submit(pipeline, server, arguments, experiment, run_name, placement)
     typer.echo(f"run {run['run_name']} ({run['run_id']}) created in experiment {experiment}")
-    typer.echo(run["url"])
+    typer.echo(redact(run["url"]))
 
 
 @app.command("schedule")
@@ -668,6 +673,7 @@ def main(argv: list[str] | None = None) -> None:
     """The ``segflow`` command (``argv``: for calling it in-process, as the tests do)."""
     argv = expand_variadic(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    redact_logging()  # no password in a URI reaches the terminal or a pipeline log
     for noisy in ("alembic", "mlflow", "botocore", "urllib3", "datumaro", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -73,18 +73,60 @@ class ClusterConfig:
     backoff_seconds: int = 60  # first retry after this, then doubling ...
     backoff_max_seconds: int = 3600  # ... up to this
 
-    def validate(self) -> ClusterConfig:
-        if self.gpus < 1:
-            raise SegflowError(f"--gpus must be at least 1 (got {self.gpus}).")
-        if self.retries < 0:
-            raise SegflowError(f"--retries must be 0 or more (got {self.retries}).")
-        for name in ("cpu_request", "memory_request", "gpu_cpu_request", "gpu_memory_request"):
+    def validate(self, source: str = "") -> ClusterConfig:
+        """Every setting's type and range; ``source`` names where the settings came from (a
+        --cluster-config file) in the message, which also names the setting."""
+        where = f"{source}: " if source else ""
+
+        def bad(name: str, what: str) -> SegflowError:
+            setting = name if source else f"--{name.replace('_', '-')}"
+            return SegflowError(f"{where}{setting} {getattr(self, name)!r} {what}")
+
+        for name, (low, high) in _WHOLE_NUMBERS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(name, "must be a whole number.")
+            if not low <= value <= high:
+                raise bad(name, f"must be between {low} and {high}.")
+        if self.backoff_max_seconds < self.backoff_seconds:
+            raise bad("backoff_max_seconds", f"must be at least backoff_seconds ({self.backoff_seconds}).")
+        for name in ("image", "gpu_image", "accelerator", *_QUANTITIES):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "must be a single string.")
+        for name in ("image", "gpu_image"):
+            if getattr(self, name) and not _IMAGE.match(getattr(self, name)):
+                raise bad(name, "is not a container image reference (e.g. registry.example.com/segflow:0.1.0).")
+        if not _RESOURCE.match(self.accelerator):
+            raise bad("accelerator", "is not a Kubernetes extended resource name (e.g. nvidia.com/gpu).")
+        for name in _QUANTITIES:
             value = getattr(self, name)
             if value and not _QUANTITY.match(value):
-                raise SegflowError(f"{name} {value!r} is not a Kubernetes quantity (e.g. 2, 500m, 8G, 16Gi).")
-        for key in self.gpu_node_selector:
-            _check_label(key, "--gpu-node-selector")
+                raise bad(name, "is not a Kubernetes quantity (e.g. 2, 500m, 8G, 16Gi).")
+        if not isinstance(self.gpu_node_selector, dict):
+            raise bad("gpu_node_selector", "must be a mapping of label: value.")
+        for key, value in self.gpu_node_selector.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise SegflowError(
+                    f"{where}gpu_node_selector {key!r}: {value!r}: label and value must be plain strings."
+                )
+            _check_label(key, f"{where}gpu_node_selector")
+            if value and not _LABEL_VALUE.match(value):
+                raise SegflowError(f"{where}gpu_node_selector {key}: {value!r} is not a Kubernetes label value.")
         return self
+
+
+# Ranges: a retry count or a backoff beyond these is a typo, and kfp's own messages name neither
+# the file nor the setting.
+_WHOLE_NUMBERS = {
+    "gpus": (1, 64),
+    "retries": (0, 100),
+    "backoff_seconds": (0, 86_400),
+    "backoff_max_seconds": (0, 7 * 86_400),
+}
+_QUANTITIES = ("cpu_request", "memory_request", "gpu_cpu_request", "gpu_memory_request")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,511}$")
+_RESOURCE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 def _check_label(key: str, setting: str) -> None:
@@ -118,36 +160,65 @@ def load(path: str | Path | None = None, **overrides) -> ClusterConfig:
     return replace(base, **given).validate()
 
 
+class _NoAliasLoader:
+    """Made on first use (yaml is imported lazily): a safe loader that refuses anchors and
+    aliases. A settings file needs neither, and nested aliases expand exponentially (a "billion
+    laughs" file of nine levels of nine aliases never finishes loading)."""
+
+    loader: type | None = None
+
+    @classmethod
+    def get(cls) -> type:
+        if cls.loader is None:
+            import yaml
+
+            class Loader(yaml.SafeLoader):
+                def compose_node(self, parent, index):
+                    if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+                        mark = self.peek_event().start_mark
+                        raise yaml.composer.ComposerError(
+                            None, None, "anchors and aliases (&name, *name) are not allowed in a settings file", mark
+                        )
+                    return super().compose_node(parent, index)
+
+            cls.loader = Loader
+        return cls.loader
+
+
 def _from_file(path: Path) -> ClusterConfig:
     import yaml
 
     if not path.is_file():
         raise SegflowError(f"--cluster-config {path} does not exist.")
+    if path.stat().st_size > 1_000_000:
+        raise SegflowError(f"--cluster-config {path} is over 1 MB: a settings file is a few lines.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.load(path.read_text(), Loader=_NoAliasLoader.get()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SegflowError(f"--cluster-config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SegflowError(f"--cluster-config {path} must be a mapping of settings (image: ..., gpus: ...).")
     known = {f.name for f in fields(ClusterConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(k) for k in set(data) - known)
     if unknown:
         raise SegflowError(f"--cluster-config {path}: unknown settings {unknown}; known: {', '.join(sorted(known))}.")
     if "gpu_tolerations" in data:
-        if not isinstance(data["gpu_tolerations"], list):
+        if not isinstance(data["gpu_tolerations"], list) or not all(
+            isinstance(t, str) for t in data["gpu_tolerations"]
+        ):
             raise SegflowError(f"--cluster-config {path}: gpu_tolerations must be a list of KEY[=VALUE]:EFFECT.")
         data["gpu_tolerations"] = tuple(
             Toleration.parse(t, f"{path}: gpu_tolerations") for t in data["gpu_tolerations"]
         )
-    if "gpu_node_selector" in data and not isinstance(data["gpu_node_selector"], dict):
-        raise SegflowError(f"--cluster-config {path}: gpu_node_selector must be a mapping of label: value.")
-    for name in ("gpus", "retries", "backoff_seconds", "backoff_max_seconds"):
-        if name in data and not isinstance(data[name], int):
-            raise SegflowError(f"--cluster-config {path}: {name} must be a whole number (got {data[name]!r}).")
-    for name in ("cpu_request", "memory_request", "gpu_cpu_request", "gpu_memory_request", "image", "gpu_image"):
-        if name in data:
+    for name in _QUANTITIES:  # YAML reads `cpu_request: 2` as a number
+        if isinstance(data.get(name), int | float) and not isinstance(data[name], bool):
             data[name] = str(data[name])
-    return ClusterConfig(**data)
+    selector = data.get("gpu_node_selector")
+    if isinstance(selector, dict):  # `gpu-count: 1` is a label value too
+        data["gpu_node_selector"] = {
+            k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in selector.items()
+        }
+    return ClusterConfig(**data).validate(f"--cluster-config {path}")
 
 
 LOCAL = ClusterConfig(retries=0)  # what `segflow run --local` builds with

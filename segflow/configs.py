@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -57,3 +58,23 @@ def from_dict(cls: type, data: Mapping[str, Any]):
             value = tuple(value)
         values[f.name] = value
     return cls(**values)
+
+
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and torch's generators take
+
+
+def check_numbers(config: Any, prefix: str = "") -> None:
+    """Every float setting of a (nested) dataclass config is finite, and every seed is in
+    SEED_RANGE: ``--lr inf`` or ``--sigma nan`` passes a ``> 0`` check and trains to NaN weights,
+    and a seed out of range fails deep inside numpy after the data is loaded."""
+    from segflow.errors import SegflowError
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        setting = f"--{prefix}{f.name.replace('_', '-')}"
+        if is_dataclass(value) and not isinstance(value, type):
+            check_numbers(value, f"{prefix}{f.name.replace('_', '-')}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise SegflowError(f"{setting} must be a finite number (got {value}).")
+        elif f.name == "seed" and isinstance(value, int) and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise SegflowError(f"{setting} must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (got {value}).")

@@ -7,6 +7,8 @@ Bugs stay ordinary exceptions so that their tracebacks are not hidden.
 
 from __future__ import annotations
 
+from segflow.redact import redact
+
 
 class SegflowError(Exception):
     """A problem with the user's input, configuration or environment."""
@@ -21,4 +23,4 @@ class SegflowError(Exception):
             message = message + "\n" + "\n".join(f"  - {p}" for p in shown)
             if more:
                 message += f"\n  ... and {more} more"
-        super().__init__(message)
+        super().__init__(redact(message))  # a URI with a password in it is never printed

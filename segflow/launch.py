@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from segflow.errors import SegflowError
+from segflow.redact import redact_logging
 
 
 def _stages() -> dict:
@@ -39,6 +40,7 @@ def _stages() -> dict:
 def _log_to_stderr() -> None:
     """In a pod nothing configures logging: show the stage's progress (resuming, epochs) in its log."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    redact_logging()
 
 
 def run_stage(stage: str, cfg, run=None, processes: int = 0, track: bool = True) -> dict:

@@ -21,6 +21,7 @@ from typing import Any
 from segflow import tracking
 from segflow.cluster import LOCAL, ClusterConfig
 from segflow.errors import SegflowError
+from segflow.redact import RedactingFilter
 
 _CASTS = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": None, "LIST": json.loads}
 
@@ -98,24 +99,24 @@ def parse_params(pipeline, pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def compile_pipeline(path: str | Path, output: str | Path, cluster: ClusterConfig | None = None) -> Path:
+def compile_pipeline(
+    path: str | Path, output: str | Path, cluster: ClusterConfig | None = None, overwrite: bool = False
+) -> Path:
+    """Compile to ``output`` (refused when it exists, unless ``overwrite``); a failed compile
+    never leaves half a YAML file, and two compiles never share a temporary file."""
     from kfp import compiler
+
+    from segflow import storage
 
     output = Path(output)
     if output.suffix not in (".yaml", ".yml"):
         raise SegflowError(f"--output {output} must end in .yaml: KFP's compiled pipelines are YAML.")
     pipeline = load_pipeline(path, cluster)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside, then rename: a failed compile never leaves half a YAML file.
-        partial = output.with_name(f".{output.stem}.partial{output.suffix}")
-        compiler.Compiler().compile(pipeline, str(partial))
-        partial.replace(output)
-    except OSError as exc:
-        raise SegflowError(
-            f"cannot write {output}: {exc.strerror or exc}. Choose an --output in a writable place."
-        ) from None
-    return output
+    if Path(path).expanduser().resolve() == output.expanduser().resolve():
+        raise SegflowError(f"--output {output} is the pipeline file itself: choose another name.")
+    return storage.write_file(
+        output, lambda partial: compiler.Compiler().compile(pipeline, str(partial)), overwrite, "--output"
+    )
 
 
 def run_local(path: str | Path, params: dict[str, Any] | None = None, show=None) -> dict[str, Any]:
@@ -212,6 +213,7 @@ def _runner_logs_to(log_path: Path):
     quiet = [(h, h.level) for h in before]
     for h, _ in quiet:
         h.setLevel(logging.WARNING)
+    handler.addFilter(RedactingFilter())
     root.addHandler(handler)
     try:
         yield

@@ -70,7 +70,7 @@ def import_stage(
     label = str(cfg.source).rstrip("/").rsplit("/", 1)[-1]
     with (
         tracking.stage_log("import", cfg, run, label, enabled=track) as log,
-        storage.staged_output(cfg.out, cfg.overwrite) as out,
+        storage.staged_output(cfg.out, cfg.overwrite, inputs={"SRC": cfg.source}) as out,
         storage.local_input(cfg.source, "dataset", sealed=False) as src,  # raw data: no marker needed
     ):
         report = import_dataset(cfg, src, out)
@@ -89,7 +89,7 @@ def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track:
     unlabeled = cfg.mean_teacher.unlabeled if cfg.mean_teacher else ""
     with (
         tracking.stage_log("train", cfg, run, f"{cfg.model} {cfg.method}", enabled=track and main) as log,
-        storage.staged_output(cfg.out, cfg.overwrite, publish=main) as out,
+        storage.staged_output(cfg.out, cfg.overwrite, main, _train_inputs(cfg, unlabeled)) as out,
         storage.local_input(cfg.data, "--data") as data,
         _optional_input(unlabeled, "--unlabeled", sealed=False) as unlabeled_dir,
         _optional_input(cfg.init_backbone, "--init-backbone") as backbone,
@@ -107,6 +107,15 @@ def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track:
     if main:
         checkpoints.discard()
     return result
+
+
+def _train_inputs(cfg: TrainConfig, unlabeled: str) -> storage.Inputs:
+    return {
+        "--data": cfg.data,
+        "--unlabeled": unlabeled,
+        "--init-backbone": cfg.init_backbone,
+        "--init-model": cfg.init_model,
+    }
 
 
 def dataset_ref(local: Path, uri: str, context: str) -> tracking.DatasetRef:
@@ -175,7 +184,7 @@ def pseudo_masks_stage(
             if not out:
                 raise SegflowError("pseudo masks of s3:// images need --out (a local folder or s3:// prefix).")
             with (
-                storage.staged_output(out, overwrite) as stage,
+                storage.staged_output(out, overwrite, inputs={"IMAGES": images}) as stage,
                 storage.local_input(images, "IMAGES", sealed=False) as folder,
             ):
                 result = make_pseudo_masks(folder, stage, params, workers) | {"out": out}
@@ -209,7 +218,7 @@ def detcon_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, tr
     main = is_main_process()
     with (
         tracking.stage_log("pretrain", cfg, run, f"{cfg.model} detcon", enabled=track and main) as log,
-        storage.staged_output(cfg.out, cfg.overwrite, publish=main) as out,
+        storage.staged_output(cfg.out, cfg.overwrite, main, {"--images": cfg.images, "--masks": cfg.masks}) as out,
         storage.local_input(cfg.images, "--images", sealed=False) as images,
     ):
         # One process makes the masks and the others (torchrun) wait for them, unless every process
@@ -240,7 +249,9 @@ def adapt_stage(
     main = is_main_process()
     with (
         tracking.stage_log("adapt", cfg, run, cfg.method, enabled=track and main) as log,
-        storage.staged_output(cfg.out, cfg.overwrite, publish=main) as out,
+        storage.staged_output(
+            cfg.out, cfg.overwrite, main, {"--source": cfg.source, "--target": cfg.target, "--init": cfg.init}
+        ) as out,
         storage.local_input(cfg.source, "--source") as source,
         storage.local_input(cfg.target, "--target", sealed=False) as target,  # images, or a dataset
         storage.local_input(cfg.init, "--init") as init,
@@ -268,7 +279,7 @@ def ensemble_stage(models: list[str], out: str, overwrite: bool = False, run=Non
     """One model that averages the members' softmax (e.g. MinEnt + AdvEnt)."""
     with (
         tracking.stage_log("ensemble", {"models": models, "out": out}, run, enabled=track) as log,
-        storage.staged_output(out, overwrite) as folder,
+        storage.staged_output(out, overwrite, inputs={f"--models {m}": m for m in models}) as folder,
         contextlib.ExitStack() as inputs,
     ):
         local = [inputs.enter_context(storage.local_input(m, "--models")) for m in models]
@@ -344,7 +355,9 @@ def evaluate_stage(
     """
     with (
         tracking.stage_log("evaluate", cfg, run, cfg.subset, enabled=track) as log,
-        storage.staged_output(cfg.out, cfg.overwrite) as out,
+        storage.staged_output(
+            cfg.out, cfg.overwrite, inputs={"--model": cfg.model, "--data": cfg.data, "--baseline": cfg.baseline}
+        ) as out,
         storage.local_input(cfg.model, "--model") as model_dir,
         storage.local_input(cfg.data, "--data") as data_dir,
         _optional_input(cfg.baseline, "--baseline") as baseline_dir,
@@ -366,7 +379,9 @@ def export_stage(cfg: ExportConfig, run: tracking.RunContext | None = None, trac
     """OpenVINO export with its parity check; the IR is logged to MLflow as a pyfunc model."""
     with (
         tracking.stage_log("export", cfg, run, cfg.precision, enabled=track) as log,
-        storage.staged_output(cfg.out, cfg.overwrite) as out,
+        storage.staged_output(
+            cfg.out, cfg.overwrite, inputs={"--model": cfg.model, "--calibration": cfg.calibration}
+        ) as out,
         storage.local_input(cfg.model, "--model") as model_dir,
         _optional_input(cfg.calibration, "--calibration") as data_dir,
     ):
@@ -392,14 +407,14 @@ def convert_stage(
     """An OTX / mmseg Lite-HRNet checkpoint (a local file) as a segflow model or backbone artifact."""
     from segflow.models.otx import convert_checkpoint
 
-    with storage.staged_output(out, overwrite) as folder:
+    with storage.staged_output(out, overwrite, inputs={"CHECKPOINT": checkpoint}) as folder:
         return convert_checkpoint(checkpoint, folder, labels, architecture, backbone_only, input_size)
 
 
 def predict_stage(cfg: PredictConfig) -> dict:
     """Masks, overlays and entropy maps for a folder (or file) of images."""
     with (
-        storage.staged_output(cfg.out, cfg.overwrite) as out,
+        storage.staged_output(cfg.out, cfg.overwrite, inputs={"--model": cfg.model, "--input": cfg.input}) as out,
         storage.local_input(cfg.model, "--model") as model_dir,
         storage.local_input(cfg.input, "--input", sealed=False) as source,  # the user's images
     ):

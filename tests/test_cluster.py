@@ -121,7 +121,7 @@ def test_bad_settings_fail_clearly(tmp_path):
         (["--gpu-toleration", "nvidia.com/gpu"], "KEY\\[=VALUE\\]:EFFECT"),
         (["--gpu-toleration", "nvidia.com/gpu:Sometimes"], "NoSchedule"),
         (["--gpu-node-selector", "no-equals-sign"], "KEY=VALUE"),
-        (["--gpus", "0"], "at least 1"),
+        (["--gpus", "0"], "--gpus 0 must be between 1 and 64"),
         (["--memory-request", "lots"], "Kubernetes quantity"),
         (["--cluster-config", tmp_path / "missing.yaml"], "does not exist"),
     ]:

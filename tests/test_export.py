@@ -87,8 +87,11 @@ def test_bad_export_settings(trained, tmp_path):
         run_export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int8"))
     with pytest.raises(SegflowError, match="--precision"):
         run_export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int4"))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SegflowError, match="not a segflow model"):
-        run_export(ExportConfig(model=str(tmp_path), out=str(tmp_path / "x")))
+        run_export(ExportConfig(model=str(tmp_path / "empty"), out=str(tmp_path / "x")))
+    with pytest.raises(SegflowError, match="lies inside the input --model"):
+        run_export(ExportConfig(model=str(trained["model"]), out=str(trained["model"] / "ir")))
 
 
 def test_predict_with_ir_and_pytorch_skips_unreadable_images(trained, tiny_ir, tmp_path):

@@ -25,7 +25,7 @@ from PIL import Image
 
 from segflow import tracking
 from segflow.errors import SegflowError
-from segflow.storage import confined, staged_output
+from segflow.storage import confined, sha256_file, staged_output
 from segflow.storage import s3 as s3_lib
 
 TRAIN = ["--input-size", "64", "--batch-size", "4", "--epochs", "1", "--no-track"]
@@ -248,13 +248,14 @@ def test_damaged_weights_are_named(tiny, tmp_path, how):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_unreadable_weights_without_checksums_are_named(tiny, tmp_path):
-    """A model folder written by hand (no checksums in config.json) still fails cleanly."""
+def test_a_model_without_checksums_is_refused(tiny, tmp_path):
+    """Integrity does not depend on a deletable list: a config.json without its `files` is
+    refused, so a changed weight file cannot load by removing its checksum."""
     model = damaged_copy(tiny["model"], tmp_path / "m", "model.safetensors", "random")
     config = json.loads((model / "config.json").read_text())
     config.pop("files")
     (model / "config.json").write_text(json.dumps(config))
-    assert_exit_2(run_cli("export", "--model", model, "--out", tmp_path / "ir", "--no-track"), "safetensors")
+    assert_exit_2(run_cli("export", "--model", model, "--out", tmp_path / "ir", "--no-track"), "records no checksums")
 
 
 def test_non_finite_weights_are_refused(tiny, tmp_path):
@@ -265,9 +266,15 @@ def test_non_finite_weights_are_refused(tiny, tmp_path):
     next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
     save_file(state, str(tmp_path / "m" / "model.safetensors"))
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config.pop("files")
+    config["files"]["model.safetensors"] = sha256_file(tmp_path / "m" / "model.safetensors")
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     assert_exit_2(run_cli("export", "--model", tmp_path / "m", "--out", tmp_path / "ir", "--no-track"), "NaN")
+    # Nor can it be an ensemble's member, or the start of an adaptation.
+    err = assert_exit_2(run_cli("ensemble", "--models", tmp_path / "m", tiny["model"], "--out", tmp_path / "ens"))
+    assert "NaN" in err and str(tmp_path / "m") in err and not (tmp_path / "ens").exists()
+    args = ["--source", tiny["data"], "--target", tiny["images"], "--method", "minent", "--no-track"]
+    err = assert_exit_2(run_cli("adapt", *args, "--init", tmp_path / "m", "--out", tmp_path / "a", "--iterations", "1"))
+    assert "NaN" in err and not (tmp_path / "a").exists()
 
 
 def test_truncated_ir_is_named(tiny, tiny_ir, tmp_path):
@@ -276,8 +283,7 @@ def test_truncated_ir_is_named(tiny, tiny_ir, tmp_path):
     config = json.loads((ir / "config.json").read_text())
     config.pop("files")
     (ir / "config.json").write_text(json.dumps(config))
-    err = assert_exit_2(run_cli("evaluate", "--model", ir, "--data", tiny["data"], "--out", tmp_path / "e"))
-    assert "model.xml" in err and "damaged" in err
+    assert_exit_2(run_cli("evaluate", "--model", ir, "--data", tiny["data"], "--out", tmp_path / "e"), "no checksums")
 
 
 def test_damaged_mask_in_an_imported_dataset(tiny, tmp_path):

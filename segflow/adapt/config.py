@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from segflow.configs import check_numbers
 from segflow.errors import SegflowError
 from segflow.models import check_input_size, check_name
 from segflow.train.config import check_loop
@@ -92,6 +93,7 @@ class AdaptConfig:
         return self.adv_weight if self.adv_weight is not None else ADV_WEIGHTS.get(self.method, 0.0)
 
     def validate(self) -> None:
+        check_numbers(self)
         if self.method not in METHODS:
             raise SegflowError(f"--method {self.method!r} is not known: choose one of {', '.join(METHODS)}.")
         if self.mix_weighting not in ("pixel", "image"):

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segflow.configs import check_numbers
 from segflow.data import IGNORE_INDEX
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import image_error
@@ -84,6 +85,7 @@ class ImportConfig:
     imbalance_ratio: float = 100.0  # warn when the most common class has this many times the pixels of the rarest
 
     def validate(self) -> None:
+        check_numbers(self)
         if str(self.source).rstrip("/") == str(self.out).rstrip("/"):
             raise SegflowError("SRC and OUT are the same place: write the imported dataset somewhere else.")
         if not 0.0 < self.val_fraction < 1.0:

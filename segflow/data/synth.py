@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from segflow.errors import SegflowError
 from segflow.palette import STREET_COLORS
 from segflow.progress import progress
+from segflow.storage import write_file
 
 Domain = Literal["source", "target"]
 
@@ -418,16 +419,19 @@ def colorize(mask: np.ndarray, family_name: str = "street") -> np.ndarray:
 
 
 def preview_grid(
-    out_png: Path, size: int = 128, per_domain: int = 4, seed: int = 0, family_name: str = "street"
+    out_png: Path,
+    size: int = 128,
+    per_domain: int = 4,
+    seed: int = 0,
+    family_name: str = "street",
+    overwrite: bool = False,
 ) -> Path:
-    """Save a grid: rows = source images, source masks, target images, target masks."""
+    """Save a grid: rows = source images, source masks, target images, target masks (an existing
+    file only with ``overwrite``)."""
     rows = []
     for domain in ("source", "target"):
         samples = [make_sample(domain, i, size, seed, family_name) for i in range(per_domain)]
         rows.append(np.concatenate([img for img, _ in samples], axis=1))
         rows.append(np.concatenate([colorize(mask, family_name) for _, mask in samples], axis=1))
     grid = np.concatenate(rows, axis=0)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(out_png)
-    return out_png
+    return write_file(out_png, lambda partial: Image.fromarray(grid).save(partial, format="PNG"), overwrite, "OUT")

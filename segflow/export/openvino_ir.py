@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from segflow.configs import check_numbers
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset
 from segflow.errors import SegflowError
@@ -82,6 +83,7 @@ class ExportConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
+        check_numbers(self)
         if self.precision not in PRECISIONS:
             raise SegflowError(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r}).")
         if self.precision == "int8" and not self.calibration:

@@ -45,6 +45,8 @@ class PredictConfig:
 
 
 def _inputs(path: Path) -> list[Path]:
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise SegflowError(f"--input {path} is not a regular file or folder (a FIFO, socket or device).")
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise SegflowError(f"--input {path} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}).")

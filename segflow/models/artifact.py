@@ -21,6 +21,7 @@ torch or OpenVINO.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
 from segflow.models import FUNCTION_VERSION, MODEL_NAMES, Segmentor, create_model
-from segflow.storage import sha256_file
+from segflow.storage import confined, sha256_file
 
 # The version in each tag is the model family's FUNCTION_VERSION: weights are only meaningful
 # with the function they were trained in.
@@ -61,9 +62,55 @@ def model_config(
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], fmt: str) -> None:
-    """A state dict as safetensors (contiguous CPU tensors), tagged with its format."""
+    """A state dict as safetensors (contiguous CPU tensors), tagged with its format. Non-finite
+    weights are never written: a model that holds them predicts garbage (or nothing) everywhere."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    check_finite(tensors, str(path))
     save_file(tensors, str(path), metadata={"format": fmt})
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SegflowError(
+            f"{where} holds non-finite values (NaN or inf) in {len(bad)} tensors, e.g. {bad[:3]}: training "
+            "diverged. Train again, with a lower --lr."
+        )
+
+
+def check_model_config(config: dict, path: Path) -> dict:
+    """The settings every reader of a model relies on (evaluate, predict, export, ensemble,
+    adapt): one check, so that a crafted or damaged config.json is refused by name everywhere
+    instead of mislabelling predictions or allocating gigabytes."""
+    labels, classes, size = config.get("labels"), config.get("num_classes"), config.get("input_size")
+    problems = []
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        problems.append(f"labels must be a list of class names (got {str(labels)[:80]})")
+    elif len(labels) > IGNORE_INDEX:
+        problems.append(f"{len(labels)} labels: at most {IGNORE_INDEX} classes fit a mask")
+    elif not isinstance(classes, int) or isinstance(classes, bool) or classes != len(labels):
+        problems.append(f"num_classes {classes!r} does not match the {len(labels)} labels")
+    if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= MAX_INPUT_SIZE or size % 32:
+        problems.append(f"input_size must be a multiple of 32 between 32 and {MAX_INPUT_SIZE} (got {size!r})")
+    norm = config.get("normalization")
+    if not isinstance(norm, dict) or not all(_three_numbers(norm.get(k)) for k in ("mean", "std")):
+        problems.append("normalization must hold mean and std, three finite numbers each")
+    elif min(norm["std"]) <= 0:
+        problems.append("normalization std must be positive")
+    if problems:
+        raise SegflowError(f"{path} is not a valid model config: produce the model again.", problems=problems)
+    return config
+
+
+MAX_INPUT_SIZE = 8192
+
+
+def _three_numbers(values) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) == 3
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
 
 
 def _write_config(folder: Path, config: dict, weight_files: list[str]) -> None:
@@ -82,10 +129,7 @@ def read_config(folder: str | Path, fmt: str = MODEL_FORMAT) -> dict:
     }
     if not path.exists():
         raise SegflowError(f"{folder} is not a segflow {what.get(fmt, fmt)}: it has no {CONFIG}.")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SegflowError(f"{path} is not valid JSON ({exc}).") from None
+    config = read_json(path)
     found = config.get("format") if isinstance(config, dict) else None
     if isinstance(found, str) and found != fmt and found.split("/")[0] == fmt.split("/")[0]:
         raise SegflowError(
@@ -97,14 +141,49 @@ def read_config(folder: str | Path, fmt: str = MODEL_FORMAT) -> dict:
         raise SegflowError(f"{path}: format {found!r} is not {fmt!r}: pass a segflow {what.get(fmt, fmt)}.")
     if fmt != ENSEMBLE_FORMAT and config.get("architecture") not in MODEL_NAMES:
         raise SegflowError(f"{path}: architecture {config.get('architecture')!r} is not one of {MODEL_NAMES}.")
-    verify_files(folder, config)
+    if fmt == ENSEMBLE_FORMAT:
+        members = config.get("members")
+        if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+            raise SegflowError(f"{path}: members must be a list of at least 2 model configs: produce it again.")
+        for member in members:
+            if member.get("architecture") not in MODEL_NAMES or not isinstance(member.get("weights"), str):
+                raise SegflowError(f"{path}: a member names no known architecture or weights: produce it again.")
+            check_model_config(member, path)
+            confined(folder, member["weights"], f"member weights {member['weights']!r} in {path}", links=False)
+    if fmt != BACKBONE_FORMAT:
+        check_model_config(config, path)
+    required = {MODEL_FORMAT: [WEIGHTS], BACKBONE_FORMAT: [BACKBONE_WEIGHTS]}.get(fmt)
+    if fmt == ENSEMBLE_FORMAT:
+        required = [m["weights"] for m in config["members"]]
+    verify_files(folder, config, required or [])
     return config
 
 
-def verify_files(folder: Path, config: dict) -> None:
-    """Every weight file the config lists exists and has its recorded sha256."""
-    for name, expected in (config.get("files") or {}).items():
-        path = Path(folder) / name
+def read_json(path: Path):
+    """A JSON file, or an error that names it (damaged, not text, or nested beyond reason)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise SegflowError(f"{path} is not valid JSON ({reason}): produce the artifact again.") from None
+
+
+def verify_files(folder: Path, config: dict, required: list[str]) -> None:
+    """Every weight file the config lists exists and has its recorded sha256; the list must name
+    at least the ``required`` files (a config without its list would let a changed file load),
+    and every name stays inside ``folder``."""
+    files = config.get("files")
+    config_path = Path(folder) / CONFIG
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise SegflowError(
+            f"{config_path} records no checksums of its files ('files'), so they cannot be verified: "
+            "produce the artifact again."
+        )
+    missing = sorted(set(required) - set(files))
+    if missing:
+        raise SegflowError(f"{config_path} records no checksum of {missing}: produce the artifact again.")
+    for name, expected in files.items():
+        path = confined(folder, name, f"file name {name!r} in {config_path}")
         if not path.is_file():
             raise SegflowError(f"{path} is missing: the artifact is incomplete. Produce it again.")
         if sha256_file(path) != expected:
@@ -121,12 +200,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
         raise SegflowError(f"{path} is not a readable safetensors file ({exc}): produce it again.") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise SegflowError(
-            f"{path} holds non-finite values (NaN or inf) in {len(bad)} tensors, e.g. {bad[:3]}: training "
-            "diverged. Train again, with a lower --lr."
-        )
+    check_finite(state, str(path))
     return state
 
 
@@ -185,7 +259,7 @@ def _build(config: dict, weights: Path) -> Segmentor:
 def _format(folder: str | Path) -> str:
     try:
         return json.loads((Path(folder) / CONFIG).read_text()).get("format", "")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return ""  # read_config says what is wrong
 
 
@@ -203,6 +277,8 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> dict:
     for member, config in zip(members, configs, strict=True):
         if config["labels"] != labels:
             raise SegflowError(f"{member} predicts {config['labels']}, the first model {labels}: members must agree.")
+    for member in members:
+        _load_weights(Path(member) / WEIGHTS)  # a diverged (NaN) member is refused by name
     names = []
     for i, member in enumerate(members):
         names.append(f"member_{i}.safetensors")
@@ -284,13 +360,18 @@ def save_ir(folder: str | Path, ov_model, config: dict, precision: str) -> None:
 
 def load_ir(folder: str | Path, **kwargs):
     """An IR folder as an IRSegmentor (checksums verified when its config.json records them)."""
-    from segflow.models.ir import IRSegmentor
+    from segflow.models.ir import IR_BIN, IR_XML, IRSegmentor
 
     folder = Path(folder)
-    if (folder / CONFIG).exists():
-        try:
-            verify_files(folder, json.loads((folder / CONFIG).read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SegflowError(f"{folder / CONFIG} is not valid JSON: export the IR again.") from None
+    if not (folder / CONFIG).is_file():
+        raise SegflowError(
+            f"{folder} has no {CONFIG}, which records the checksums of {IR_XML} and {IR_BIN}: without it a "
+            "changed IR cannot be told from the exported one. Export it again with `segflow export`."
+        )
+    config = read_json(folder / CONFIG)
+    if not isinstance(config, dict):
+        raise SegflowError(f"{folder / CONFIG} is not a mapping of settings: export the IR again.")
+    verify_files(folder, config, [IR_XML, IR_BIN])
     ir = IRSegmentor(folder, **kwargs)
+    check_model_config(ir.config, folder / IR_XML)
     return ir, ir.config

@@ -38,10 +38,14 @@ def read_metadata(ov_model) -> dict:
     meta = {}
     for key in META_KEYS:
         if ov_model.has_rt_info(["model_info", key]):
-            meta[key] = json.loads(ov_model.get_rt_info(["model_info", key]).astype(str))
+            try:
+                meta[key] = json.loads(ov_model.get_rt_info(["model_info", key]).astype(str))
+            except (ValueError, RecursionError):
+                raise SegflowError(f"this IR's rt_info model_info {key} is damaged: export it again.") from None
     if meta.get("format") != IR_FORMAT:
         raise SegflowError("this IR carries no segflow metadata (rt_info model_info): export it with `segflow export`.")
-    meta["num_classes"] = len(meta["labels"])
+    labels = meta.get("labels")
+    meta["num_classes"] = len(labels) if isinstance(labels, list) else None  # checked by the artifact module
     return meta
 
 
@@ -70,6 +74,12 @@ class IRSegmentor:
                 f"{IR_BIN}?). Export it again with `segflow export`."
             ) from None
         self.config = read_metadata(model)
+        channels = model.output(0).get_partial_shape()[1]
+        if channels.is_static and channels.get_length() != self.config["num_classes"]:
+            raise SegflowError(
+                f"{folder / IR_XML} outputs {channels.get_length()} classes but its metadata names "
+                f"{self.config['num_classes']} labels: export it again."
+            )
         shape = model.input(0).get_partial_shape()
         self.static = shape.is_static
         self.size = (shape[2].get_length(), shape[3].get_length()) if self.static else None

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from segflow.configs import flatten
+from segflow.configs import check_numbers, flatten
 from segflow.data import IGNORE_INDEX
 from segflow.data.datasets import Normalization, image_files, read_rgb, to_tensor
 from segflow.data.transforms import contrastive_pair
@@ -76,6 +76,7 @@ class PretrainConfig:
     RESUME_MAY_CHANGE = ("epochs", "resume", "overwrite", "loader_workers", "checkpoint_dir", "out")
 
     def validate(self) -> None:
+        check_numbers(self)
         check_name(self.model)
         if self.input_size:
             check_input_size(self.input_size)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from segflow.data import IGNORE_INDEX
 from segflow.data.datasets import image_error, image_files
 from segflow.errors import SegflowError
 from segflow.parallel import map_all
-from segflow.storage import sha256_file
+from segflow.storage import check_apart, exclusive, sha256_file
 
 MASK_DIR = "detcon_mask"
 INDEX = "index.json"
@@ -58,6 +59,14 @@ class FelzenszwalbParams:
 
     def describe(self) -> str:
         return f"scale {self.scale:g}, sigma {self.sigma:g}, min size {self.min_size}"
+
+    def validate(self) -> None:
+        finite = all(math.isfinite(v) for v in (self.scale, self.sigma, self.min_size))
+        if not finite or self.scale < 0 or self.sigma < 0 or self.min_size < 0:
+            raise SegflowError(
+                f"Felzenszwalb parameters ({self.describe()}): --scale and --min-size must be finite and > 0 "
+                "(or auto), --sigma finite and >= 0."
+            )
 
 
 def median_side(files: list[Path], limit: int = 64) -> int:
@@ -189,12 +198,28 @@ def make_pseudo_masks(
     Masks made with other parameters are replaced only with ``replace``; otherwise the run stops
     before touching anything and says how to proceed."""
     params = params or FelzenszwalbParams()
-    if params.scale < 0 or params.sigma < 0 or params.min_size < 0:
-        raise SegflowError("Felzenszwalb parameters: --scale and --min-size must be > 0 (or auto), --sigma >= 0.")
-    files = image_files(images)
+    params.validate()
+    if workers < 0:
+        raise SegflowError(f"--workers must be 0 (one per core) or more (got {workers}).")
     out = Path(out) if out else default_mask_dir(images)
+    # The mask folder is an output: never the image folder, never inside it (its masks would be
+    # read as images), never around it; one writer at a time.
+    check_apart(out, {"IMAGES": images})
+    files = image_files(images)
+    with exclusive(out):
+        return _make_masks(images, files, out, params, workers, replace)
+
+
+def _make_masks(
+    images: Path, files: list[Path], out: Path, params: FelzenszwalbParams, workers: int, replace: bool
+) -> dict:
     index_path = out / INDEX
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    try:
+        index = read_index(index_path)
+    except SegflowError:
+        if not replace:
+            raise
+        index = {}  # --overwrite: every mask is made again
     names = [str(f.relative_to(images)) for f in files]
     stems = [index_stem(rel) for rel in names]
     if len(set(stems)) != len(stems):
@@ -252,6 +277,23 @@ def make_pseudo_masks(
         "params_chosen_by": reason,
         "segments_per_image": float(np.median(segments)) if segments else 0.0,
     }
+
+
+def read_index(path: Path) -> dict:
+    """The mask folder's index (image -> sha256, parameters, size); {} when there is none. A
+    damaged one is an error that says how to recover: the masks can always be made again."""
+    if not path.exists():
+        return {}
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise SegflowError(
+            f"{path} is damaged ({type(exc).__name__}): delete it and the masks beside it are made again, "
+            "or pass --overwrite."
+        ) from None
+    if not isinstance(index, dict) or not all(isinstance(v, dict) for v in index.values()):
+        raise SegflowError(f"{path} is not a pseudo-mask index (a mapping of image -> entry): delete it.")
+    return index
 
 
 def _made_from(entry: dict | None, image: Path, mask: Path) -> bool:

@@ -25,8 +25,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
 
 from segflow.errors import SegflowError
 from segflow.storage import s3
@@ -157,9 +157,43 @@ def local_input(uri: str | Path, what: str = "input", sealed: bool = True) -> It
     yield path
 
 
-def check_output(uri: str | Path, overwrite: bool) -> None:
+Inputs = dict[str, "str | Path"]  # what the input is called (a flag, "IMAGES") -> where it is
+
+
+def _location(uri: str | Path) -> PurePosixPath:
+    """A comparable absolute location: /bucket/prefix for s3://, else the resolved local path
+    (links followed as far as the path exists)."""
+    if is_s3(uri):
+        return PurePosixPath("/", *str(uri)[len("s3://") :].strip("/").split("/"))
+    return PurePosixPath(Path(uri).expanduser().resolve().as_posix())
+
+
+def check_apart(output: str | Path, inputs: Inputs | None) -> None:
+    """No output inside an input, and no input inside an output (with --overwrite or without):
+    writing there would replace or change what the command reads, or publish it as an output."""
+    for what, uri in (inputs or {}).items():
+        if not uri or not output or is_s3(uri) != is_s3(output):
+            continue
+        out, source = _location(output), _location(uri)
+        if out == source:
+            relation = "is"
+        elif source in out.parents:
+            relation = "lies inside"
+        elif out in source.parents:
+            relation = "holds"
+        else:
+            continue
+        raise SegflowError(
+            f"output {output} {relation} the input {what} {uri}: writing there would replace or change it. "
+            "Choose an output outside every input."
+        )
+
+
+def check_output(uri: str | Path, overwrite: bool, inputs: Inputs | None = None) -> None:
     """The one overwrite rule, checked before any work: an output that exists is refused unless
-    ``overwrite``; an S3 bucket must exist and answer; a local path must not be a file."""
+    ``overwrite``; it may not be, hold or lie inside any of ``inputs``; an S3 bucket must exist and
+    answer; a local path must not be a file."""
+    check_apart(uri, inputs)
     if is_s3(uri):
         s3.check_free(str(uri), overwrite)
         return
@@ -178,17 +212,20 @@ def check_output(uri: str | Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(uri: str | Path, overwrite: bool = False, publish: bool = True) -> Iterator[Path]:
+def staged_output(
+    uri: str | Path, overwrite: bool = False, publish: bool = True, inputs: Inputs | None = None
+) -> Iterator[Path]:
     """Yield an empty local folder to build an output in; publish it to ``uri`` only on success.
 
-    ``publish=False`` (the other processes of a distributed run) yields a scratch folder that is
-    thrown away: exactly one process writes an output.
+    ``inputs``: what the stage reads (name -> path or URI); the output may not be, hold or lie
+    inside any of them. ``publish=False`` (the other processes of a distributed run) yields a
+    scratch folder that is thrown away: exactly one process writes an output.
     """
     if not publish:
         with tempfile.TemporaryDirectory(prefix="segflow-scratch-") as tmp:
             yield Path(tmp)
         return
-    check_output(uri, overwrite)
+    check_output(uri, overwrite, inputs)
     if is_s3(uri):
         with tempfile.TemporaryDirectory(prefix="segflow-out-") as tmp:
             staging = Path(tmp) / "artifact"
@@ -261,6 +298,28 @@ def exclusive(final: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def write_file(path: str | Path, write: Callable[[Path], None], overwrite: bool = False, what: str = "output") -> Path:
+    """One file output under the same rules as a folder: an existing file is refused unless
+    ``overwrite``, one writer at a time (the lock beside it), and ``write(partial)`` fills a
+    temporary name of this process's own (same suffix) that is renamed over ``path`` only when
+    complete."""
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise SegflowError(f"{what} {path} is a folder: give a file name.")
+    if path.exists() and not overwrite:
+        raise SegflowError(f"{what} {path} already exists: choose a new name, or pass --overwrite to replace it.")
+    with exclusive(path):
+        partial = path.with_name(f".{path.stem}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+        try:
+            write(partial)
+            partial.replace(path)
+        except OSError as exc:
+            raise SegflowError(f"cannot write {path}: {exc.strerror or exc}. Choose a writable place.") from None
+        finally:
+            partial.unlink(missing_ok=True)
+    return path
+
+
 def _remove_stale_staging(final: Path) -> None:
     """Staging and swap folders of earlier writers that were killed: removed, and said. We hold
     the lock, so no live writer owns them."""
@@ -289,6 +348,7 @@ def _swap_into_place(staging: Path, final: Path) -> None:
 
 __all__ = [
     "SegflowError",
+    "check_apart",
     "check_output",
     "checkpoint_dir",
     "confined",
@@ -300,4 +360,5 @@ __all__ = [
     "sha256_file",
     "staged_output",
     "walk_files",
+    "write_file",
 ]

@@ -7,10 +7,13 @@ Anyone who can write to a bucket or hand over a dataset chooses those names, so 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path, PurePosixPath
 
 from segflow.errors import SegflowError
+
+log = logging.getLogger(__name__)
 
 
 def confined(root: str | Path, rel: str, what: str = "", links: bool = True) -> Path:
@@ -47,6 +50,7 @@ def walk_files(root: str | Path, suffixes: set[str] | None = None) -> list[Path]
 
     A link that points outside ``root`` or back into one of its own parents (a loop) is an error
     that names it: reading it would either leak another file into an artifact or never end.
+    Only regular files are listed: FIFOs, sockets and devices are skipped with a warning.
     """
     base = Path(root).resolve()
     found: list[Path] = []
@@ -73,6 +77,9 @@ def walk_files(root: str | Path, suffixes: set[str] | None = None) -> list[Path]
                         raise SegflowError(f"{path} is a symbolic link loop (it leads back to {target}): remove it.")
                 if entry.is_dir():
                     pending.append(path)
+                elif not entry.is_file():
+                    # A FIFO, socket or device: reading one can block forever, or never end.
+                    log.warning("skipping %s: not a regular file (a FIFO, socket or device)", path)
                 elif suffixes is None or os.path.splitext(entry.name)[1].lower() in suffixes:
                     found.append(path)
     return sorted(found)

@@ -18,6 +18,7 @@ from typing import Any
 
 from segflow.configs import flatten
 from segflow.errors import SegflowError
+from segflow.redact import redact
 from segflow.storage import home
 
 DEFAULT_EXPERIMENT = "segflow"
@@ -76,6 +77,9 @@ def _mlflow():
     import mlflow
 
     uri = tracking_uri()
+    if redact(uri) != uri:
+        # MLflow prints "View run ... at: URL" with the URL as given, password included.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     if uri not in _READY:
         with _store_lock(uri):
@@ -89,7 +93,7 @@ def _mlflow():
 
 def _unreachable(exc: Exception) -> SegflowError:
     return SegflowError(
-        f"cannot reach the MLflow tracking store {tracking_uri()} ({type(exc).__name__}: {str(exc)[:300]}). "
+        f"cannot reach the MLflow tracking store {redact(tracking_uri())} ({type(exc).__name__}: {str(exc)[:300]}). "
         "Check MLFLOW_TRACKING_URI, or unset it to track into a local SQLite file."
     )
 

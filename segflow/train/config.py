@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from segflow.configs import check_numbers
 from segflow.errors import SegflowError
 from segflow.models import check_input_size, check_name
 from segflow.train.engine import LoopConfig, Recipe
@@ -115,6 +116,7 @@ class TrainConfig:
         return "supcon" if self.supcon else "mean_teacher" if self.mean_teacher else "supervised"
 
     def validate(self) -> None:
+        check_numbers(self)
         check_name(self.model)
         check_input_size(self.input_size)
         check_loop(self.epochs, self.batch_size, self.amp, self.channels_last)

@@ -23,8 +23,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -124,6 +126,14 @@ class Dist:
         for module in modules:
             for buffer in module.buffers():
                 torch.distributed.broadcast(buffer, src=0)
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true in any process (every process gets the same answer)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value)
+        return bool(value.item())
 
     def average_grads(self, params: list[nn.Parameter]) -> None:
         """Gradients of parameters outside DDP (heads, discriminators) averaged over processes."""
@@ -380,6 +390,11 @@ class Training:
 # --- checkpoints --------------------------------------------------------------------------------
 
 
+class Diverged(SegflowError):
+    """A non-finite loss: the run stops at once, publishes nothing and removes its checkpoints
+    (resuming would diverge again, and a lower --lr is another run)."""
+
+
 class CheckpointSaver:
     """``last.pt`` after every epoch (model, every part's optimiser and schedule, the objective's
     state, the loop's state) and ``best.safetensors`` when the score improves; both atomically."""
@@ -438,7 +453,12 @@ class CheckpointSaver:
     def load_best(self, model: nn.Module) -> None:
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(str(self.best)))
+        try:
+            model.load_state_dict(load_file(str(self.best)))
+        except Exception as exc:  # truncated or foreign: safetensors and torch raise several types
+            raise SegflowError(
+                f"{self.best} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): pass --overwrite to start over."
+            ) from None
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -504,8 +524,15 @@ def train_one_epoch(
         batch = _to_device(batch, env["device"], env["channels_last"])
         step = Step(epoch=epoch, iteration=it, seed=run.loop.seed, total=total)
         loss, logs = train_step(net, objective, parts, batch, step, env["autocast"], env["scaler"], env["dist"])
+        loss_value = loss.item()  # the step's one host sync, which the finiteness check shares
+        if env["dist"].any(not math.isfinite(loss_value)):
+            raise Diverged(
+                f"training diverged at step {it + 1} (epoch {epoch + 1}): the loss is {loss_value}. Nothing was "
+                f"published. Lower the learning rate (--lr, now {parts[0].recipe.lr:g}), or check the data: a "
+                "dataset whose every label is ignored (255) has no loss to learn from."
+            )
         state["iteration"] = it + 1
-        for key, value in {"loss": loss.item(), **logs}.items():
+        for key, value in {"loss": loss_value, **logs}.items():
             sums[key] = sums.get(key, 0.0) + float(value)
     return {f"train_{k}": v / iters for k, v in sums.items()}
 
@@ -620,9 +647,14 @@ def fit(run: Training, on_epoch: Callable[[int, dict], None] | None = None) -> d
             _set_epoch(epoch, run.data, sampler, *[s.dataset for s in objective.streams().values()])
             for _, stream_sampler in streams.values():
                 stream_sampler.epoch = epoch
-            record = train_one_epoch(
-                net, objective, parts, loader, {k: v[0] for k, v in streams.items()}, state, run, env
-            )
+            try:
+                record = train_one_epoch(
+                    net, objective, parts, loader, {k: v[0] for k, v in streams.items()}, state, run, env
+                )
+            except Diverged:
+                if dist.main:
+                    shutil.rmtree(saver.folder, ignore_errors=True)
+                raise
             dist.sync_buffers([model, *objective.modules().values(), *objective.frozen().values()])
             scores = validate(model, run) if run.validate is not None else {}
             score = scores.get("score", float(epoch))  # without validation, the latest epoch is the best
@@ -665,6 +697,11 @@ def fit(run: Training, on_epoch: Callable[[int, dict], None] | None = None) -> d
         }
         log.info("rank %d: final weights %s", dist.rank, weights_digest(model))
         if dist.main:
+            if state["best_epoch"] < 0 or not saver.best.exists():
+                raise SegflowError(
+                    f"no epoch of this run had a finite validation score ({run.score}), so there is no best "
+                    f"epoch to publish; the checkpoints are in {saver.folder}. Check the validation data."
+                )
             saver.load_best(model)
             if run.publish is not None:
                 run.publish(model, summary)
