@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -676,8 +677,12 @@ def main(argv: list[str] | None = None) -> None:
     redact_logging()  # no password in a URI reaches the terminal or a pipeline log
     for noisy in ("alembic", "mlflow", "botocore", "urllib3", "datumaro", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    previous = _on_sigterm_unwind()
     try:
         app(args=argv, prog_name="segflow")
+    except Terminated:
+        typer.echo("terminated: the output was not published, and its staging folder and lock were removed", err=True)
+        sys.exit(143)
     except SegflowError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
@@ -694,6 +699,27 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM (kill, a pod's eviction) as an exception, so that every ``with`` unwinds: staging
+    folders, partial files and locks are removed as on any failure."""
+
+
+def _on_sigterm_unwind():
+    """Raise :class:`Terminated` on SIGTERM; returns the handler it replaced (None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 if __name__ == "__main__":

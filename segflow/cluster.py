@@ -106,9 +106,7 @@ class ClusterConfig:
             raise bad("gpu_node_selector", "must be a mapping of label: value.")
         for key, value in self.gpu_node_selector.items():
             if not isinstance(key, str) or not isinstance(value, str):
-                raise SegflowError(
-                    f"{where}gpu_node_selector {key!r}: {value!r}: label and value must be plain strings."
-                )
+                raise SegflowError(f"{where}gpu_node_selector {key!r}: {value!r}: label and value must be strings.")
             _check_label(key, f"{where}gpu_node_selector")
             if value and not _LABEL_VALUE.match(value):
                 raise SegflowError(f"{where}gpu_node_selector {key}: {value!r} is not a Kubernetes label value.")

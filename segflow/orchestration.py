@@ -42,6 +42,8 @@ def _load(path: str | Path):
     if not path.is_file():
         raise SegflowError(f"pipeline file {path} does not exist.")
     spec = importlib.util.spec_from_file_location(f"segflow_pipeline_{path.stem}", path)
+    if path.suffix != ".py" or spec is None:
+        raise SegflowError(f"{path} is not a pipeline file: give a Python file from pipelines/ (e.g. supervised.py).")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

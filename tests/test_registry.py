@@ -185,3 +185,20 @@ def test_exported_ir_registers_end_to_end_with_artifacts_in_s3(client, server, t
     assert any(k.endswith("model.xml") for k in keys), "the IR went to S3 through the server"
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert loaded.metadata.model_id == model_id
+
+
+def test_a_password_in_the_tracking_uri_is_printed_nowhere(server, monkeypatch, css_dataset, tmp_path, caplog):
+    """MLflow prints "View run NAME at: URL" after every run on a server, with the URL as given;
+    segflow's errors and logs print URIs too. A password in MLFLOW_TRACKING_URI reaches none."""
+    secret = "Pw0rd-in-uri"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["uri"].replace("http://", f"http://alice:{secret}@"))
+    code, out, err = run_cli("data", "import", css_dataset, tmp_path / "ds")
+    assert code == 0, err
+    assert secret not in out + err + caplog.text
+    monkeypatch.setenv("SEGFLOW_EXPERIMENT", "to-be-deleted")
+    code, out, err = run_cli("data", "import", css_dataset, tmp_path / "ds2")
+    assert code == 0, err
+    client = mlflow.MlflowClient(server["uri"])
+    client.delete_experiment(client.get_experiment_by_name("to-be-deleted").experiment_id)
+    code, out, err = run_cli("data", "import", css_dataset, tmp_path / "ds3")
+    assert code == 2 and "was deleted" in err and secret not in out + err + caplog.text, err

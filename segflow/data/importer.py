@@ -34,7 +34,7 @@ from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import image_error
 from segflow.errors import SegflowError
 from segflow.parallel import map_all
-from segflow.storage import confined, walk_files
+from segflow.storage import confined, read_json, walk_files
 
 CSS = "common_semantic_segmentation"
 CSS_SUBSETS = "common_semantic_segmentation_with_subset_dirs"
@@ -271,10 +271,7 @@ def check_css_layout(root: Path) -> dict[str, Path]:
             f"{meta} is missing. Common Semantic Segmentation needs it to name the labels, e.g. "
             '{"label_map": {"0": "background", "1": "car"}}.'
         )
-    try:
-        content = json.loads(meta.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SegflowError(f"{meta} is not valid JSON ({exc}): fix the file.") from None
+    content = read_json(meta, "fix the file")
     if not isinstance(content, dict) or not (content.get("labels") or content.get("label_map")):
         raise SegflowError(f'{meta} names no labels: it needs "labels": [...] or "label_map": {{"0": "name", ...}}.')
     label_map = content.get("label_map", {})

@@ -18,7 +18,7 @@ import numpy as np
 
 from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
-from segflow.storage import confined, sha256_file, walk_files
+from segflow.storage import confined, read_json, sha256_file, walk_files
 
 if TYPE_CHECKING:
     from segflow.data.importer import ItemResult
@@ -199,11 +199,9 @@ def read(folder: str | Path, verify: bool = False) -> dict:
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise SegflowError(f"{folder} is not a segflow dataset (no {MANIFEST}): run `segflow data import` first.")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SegflowError(f"{path} is not valid JSON ({exc}): import the dataset again.") from None
-    if manifest.get("schema") != SCHEMA:
+    manifest = read_json(path, "import the dataset again")
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise SegflowError(f"{path}: schema {manifest.get('schema')!r} is not {SCHEMA!r}: import the dataset again.")
     if verify:
         verify_files(Path(folder), manifest["files"])

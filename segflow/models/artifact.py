@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
 from segflow.models import FUNCTION_VERSION, MODEL_NAMES, Segmentor, create_model
-from segflow.storage import confined, sha256_file
+from segflow.storage import confined, read_json, sha256_file
 
 # The version in each tag is the model family's FUNCTION_VERSION: weights are only meaningful
 # with the function they were trained in.
@@ -157,15 +157,6 @@ def read_config(folder: str | Path, fmt: str = MODEL_FORMAT) -> dict:
         required = [m["weights"] for m in config["members"]]
     verify_files(folder, config, required or [])
     return config
-
-
-def read_json(path: Path):
-    """A JSON file, or an error that names it (damaged, not text, or nested beyond reason)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
-        raise SegflowError(f"{path} is not valid JSON ({reason}): produce the artifact again.") from None
 
 
 def verify_files(folder: Path, config: dict, required: list[str]) -> None:

@@ -122,11 +122,14 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors has its own error type for damaged files
             raise SegflowError(f"{path} is not a readable safetensors file ({exc}).") from None
     else:
+        if Path(path).stat().st_size == 0:
+            raise SegflowError(f"{path} is empty (0 bytes): it is not a checkpoint. Copy the checkpoint again.")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle refuses objects beyond tensors and plain containers
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise SegflowError(
-                f"{path} cannot be read with weights_only=True ({str(exc).splitlines()[0][:200]}). segflow reads "
+                f"{path} cannot be read with weights_only=True ({reason}). segflow reads "
                 "only tensors from pickled checkpoints: in the environment that wrote it (where its code is "
                 "trusted), save the weights alone with safetensors, e.g. "
                 "`safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')`, and convert that file."

@@ -38,7 +38,7 @@ from segflow.data import IGNORE_INDEX
 from segflow.data.datasets import image_error, image_files
 from segflow.errors import SegflowError
 from segflow.parallel import map_all
-from segflow.storage import check_apart, exclusive, sha256_file
+from segflow.storage import check_apart, exclusive, read_json, sha256_file
 
 MASK_DIR = "detcon_mask"
 INDEX = "index.json"
@@ -284,13 +284,7 @@ def read_index(path: Path) -> dict:
     damaged one is an error that says how to recover: the masks can always be made again."""
     if not path.exists():
         return {}
-    try:
-        index = json.loads(path.read_text())
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise SegflowError(
-            f"{path} is damaged ({type(exc).__name__}): delete it and the masks beside it are made again, "
-            "or pass --overwrite."
-        ) from None
+    index = read_json(path, "delete it (the masks are made again) or pass --overwrite")
     if not isinstance(index, dict) or not all(isinstance(v, dict) for v in index.values()):
         raise SegflowError(f"{path} is not a pseudo-mask index (a mapping of image -> entry): delete it.")
     return index

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from segflow.errors import SegflowError
 from segflow.storage import s3
-from segflow.storage.paths import confined, sha256_file, walk_files
+from segflow.storage.paths import confined, read_json, sha256_file, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def staged_output(
         return
 
     final = Path(uri).expanduser().absolute()
-    with exclusive(final):
+    with removing_new_folders(final.parent), exclusive(final), writing(final):
         check_output(final, overwrite)  # again, now that no other writer can change it
         _remove_stale_staging(final)
         # A sibling on the same file system, so the final rename is atomic.
@@ -246,6 +246,58 @@ def staged_output(
             _swap_into_place(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def removing_new_folders(folder: Path) -> Iterator[None]:
+    """On failure, remove the folders up to ``folder`` that did not exist before and are empty
+    now: a failed command leaves nothing behind, not even the parents of its output."""
+    folder = Path(folder).absolute()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for path in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only when empty
+        raise
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or quota) is full: an OSError, or a library's own error
+    type that only says so in words (safetensors, torch.save)."""
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+        return True
+    text = str(exc)
+    return any(sign in text for sign in ("No space left on device", "os error 28", "Disk quota exceeded"))
+
+
+def mount_point(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() or not os.path.ismount(path):
+        if path == path.parent:
+            break
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """A full disk while writing ``path`` becomes one clear error that names the disk and the path."""
+    try:
+        yield
+    except SegflowError:
+        raise
+    except Exception as exc:
+        if not no_space(exc):
+            raise
+        raise SegflowError(
+            f"no space left on {mount_point(Path(path))} while writing {path}: free space there, or choose "
+            "a place on another disk. Nothing was published."
+        ) from None
 
 
 def _mkdir(path: Path) -> None:
@@ -356,6 +408,7 @@ __all__ = [
     "home",
     "is_s3",
     "local_input",
+    "read_json",
     "s3",
     "sha256_file",
     "staged_output",

@@ -7,6 +7,7 @@ Anyone who can write to a bucket or hand over a dataset chooses those names, so 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path, PurePosixPath
@@ -37,6 +38,16 @@ def confined(root: str | Path, rel: str, what: str = "", links: bool = True) -> 
     if path != base and base not in path.parents:
         raise SegflowError(f"{what} resolves outside {base} (a symbolic link?): refusing to use it.")
     return base / Path(*posix.parts)
+
+
+def read_json(path: str | Path, fix: str = "produce it again"):
+    """A JSON file, or an error that names it and says ``fix``: damaged, not UTF-8 text, or
+    nested too deeply for the parser (a crafted file otherwise ends in a RecursionError)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise SegflowError(f"{path} is not valid JSON ({reason}): {fix}.") from None
 
 
 def sha256_file(path: str | Path) -> str:

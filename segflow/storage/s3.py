@@ -176,6 +176,7 @@ def check_free(uri: str, overwrite: bool) -> None:
     try:
         client().head_bucket(Bucket=bucket)
         state = prefix_state(bucket, prefix)
+        check_unlocked(bucket, prefix, uri)
     except _boto_errors() as exc:
         raise _friendly(exc, uri, "write to") from None
     if state != "empty" and not overwrite:
@@ -210,15 +211,11 @@ def _publish_lock(bucket: str, prefix: str, uri: str) -> Iterator[None]:
             if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 raise
             holder = _read_lock(bucket, key)
-            age = time.time() - float(holder.get("created", 0))
-            if attempt == 0 and age > _lock_ttl():
-                log.warning("removing a stale lock on %s left %.0f s ago by %s", uri, age, holder.get("owner"))
+            if attempt == 0 and _stale(holder):
+                log.warning("removing a stale lock on %s: %s", uri, _stale(holder))
                 s3.delete_object(Bucket=bucket, Key=key)
                 continue
-            raise SegflowError(
-                f"another segflow run ({holder.get('owner', 'unknown')}) is publishing to {uri} right now: "
-                "two writers cannot share one output. Choose another prefix, or wait and pass --overwrite."
-            ) from None
+            raise SegflowError(_held_message(holder, uri)) from None
     try:
         yield
     finally:
@@ -226,20 +223,62 @@ def _publish_lock(bucket: str, prefix: str, uri: str) -> Iterator[None]:
             s3.delete_object(Bucket=bucket, Key=key)
 
 
+def _stale(holder: dict) -> str:
+    """Why a lock no longer belongs to a live writer ("" when it may): older than the TTL, or
+    taken by a process of this host that is gone (a killed publish)."""
+    try:
+        age = time.time() - float(holder.get("created", 0))
+    except (TypeError, ValueError):
+        age = float("inf")
+    if age > _lock_ttl():
+        return f"left {age:.0f} s ago by {holder.get('owner')}"
+    host, _, rest = str(holder.get("owner", "")).partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        return f"its writer, process {pid} on this host, is gone"
+    return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _held_message(holder: dict, uri: str) -> str:
+    return (
+        f"another segflow run ({holder.get('owner', 'unknown')}) is publishing to {uri} right now: "
+        "two writers cannot share one output. Choose another prefix, or wait and pass --overwrite."
+    )
+
+
+def check_unlocked(bucket: str, prefix: str, uri: str) -> None:
+    """Before any work: no live writer holds the output's lock (a stale one is left for the
+    publish to take over)."""
+    holder = _read_lock(bucket, _sibling(prefix, ".lock"))
+    if holder and not _stale(holder):
+        raise SegflowError(_held_message(holder, uri))
+
+
 def _read_lock(bucket: str, key: str) -> dict:
     try:
-        return json.loads(client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        holder = json.loads(client().get_object(Bucket=bucket, Key=key)["Body"].read())
     except _boto_errors():
         return {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"created": 0}
+    return holder if isinstance(holder, dict) else {"created": 0}
 
 
 def _lock_without_conditions(bucket: str, key: str, body: bytes, owner: str, uri: str) -> None:
     """Best effort where the endpoint ignores If-None-Match: write, then read back who won."""
     holder = _read_lock(bucket, key)
-    if holder and time.time() - float(holder.get("created", 0)) < _lock_ttl():
-        raise SegflowError(f"another segflow run ({holder.get('owner')}) is publishing to {uri} right now.")
+    if holder and not _stale(holder):
+        raise SegflowError(_held_message(holder, uri))
     client().put_object(Bucket=bucket, Key=key, Body=body)
     time.sleep(0.5)
     if _read_lock(bucket, key).get("owner") != owner:
@@ -380,9 +419,11 @@ def download(uri: str, local_dir: Path, sealed: bool = True) -> Path:
         try:
             body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{MARKER}" if prefix else MARKER)["Body"].read()
             expected = json.loads(body)["files"]
+            if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+                raise TypeError("files is not a mapping of name -> sha256")
         except _boto_errors() as exc:
             raise _friendly(exc, uri, "read") from None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise SegflowError(f"{uri}/{MARKER} is damaged (not the JSON segflow writes): publish it again.") from None
         rels = sorted(expected)
     elif sealed:

@@ -112,6 +112,12 @@ def ensure_experiment(name: str | None = None) -> str:
     name = experiment_name(name)
     try:
         found = mlflow.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise SegflowError(
+                f"the MLflow experiment {name!r} (id {found.experiment_id}) was deleted: restore it "
+                f"(mlflow experiments restore --experiment-id {found.experiment_id}), or track into another "
+                "experiment (SEGFLOW_EXPERIMENT=NAME)."
+            )
         if found is not None:
             if EXPERIMENT_KIND[0] not in found.tags:
                 mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)

@@ -20,6 +20,7 @@ Shaped after timm's ``train.py``: :func:`train_one_epoch`, :func:`validate`, and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -43,7 +44,7 @@ from segflow.errors import SegflowError
 from segflow.models import FUNCTION_VERSION
 from segflow.models import artifact as model_artifact
 from segflow.progress import progress
-from segflow.storage import exclusive
+from segflow.storage import exclusive, writing
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
@@ -395,6 +396,15 @@ class Diverged(SegflowError):
     (resuming would diverge again, and a lower --lr is another run)."""
 
 
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 class CheckpointSaver:
     """``last.pt`` after every epoch (model, every part's optimiser and schedule, the objective's
     state, the loop's state) and ``best.safetensors`` when the score improves; both atomically."""
@@ -410,24 +420,32 @@ class CheckpointSaver:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.last.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "parts": {p.name: p.state_dict() for p in parts},
-                "objective": objective.state_dict(),
-                "state": state,
-            },
-            tmp,
-        )
-        os.replace(tmp, self.last)
+        with writing(self.last), _removed_on_failure(tmp):
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "parts": {p.name: p.state_dict() for p in parts},
+                    "objective": objective.state_dict(),
+                    "state": state,
+                },
+                tmp,
+            )
+            os.replace(tmp, self.last)
 
     def save_best(self, model: nn.Module) -> None:
         if not self.dist.main:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.best.with_suffix(".tmp")
-        model_artifact.save_weights(tmp, model.state_dict(), "segflow.checkpoint/1")
-        os.replace(tmp, self.best)
+        with writing(self.best), _removed_on_failure(tmp):
+            model_artifact.save_weights(tmp, model.state_dict(), "segflow.checkpoint/1")
+            os.replace(tmp, self.best)
+
+    def remove_if_empty(self) -> None:
+        """After a failed run: a checkpoint folder with nothing to resume from goes."""
+        if self.dist.main:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only when empty
 
     def read(self) -> dict:
         try:
@@ -569,141 +587,146 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def fit(run: Training, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """Train ``run`` to the end (or an early stop), publish its best epoch; return the summary."""
+    """Train ``run`` to the end (or an early stop), publish its best epoch; return the summary.
+    A failed run leaves no empty checkpoint folder behind."""
     dist = Dist()
-    device = dist.device
-    loop = run.loop
     saver = CheckpointSaver(run.checkpoints, dist)
     with exclusive(run.checkpoints) if dist.main else nullcontext():
-        if dist.main and not loop.resume and saver.last.exists() and not loop.overwrite:
+        try:
+            return _fit(run, dist, saver, on_epoch)
+        except BaseException:
+            saver.remove_if_empty()
+            raise
+
+
+def _fit(run: Training, dist: Dist, saver: CheckpointSaver, on_epoch: Callable[[int, dict], None] | None) -> dict:
+    device = dist.device
+    loop = run.loop
+    if dist.main and not loop.resume and saver.last.exists() and not loop.overwrite:
+        raise SegflowError(
+            f"{saver.last} exists from an earlier run: pass --resume to continue it, or --overwrite to start over."
+        )
+    seed_everything(loop.seed)
+    model = run.build_model().to(device)
+    channels_last = loop.channels_last == "on" or (loop.channels_last == "auto" and device.type == "cuda")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    objective = run.objective
+    objective.setup(model, device)
+    net = model
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    parts = [Part(MAIN, list(model.parameters()) + objective.external_params(), run.recipe)]
+    parts += objective.parts()
+    autocast, scaler = autocast_for(loop.amp, device)
+
+    iters = max(len(run.data) // (loop.batch_size * dist.world), 1, loop.iters_per_epoch)
+    if loop.exact_iters and loop.iters_per_epoch:
+        iters = loop.iters_per_epoch
+    total = iters * loop.epochs
+    loader, sampler = _loader(run.data, loop.batch_size, iters, loop.seed, dist, loop.loader_workers)
+    streams = {
+        name: _loader(s.dataset, s.batch_size, iters, loop.seed + k + 1, dist, 0)
+        for k, (name, s) in enumerate(objective.streams().items())
+    }
+    if len(run.data) < loop.batch_size:
+        log.warning("only %d training items for batch size %d: items repeat in a batch", len(run.data), loop.batch_size)
+
+    state = {"epoch": 0, "iteration": 0, "best": -float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": []}
+    # A checkpoint of another model function must not resume into this one.
+    identity = {**run.identity, "model_function": str(FUNCTION_VERSION)}
+    if loop.resume and saver.last.exists():
+        saved = saver.read()
+        changed = differences(saved["state"].get("identity", {}), identity, run.may_change)
+        if changed:
             raise SegflowError(
-                f"{saver.last} exists from an earlier run: pass --resume to continue it, or --overwrite to start over."
+                f"--resume: {saver.last} was made with other settings; resume with the same ones (only "
+                f"{', '.join(run.may_change)} may change), or pass --overwrite to start over:",
+                problems=changed,
             )
-        seed_everything(loop.seed)
-        model = run.build_model().to(device)
-        channels_last = loop.channels_last == "on" or (loop.channels_last == "auto" and device.type == "cuda")
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        objective = run.objective
-        objective.setup(model, device)
-        net = model
-        if dist.world > 1:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
+        state = saver.restore(saved, model, parts, objective)
+        log.info("resuming from %s after epoch %d", saver.last, state["epoch"])
+    elif loop.resume:
+        log.info("no checkpoint in %s yet: starting from scratch", run.checkpoints)
+    state["identity"] = identity
+    env = {
+        "iters": iters,
+        "total": total,
+        "device": device,
+        "channels_last": channels_last,
+        "autocast": autocast,
+        "scaler": scaler,
+        "dist": dist,
+    }
+
+    def stopped_early() -> bool:  # with this run's settings, so a resume may relax them
+        patience = loop.early_stop_patience
+        return bool(patience) and state["epoch"] >= loop.early_stop_start and state["bad_epochs"] >= patience
+
+    for epoch in range(state["epoch"], loop.epochs):
+        if stopped_early():
+            break
+        started = time.monotonic()
+        _set_epoch(epoch, run.data, sampler, *[s.dataset for s in objective.streams().values()])
+        for _, stream_sampler in streams.values():
+            stream_sampler.epoch = epoch
+        try:
+            record = train_one_epoch(
+                net, objective, parts, loader, {k: v[0] for k, v in streams.items()}, state, run, env
             )
-        parts = [Part(MAIN, list(model.parameters()) + objective.external_params(), run.recipe)]
-        parts += objective.parts()
-        autocast, scaler = autocast_for(loop.amp, device)
-
-        iters = max(len(run.data) // (loop.batch_size * dist.world), 1, loop.iters_per_epoch)
-        if loop.exact_iters and loop.iters_per_epoch:
-            iters = loop.iters_per_epoch
-        total = iters * loop.epochs
-        loader, sampler = _loader(run.data, loop.batch_size, iters, loop.seed, dist, loop.loader_workers)
-        streams = {
-            name: _loader(s.dataset, s.batch_size, iters, loop.seed + k + 1, dist, 0)
-            for k, (name, s) in enumerate(objective.streams().items())
-        }
-        if len(run.data) < loop.batch_size:
-            log.warning(
-                "only %d training items for batch size %d: items repeat in a batch", len(run.data), loop.batch_size
-            )
-
-        state = {"epoch": 0, "iteration": 0, "best": -float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": []}
-        # A checkpoint of another model function must not resume into this one.
-        identity = {**run.identity, "model_function": str(FUNCTION_VERSION)}
-        if loop.resume and saver.last.exists():
-            saved = saver.read()
-            changed = differences(saved["state"].get("identity", {}), identity, run.may_change)
-            if changed:
-                raise SegflowError(
-                    f"--resume: {saver.last} was made with other settings; resume with the same ones (only "
-                    f"{', '.join(run.may_change)} may change), or pass --overwrite to start over:",
-                    problems=changed,
-                )
-            state = saver.restore(saved, model, parts, objective)
-            log.info("resuming from %s after epoch %d", saver.last, state["epoch"])
-        elif loop.resume:
-            log.info("no checkpoint in %s yet: starting from scratch", run.checkpoints)
-        state["identity"] = identity
-        env = {
-            "iters": iters,
-            "total": total,
-            "device": device,
-            "channels_last": channels_last,
-            "autocast": autocast,
-            "scaler": scaler,
-            "dist": dist,
-        }
-
-        def stopped_early() -> bool:  # with this run's settings, so a resume may relax them
-            patience = loop.early_stop_patience
-            return bool(patience) and state["epoch"] >= loop.early_stop_start and state["bad_epochs"] >= patience
-
-        for epoch in range(state["epoch"], loop.epochs):
-            if stopped_early():
-                break
-            started = time.monotonic()
-            _set_epoch(epoch, run.data, sampler, *[s.dataset for s in objective.streams().values()])
-            for _, stream_sampler in streams.values():
-                stream_sampler.epoch = epoch
-            try:
-                record = train_one_epoch(
-                    net, objective, parts, loader, {k: v[0] for k, v in streams.items()}, state, run, env
-                )
-            except Diverged:
-                if dist.main:
-                    shutil.rmtree(saver.folder, ignore_errors=True)
-                raise
-            dist.sync_buffers([model, *objective.modules().values(), *objective.frozen().values()])
-            scores = validate(model, run) if run.validate is not None else {}
-            score = scores.get("score", float(epoch))  # without validation, the latest epoch is the best
-            for part in parts:
-                if part.plateau is not None and state["iteration"] > part.warmup(total):
-                    part.plateau.step(score)
-            record.update({f"val_{k}": v for k, v in scores.items() if k != "score" and isinstance(v, float | int)})
-            record.update({"lr": parts[0].lr, "epoch_seconds": time.monotonic() - started})
-            if score > state["best"] + (loop.early_stop_min_delta if run.validate is not None else 0):
-                state.update(best=score, best_epoch=epoch, bad_epochs=0)
-                saver.save_best(model)
-            else:
-                state["bad_epochs"] += 1
-            state["history"].append({"epoch": epoch, **record})
-            state["epoch"] = epoch + 1
-            saver.save(model, parts, objective, state)
+        except Diverged:
             if dist.main:
-                shown = f" val {run.score} {scores['score']:.4f}" if scores else ""
-                log.info(
-                    "epoch %d/%d loss %.4f%s lr %.2e (%.1fs)",
-                    epoch + 1,
-                    loop.epochs,
-                    record.get("train_loss", float("nan")),
-                    shown,
-                    record["lr"],
-                    record["epoch_seconds"],
-                )
-                if on_epoch is not None:
-                    on_epoch(epoch, record)
-            if stopped_early():
-                log.info("early stop after epoch %d: no validation gain for %d epochs", epoch + 1, state["bad_epochs"])
-
-        summary = {
-            "best_score": state["best"] if run.validate is not None else None,
-            "best_epoch": state["best_epoch"] + 1,
-            "epochs_run": state["epoch"],
-            "iterations": state["iteration"],
-            "history": state["history"],
-            "objective": objective.name,
-        }
-        log.info("rank %d: final weights %s", dist.rank, weights_digest(model))
+                shutil.rmtree(saver.folder, ignore_errors=True)
+            raise
+        dist.sync_buffers([model, *objective.modules().values(), *objective.frozen().values()])
+        scores = validate(model, run) if run.validate is not None else {}
+        score = scores.get("score", float(epoch))  # without validation, the latest epoch is the best
+        for part in parts:
+            if part.plateau is not None and state["iteration"] > part.warmup(total):
+                part.plateau.step(score)
+        record.update({f"val_{k}": v for k, v in scores.items() if k != "score" and isinstance(v, float | int)})
+        record.update({"lr": parts[0].lr, "epoch_seconds": time.monotonic() - started})
+        if score > state["best"] + (loop.early_stop_min_delta if run.validate is not None else 0):
+            state.update(best=score, best_epoch=epoch, bad_epochs=0)
+            saver.save_best(model)
+        else:
+            state["bad_epochs"] += 1
+        state["history"].append({"epoch": epoch, **record})
+        state["epoch"] = epoch + 1
+        saver.save(model, parts, objective, state)
         if dist.main:
-            if state["best_epoch"] < 0 or not saver.best.exists():
-                raise SegflowError(
-                    f"no epoch of this run had a finite validation score ({run.score}), so there is no best "
-                    f"epoch to publish; the checkpoints are in {saver.folder}. Check the validation data."
-                )
-            saver.load_best(model)
-            if run.publish is not None:
-                run.publish(model, summary)
-        dist.barrier()
-        return summary
+            shown = f" val {run.score} {scores['score']:.4f}" if scores else ""
+            log.info(
+                "epoch %d/%d loss %.4f%s lr %.2e (%.1fs)",
+                epoch + 1,
+                loop.epochs,
+                record.get("train_loss", float("nan")),
+                shown,
+                record["lr"],
+                record["epoch_seconds"],
+            )
+            if on_epoch is not None:
+                on_epoch(epoch, record)
+        if stopped_early():
+            log.info("early stop after epoch %d: no validation gain for %d epochs", epoch + 1, state["bad_epochs"])
+
+    summary = {
+        "best_score": state["best"] if run.validate is not None else None,
+        "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"],
+        "iterations": state["iteration"],
+        "history": state["history"],
+        "objective": objective.name,
+    }
+    log.info("rank %d: final weights %s", dist.rank, weights_digest(model))
+    if dist.main:
+        if state["best_epoch"] < 0 or not saver.best.exists():
+            raise SegflowError(
+                f"no epoch of this run had a finite validation score ({run.score}), so there is no best "
+                f"epoch to publish; the checkpoints are in {saver.folder}. Check the validation data."
+            )
+        saver.load_best(model)
+        if run.publish is not None:
+            run.publish(model, summary)
+    dist.barrier()
+    return summary
