@@ -2,7 +2,8 @@
 
 Layers, bottom to top (a module may import its own layer's leaf modules and anything below):
 
-    errors, progress, parallel, configs, palette,    leaves
+    errors, redact, progress, parallel, configs,     leaves (redact: credentials out of printed URIs)
+    palette,
     cluster
     storage
     data
@@ -26,7 +27,7 @@ from pathlib import Path
 from conftest import REPO
 
 LAYERS = [
-    {"errors", "progress", "parallel", "configs", "palette", "cluster"},
+    {"errors", "redact", "progress", "parallel", "configs", "palette", "cluster"},
     {"storage"},
     {"data"},
     {"models"},

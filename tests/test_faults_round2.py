@@ -388,7 +388,8 @@ def test_a_truncated_best_checkpoint_on_resume_is_named(tiny, tmp_path):
     assert run_cli(*args, "--epochs", "1")[0] == 0
     best = tmp_path / "m.checkpoints" / "best.safetensors"
     best.write_bytes(best.read_bytes()[:100])
-    assert_exit_2(run_cli(*args, "--epochs", "2", "--resume", "--overwrite"), "best.safetensors", "--overwrite")
+    # Nothing left to train: the run publishes the best epoch straight from the damaged file.
+    assert_exit_2(run_cli(*args, "--epochs", "1", "--resume", "--overwrite"), "best.safetensors", "--overwrite")
 
 
 @pytest.mark.parametrize("files", [["a"], None, "x"])

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from segflow.data.synth import synthesize
 from segflow.errors import SegflowError
 from segflow.evaluate.evaluation import EvalConfig
+from segflow.storage import sha256_file
 from segflow.train.config import MeanTeacherConfig, SupConConfig, TrainConfig
 
 TINY = {"model": "lite_hrnet_s", "input_size": 64, "batch_size": 4, "early_stop_patience": 100}
@@ -249,7 +250,10 @@ def test_init_backbone_is_checked(dataset, tmp_path):
     folder.mkdir()
     model = create_model("lite_hrnet_18", 7)
     save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(folder / "backbone.safetensors"))
-    tag = {"format": "segflow.backbone/2"}
+    tag = {
+        "format": "segflow.backbone/2",
+        "files": {"backbone.safetensors": sha256_file(folder / "backbone.safetensors")},
+    }
     (folder / "config.json").write_text(json.dumps({**tag, "architecture": "lite_hrnet_18"}))
     with pytest.raises(SegflowError, match="'lite_hrnet_18' backbone but the model is 'lite_hrnet_s'"):
         run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
@@ -259,8 +263,12 @@ def test_init_backbone_is_checked(dataset, tmp_path):
     (folder / "config.json").write_text(json.dumps({"architecture": "lite_hrnet_s"}))
     with pytest.raises(SegflowError, match=r"format None is not 'segflow\.backbone/2'"):
         run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
+    (tmp_path / "nothing").mkdir()
     with pytest.raises(SegflowError, match=r"no config\.json"):
-        run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(tmp_path)))
+        run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(tmp_path / "nothing")))
+    (folder / "config.json").write_text(json.dumps({**tag, "architecture": "lite_hrnet_18", "files": {}}))
+    with pytest.raises(SegflowError, match=r"records no checksum of \['backbone\.safetensors'\]"):
+        run_train(cfg(dataset, tmp_path / "m", epochs=1, init_backbone=str(folder)))
 
 
 @pytest.mark.parametrize(

@@ -452,7 +452,8 @@ class CheckpointSaver:
             return torch.load(self.last, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated or foreign file: torch raises several types
             raise SegflowError(
-                f"{self.last} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): pass --overwrite to start over."
+                f"{self.last} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): to start over, run "
+                "again without --resume and with --overwrite."
             ) from None
 
     def restore(self, saved: dict, model: nn.Module, parts: list[Part], objective) -> dict:
@@ -475,7 +476,8 @@ class CheckpointSaver:
             model.load_state_dict(load_file(str(self.best)))
         except Exception as exc:  # truncated or foreign: safetensors and torch raise several types
             raise SegflowError(
-                f"{self.best} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): pass --overwrite to start over."
+                f"{self.best} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): to start over, run "
+                "again without --resume and with --overwrite."
             ) from None
 
 
