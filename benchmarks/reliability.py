@@ -77,13 +77,14 @@ def silent_endpoint_seconds() -> tuple[float, str]:
 
 def verify_vs_decode(images: int, size: int, rounds: int) -> list[tuple[float, float]]:
     from segflow.data import manifest as manifest_lib
-    from segflow.data.importer import ImportConfig, import_dataset
+    from segflow.data.importer import ImportConfig
     from segflow.data.synth import synthesize
+    from segflow.stages import import_stage
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         raw = synthesize(Path(tmp) / "raw", "target", num_images=images, size=size, seed=0)
-        import_dataset(ImportConfig(str(raw), f"{tmp}/ds"))
+        import_stage(ImportConfig(str(raw), f"{tmp}/ds"), track=False)
         manifest = manifest_lib.read(f"{tmp}/ds")
         files = [Path(tmp) / "ds" / rel for rel in manifest["files"]]
         for _ in range(rounds):
@@ -102,16 +103,16 @@ def verify_vs_decode(images: int, size: int, rounds: int) -> list[tuple[float, f
 def divergence_seconds(rounds: int) -> tuple[float, float, str]:
     """(seconds until a --lr 1e30 run stops, seconds of one sane epoch, the error): in-process,
     48 labelled 64 px scenes, batch 4, 12 steps an epoch, so that start-up is not measured."""
-    from segflow.data.importer import ImportConfig, import_dataset
+    from segflow.data.importer import ImportConfig
     from segflow.data.synth import synthesize
     from segflow.errors import SegflowError
-    from segflow.stages import train_stage
+    from segflow.stages import import_stage, train_stage
     from segflow.train.config import TrainConfig
 
     diverged, sane, message = [], [], ""
     with tempfile.TemporaryDirectory() as tmp:
         raw = synthesize(Path(tmp) / "raw", "target", num_images=48, size=64, seed=0)
-        import_dataset(ImportConfig(str(raw), f"{tmp}/ds"))
+        import_stage(ImportConfig(str(raw), f"{tmp}/ds"), track=False)
         settings = {"data": f"{tmp}/ds", "input_size": 64, "batch_size": 4, "epochs": 1, "early_stop_patience": 0}
         for i in range(rounds):
             start = time.perf_counter()

@@ -308,13 +308,13 @@ class TaskWatcher:
 
     def _metrics(self, task: str) -> dict[str, float]:
         """The task's Metrics artifact values (from its executor output)."""
-        jobs = sorted((p for p in self.root.iterdir() if p.name not in self.before), key=lambda p: p.stat().st_mtime)
+        # This run's folder: new since the start and holding the task (the pipeline root also gets a
+        # new checkpoints/ folder, written to later than the run's own).
+        outputs = [p / task / "executor_output.json" for p in self.root.iterdir() if p.name not in self.before]
+        outputs = sorted((o for o in outputs if o.exists()), key=lambda o: o.stat().st_mtime)
         found: dict[str, float] = {}
-        if not jobs:
-            return found
-        output = jobs[-1] / task / "executor_output.json"
-        if output.exists():
-            for artifacts in json.loads(output.read_text()).get("artifacts", {}).values():
+        if outputs:
+            for artifacts in json.loads(outputs[-1].read_text()).get("artifacts", {}).values():
                 for artifact in artifacts.get("artifacts", []):
                     found |= {k: v for k, v in artifact.get("metadata", {}).items() if isinstance(v, int | float)}
         return found

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -228,8 +230,12 @@ def test_selfsl_then_finetune_runs_locally(tmp_path, segflow_home):
         "pretrain_iters_per_epoch": 1,  # one pass (auto repeats small sets to 50 steps an epoch)
         "finetune_method": "supcon",
     }  # Felzenszwalb parameters, pretraining view size and lr: auto
-    result = orchestration.run_local(REPO / "pipelines" / "selfsl_then_finetune.py", params)
+    shown = io.StringIO()
+    result = orchestration.run_local(REPO / "pipelines" / "selfsl_then_finetune.py", params, show=shown)
     assert (result["job_dir"] / "pretrain-backbone" / "backbone" / "backbone.safetensors").exists()
+    # Each task's line carries its headline figure, also when the run made the pipeline root's
+    # checkpoints/ folder (a newer folder than the run's own).
+    assert re.search(r"pretrain-backbone .* final_loss \d", shown.getvalue()), shown.getvalue()
     summary = json.loads((result["job_dir"] / "train-model" / "model" / "training.json").read_text())
     assert summary["config"]["init_backbone"].endswith("backbone") and summary["objective"] == "supcon"
     mlflow.set_tracking_uri(tracking.tracking_uri())
