@@ -41,8 +41,14 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+# Libraries that log through handlers of their own (MLflow's logger does not propagate to the root).
+OWN_HANDLERS = ("mlflow",)
+
+
 def redact_logging() -> None:
-    """Put :class:`RedactingFilter` on every handler of the root logger (once each)."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    """Put :class:`RedactingFilter` on every handler of the root logger, and of the libraries'
+    loggers that keep their own handlers (once each)."""
+    for name in ("", *OWN_HANDLERS):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())

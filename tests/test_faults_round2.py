@@ -146,6 +146,12 @@ def test_passwords_in_uris_are_not_printed(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     code, out, err = run_cli("models", "compare", "m")
     assert code == 2 and "Sup3rSecret" not in out + err and "http://***@127.0.0.1:9" in err, err
+    import logging
+
+    from segflow.redact import RedactingFilter
+
+    mlflow_handlers = logging.getLogger("mlflow").handlers  # MLflow's logger does not propagate
+    assert mlflow_handlers and all(any(isinstance(f, RedactingFilter) for f in h.filters) for h in mlflow_handlers)
     code, out, err = run_cli(
         "submit", REPO / "pipelines" / "supervised.py", "--host", "http://bob:Hunter2pw@127.0.0.1:9"
     )

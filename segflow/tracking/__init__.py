@@ -18,7 +18,7 @@ from typing import Any
 
 from segflow.configs import flatten
 from segflow.errors import SegflowError
-from segflow.redact import redact
+from segflow.redact import redact, redact_logging
 from segflow.storage import home
 
 DEFAULT_EXPERIMENT = "segflow"
@@ -76,6 +76,7 @@ def _mlflow():
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 
+    redact_logging()  # MLflow's logger has its own handler, set up on import
     uri = tracking_uri()
     if redact(uri) != uri:
         # MLflow prints "View run ... at: URL" with the URL as given, password included.
