@@ -15,17 +15,24 @@ def import_data(
     data_format: str = "",
     val_fraction: float = 0.2,
     seed: int = 0,
+    ignore_labels: str = "",
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
 ):
-    """Read SOURCE_URI (local path or s3://) with Datumaro, validate every item, write the artifact."""
+    """Read SOURCE_URI (local path or s3://), validate every item, write the artifact.
+    ``ignore_labels``: comma-separated classes read as "ignore" (255), e.g. void."""
     from segflow.data.importer import ImportConfig
     from segflow.stages import import_stage, log_metrics_to
     from segflow.tracking import RunContext
 
     cfg = ImportConfig(
-        source=source_uri, out=dataset.path, format=data_format or None, val_fraction=val_fraction, seed=seed
+        source=source_uri,
+        out=dataset.path,
+        format=data_format or None,
+        val_fraction=val_fraction,
+        seed=seed,
+        ignore_labels=tuple(n.strip() for n in ignore_labels.split(",") if n.strip()),
     )
     result = import_stage(cfg, RunContext(run_key, run_name, experiment), markdown_out=report.path)
     dataset.metadata.update(

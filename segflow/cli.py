@@ -75,14 +75,23 @@ def data_import(
     val_fraction: Annotated[float, typer.Option(help="Share of images split off as val when SRC has no val.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes; 0 = one per core.")] = 0,
+    ignore_labels: Annotated[
+        str, typer.Option(help="Comma-separated classes read as 'ignore' (255), e.g. void,unlabelled.")
+    ] = "",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
 ) -> None:
-    """Import SRC with Datumaro, validate every item, write a normalised dataset artifact to OUT."""
+    """Import SRC, validate every item, write a normalised dataset artifact to OUT.
+
+    Label ids are read as the dataset declares them (any order, gaps allowed); the artifact's
+    masks hold contiguous training ids, and its manifest maps them back to the dataset's ids.
+    """
     from segflow.data.importer import ImportConfig
     from segflow.stages import import_stage
 
-    report = import_stage(from_options(ImportConfig, locals(), source=src, format=data_format), track=track)
+    ignored = tuple(n.strip() for n in ignore_labels.split(",") if n.strip())
+    cfg = from_options(ImportConfig, locals(), source=src, format=data_format, ignore_labels=ignored)
+    report = import_stage(cfg, track=track)
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
     typer.echo(f"imported {counts} images, {len(report['labels'])} labels -> {out}")
     typer.echo(f"fingerprint {report['fingerprint']}")

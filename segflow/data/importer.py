@@ -32,9 +32,10 @@ from segflow.configs import check_numbers
 from segflow.data import IGNORE_INDEX
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import image_error
+from segflow.data.labels import LabelTable, MaskProblem, build_table, mask_values, read_meta, to_training_ids
 from segflow.errors import SegflowError
 from segflow.parallel import map_all
-from segflow.storage import confined, read_json, walk_files
+from segflow.storage import confined, walk_files
 
 CSS = "common_semantic_segmentation"
 CSS_SUBSETS = "common_semantic_segmentation_with_subset_dirs"
@@ -83,6 +84,7 @@ class ImportConfig:
     workers: int = 0  # 0: one per available core
     overwrite: bool = False
     imbalance_ratio: float = 100.0  # warn when the most common class has this many times the pixels of the rarest
+    ignore_labels: tuple[str, ...] = ()  # classes read as "ignore" (255), e.g. void
 
     def validate(self) -> None:
         check_numbers(self)
@@ -119,15 +121,33 @@ class ItemResult:
 
 
 @dataclass(frozen=True)
+class PairedItem:
+    """An image and its mask file, paired by the layout (Common Semantic Segmentation): read by
+    segflow itself, so that label ids, colours and 16-bit values are decoded by their real values."""
+
+    id: str
+    subset: str
+    image: Path
+    mask: Path
+
+    @property
+    def media(self):
+        return self  # has .path, like a Datumaro media object
+
+    @property
+    def path(self) -> str:
+        return str(self.image)
+
+
+@dataclass(frozen=True)
 class _Job:
     """Everything a worker needs; inherited by forked workers instead of pickled."""
 
-    items: list  # datumaro DatasetItem
+    items: list  # PairedItem, or Datumaro's DatasetItem for the formats Datumaro reads
     placement: list[tuple[str, str]]  # (subset, output name) per item
-    num_labels: int
+    table: LabelTable
     out: Path
     root: Path
-    mask_files: dict[str, Path]  # image path -> mask file, where the layout says (Common Semantic Segmentation)
 
 
 _JOB: _Job | None = None
@@ -137,13 +157,20 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path) -> dict:
     """Import the raw dataset in ``src`` into the empty folder ``out``; return the report (also
     written to OUT/report.json). ``cfg.source`` and ``cfg.out`` are only recorded."""
     cfg.validate()
-    dataset, fmt, mask_files = load_datumaro(src, cfg.format)
-    labels = label_names(dataset, src, fmt)
-    items = [item for item in dataset]
+    check_source(src)
+    fmt = cfg.format or detect_format(src)
+    if fmt in (CSS, CSS_SUBSETS):
+        items, table = load_paired(src, fmt, cfg.ignore_labels)
+    else:
+        dataset, fmt = load_datumaro(src, fmt)
+        by_position = dict(enumerate(label_names(dataset, src, fmt)))  # Datumaro's label ids are positions
+        table = build_table(by_position, {}, cfg.ignore_labels, f"{src} ({fmt})")
+        items = [item for item in dataset]
+    labels = list(table.names)
     if not items:
-        raise SegflowError(f"{cfg.source}: the dataset is empty (Datumaro found no items as {fmt}).")
+        raise SegflowError(f"{cfg.source}: the dataset is empty (no items as {fmt}).")
     placement = assign_subsets(items, cfg.val_fraction, cfg.seed)
-    job = _Job(items, placement, num_labels=len(labels), out=out, root=src, mask_files=mask_files)
+    job = _Job(items, placement, table=table, out=out, root=src)
     results = _run_items(job, cfg.workers)
     problems = [p for r in results for p in r.problems]
     if problems:
@@ -155,6 +182,7 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path) -> dict:
     for subset in sorted({r.subset for r in results}):
         (out / subset / "dataset_meta.json").write_text(json.dumps(_meta(labels), indent=2) + "\n")
     manifest = manifest_lib.build(results, labels, source=str(cfg.source), data_format=fmt)
+    manifest["label_ids"] = table.as_manifest()  # training id -> the dataset's own id
     report = manifest_lib.build_report(manifest, results, cfg.imbalance_ratio)
     manifest_lib.write(out, manifest, report)
     report["output"] = str(cfg.out)
@@ -207,19 +235,40 @@ def detect_format(src: Path) -> str:
     return detected
 
 
-def load_datumaro(src: Path, fmt: str | None):
-    """Import ``src`` with Datumaro; return (dataset, format name, {image path: mask path})."""
+def check_source(src: Path) -> None:
     if src.is_file():
         raise SegflowError(f"{src} is a file: point SRC at the dataset's folder.")
     if not any(src.iterdir()):
         raise SegflowError(f"{src} is an empty folder: there is no dataset to import.")
-    walk_files(src)  # refuses symbolic link loops and links out of the dataset before Datumaro walks it
-    fmt = fmt or detect_format(src)
-    mask_files: dict[str, Path] = {}
-    if fmt in (CSS, CSS_SUBSETS):
-        roots = [src] if fmt == CSS else sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-        for root in roots:
-            mask_files.update(check_css_layout(root))
+    walk_files(src)  # refuses symbolic link loops and links out of the dataset before anything walks it
+
+
+def load_paired(src: Path, fmt: str, ignore_labels: tuple[str, ...]) -> tuple[list[PairedItem], LabelTable]:
+    """Common Semantic Segmentation (flat, or one folder per subset), read by segflow: the items
+    (image and mask paired by name) and the label table of ``dataset_meta.json``. Datumaro's own
+    reader numbers the labels by their order in the file and takes colour masks' ids as they come,
+    so this layout is read here, by id (segflow.data.labels)."""
+    roots = [src] if fmt == CSS else sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    items: list[PairedItem] = []
+    table = None
+    for root in roots:
+        pairs = check_css_layout(root)
+        root_table = read_meta(root / "dataset_meta.json", tuple(ignore_labels))
+        if table is not None and (root_table.names, root_table.dataset_ids) != (table.names, table.dataset_ids):
+            raise SegflowError(
+                f"{root / 'dataset_meta.json'} names other labels than {roots[0] / 'dataset_meta.json'}: "
+                "every subset of a dataset must share one label map."
+            )
+        table = root_table
+        subset = "" if fmt == CSS else root.name
+        items += [PairedItem(Path(image).stem, subset, Path(image), mask) for image, mask in sorted(pairs.items())]
+    if table is None:
+        raise SegflowError(f"{src}: no subset folders with dataset_meta.json, images/ and masks/.")
+    return items, table
+
+
+def load_datumaro(src: Path, fmt: str):
+    """Import ``src`` with Datumaro; return (dataset, format name)."""
     import datumaro as dm
 
     logging.getLogger("datumaro").setLevel(logging.ERROR)
@@ -229,12 +278,19 @@ def load_datumaro(src: Path, fmt: str | None):
     except SegflowError:
         raise
     except Exception as exc:
-        problems = diagnose_masks(src) if fmt in (CSS, CSS_SUBSETS) else []
-        raise SegflowError(
-            f"{src}: Datumaro could not read the dataset as {fmt}: {type(exc).__name__}: {exc}",
-            problems=problems,
-        ) from None
-    return dataset, fmt, mask_files
+        raise SegflowError(f"{src}: Datumaro could not read the dataset as {fmt}: {_reasons(exc)}") from None
+    return dataset, fmt
+
+
+def _reasons(exc: BaseException) -> str:
+    """The exception and what caused it, innermost last: Datumaro wraps the real reason
+    ("Failed to import dataset 'camvid'" says nothing by itself)."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen and len(chain) < 4:
+        seen.add(id(exc))
+        chain.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(chain)
 
 
 def label_names(dataset, src: Path, fmt: str) -> list[str]:
@@ -271,19 +327,6 @@ def check_css_layout(root: Path) -> dict[str, Path]:
             f"{meta} is missing. Common Semantic Segmentation needs it to name the labels, e.g. "
             '{"label_map": {"0": "background", "1": "car"}}.'
         )
-    content = read_json(meta, "fix the file")
-    if not isinstance(content, dict) or not (content.get("labels") or content.get("label_map")):
-        raise SegflowError(f'{meta} names no labels: it needs "labels": [...] or "label_map": {{"0": "name", ...}}.')
-    label_map = content.get("label_map", {})
-    if not isinstance(label_map, dict) or not all(str(k).isdigit() for k in label_map):
-        raise SegflowError(f'{meta}: "label_map" must map label ids to names, e.g. {{"0": "background"}}.')
-    colors = content.get("segmentation_colors") or []
-    if colors and label_map and max(int(k) for k in label_map) >= len(colors):
-        raise SegflowError(
-            f'{meta}: "segmentation_colors" has {len(colors)} colours but "label_map" uses ids up to '
-            f"{max(int(k) for k in label_map)}: give every label a colour, or remove segmentation_colors "
-            "when the masks hold label ids."
-        )
 
     images, masks = _image_files(root / "images"), _image_files(root / "masks")
     problems = [f"{p}: file is empty (0 bytes)" for p, size in [*images.values(), *masks.values()] if size == 0]
@@ -296,33 +339,6 @@ def check_css_layout(root: Path) -> dict[str, Path]:
     if not images:
         raise SegflowError(f"{root}: the dataset is empty (no images in {root / 'images'}).")
     return {str(images[stem][0]): masks[stem][0] for stem in images}
-
-
-def diagnose_masks(src: Path) -> list[str]:
-    """After Datumaro failed: find which mask files it cannot read, and why."""
-    from datumaro.plugins.data_formats.common_semantic_segmentation import make_categories
-    from datumaro.util.mask_tools import load_mask
-    from datumaro.util.meta_file_util import parse_meta_file
-
-    problems = []
-    for meta in sorted(src.rglob("dataset_meta.json")):
-        try:
-            categories = make_categories(parse_meta_file(str(meta)))
-            inverse = next(c for t, c in categories.items() if t.name == "mask").inverse_colormap
-        except Exception as exc:
-            problems.append(f"{meta}: {exc}")
-            continue
-        for mask, _ in _image_files(meta.parent / "masks").values():
-            try:
-                load_mask(str(mask), inverse)
-            except KeyError:
-                rgb = np.asarray(Image.open(mask).convert("RGB")).reshape(-1, 3)
-                unknown = sorted({tuple(int(v) for v in c) for c in np.unique(rgb, axis=0)} - set(inverse))
-                shown = ", ".join(str(c) for c in unknown[:5])
-                problems.append(f"{mask}: colours {shown} are not in segmentation_colors of {meta}")
-            except Exception as exc:
-                problems.append(f"{mask}: cannot read mask ({type(exc).__name__}: {exc})")
-    return problems
 
 
 # --- subsets --------------------------------------------------------------------------------
@@ -394,9 +410,13 @@ def _process_item(index: int) -> ItemResult:
         return result
 
     try:
-        mask, unchanged = _compose_mask(item, image.shape[:2], job.num_labels)
-    except _ItemProblem as exc:
-        result.problems.append(f"{where}: {exc}")
+        if isinstance(item, PairedItem):
+            mask, copy_source = _paired_mask(item.mask, image.shape[:2], job.table)
+        else:
+            mask, copy_source = to_training_ids(_compose_mask(item, image.shape[:2], job.table), job.table), False
+    except (_ItemProblem, MaskProblem) as exc:
+        mask_path = item.mask if isinstance(item, PairedItem) else None
+        result.problems.append(f"{_display(str(mask_path), job, where) if mask_path else where}: {exc}")
         return result
 
     if raw is None:  # re-encode: not a plain RGB PNG/JPEG file
@@ -413,9 +433,8 @@ def _process_item(index: int) -> ItemResult:
     except SegflowError as exc:
         result.problems.append(str(exc))
         return result
-    source_mask = job.mask_files.get(media_path)
-    if unchanged and source_mask is not None and source_mask.suffix.lower() == ".png":
-        mask_bytes = source_mask.read_bytes()  # already a single-channel PNG of label ids
+    if copy_source:
+        mask_bytes = item.mask.read_bytes()  # already a single-channel PNG of these very training ids
     else:
         buffer = io.BytesIO()
         Image.fromarray(mask, mode="L").save(buffer, format="PNG", compress_level=1)
@@ -471,14 +490,22 @@ def _read_image(item, media_path: str) -> tuple[np.ndarray, bytes | None, str]:
     return np.ascontiguousarray(data[..., 2::-1].astype(np.uint8)), None, ".png"
 
 
-def _compose_mask(item, shape: tuple[int, int], num_labels: int) -> tuple[np.ndarray, bool]:
-    """One HxW label map from the item's mask annotations; uncovered pixels are ignore (255).
+def _paired_mask(path: Path, shape: tuple[int, int], table: LabelTable) -> tuple[np.ndarray, bool]:
+    """The training-id map of a paired mask file, and whether the file itself can be copied: a
+    grey 8-bit PNG whose values are already these training ids. Anything else (colours, 16-bit,
+    palette, ids that shift) is written anew from the decoded map."""
+    values, stored_as_ids = mask_values(path, table)
+    _check_shape(values.shape[:2], shape)
+    mask = to_training_ids(values, table)
+    return mask, stored_as_ids and path.suffix.lower() == ".png" and np.array_equal(mask, values)
 
-    Also says whether the map equals the single-channel index map it was cut from, in which
-    case the source mask file can be copied as it is instead of encoded again.
-    """
+
+def _compose_mask(item, shape: tuple[int, int], table: LabelTable) -> np.ndarray:
+    """One HxW map of Datumaro's label ids (its labels' positions) from the item's mask
+    annotations; uncovered pixels are ignore (255). The table maps them to training ids."""
     from datumaro.components.annotation import AnnotationType, ExtractedMask
 
+    num_labels = len(table.names) + len([i for i in table.ignored if i != IGNORE_INDEX])
     anns = [a for a in item.annotations if a.type == AnnotationType.mask and a.label is not None]
     if not anns:
         raise _ItemProblem("image has no segmentation mask")
@@ -497,7 +524,6 @@ def _compose_mask(item, shape: tuple[int, int], num_labels: int) -> tuple[np.nda
         else:
             others.append(ann)
     mask = None
-    unchanged = False
     try:
         for group in by_source.values():
             source = group[0].index_mask
@@ -508,11 +534,7 @@ def _compose_mask(item, shape: tuple[int, int], num_labels: int) -> tuple[np.nda
                 if int(ann.label) != IGNORE_INDEX:
                     lut[int(ann.index)] = int(ann.label)
             mapped = lut[index_map]
-            if mask is None:
-                mask = mapped
-                unchanged = len(by_source) == 1 and index_map.dtype == np.uint8 and np.array_equal(mapped, index_map)
-            else:
-                mask = np.where(mapped != IGNORE_INDEX, mapped, mask)
+            mask = mapped if mask is None else np.where(mapped != IGNORE_INDEX, mapped, mask)
         if mask is None:
             mask = np.full(shape, IGNORE_INDEX, dtype=np.uint8)
         for ann in others:
@@ -520,12 +542,11 @@ def _compose_mask(item, shape: tuple[int, int], num_labels: int) -> tuple[np.nda
             _check_shape(region.shape, shape)
             if int(ann.label) != IGNORE_INDEX:
                 mask[region] = int(ann.label)
-            unchanged = False
     except _ItemProblem:
         raise
     except Exception as exc:
         raise _ItemProblem(f"cannot read mask ({type(exc).__name__}: {exc})") from None
-    return mask, unchanged
+    return mask
 
 
 def _check_shape(got: tuple[int, ...], want: tuple[int, int]) -> None:

@@ -1,0 +1,150 @@
+"""Labels are ids: what the artifact's masks hold, pixel by pixel, for the mask encodings and
+label maps users have. Every fixture is a few bytes made here; every test reads the written
+masks themselves (values, mode, the name at each id), not only the manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, run_import
+from PIL import Image
+
+from segflow.data import manifest as manifest_lib
+from segflow.errors import SegflowError
+
+SIZE = (6, 8)  # height, width
+
+
+def dataset(root: Path, meta: dict, masks: list[np.ndarray | Image.Image], suffix: str = ".png") -> Path:
+    """A Common Semantic Segmentation folder: one random image per mask."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "dataset_meta.json").write_text(json.dumps(meta))
+    rng = np.random.default_rng(0)
+    for i, mask in enumerate(masks):
+        image = Image.fromarray(mask) if isinstance(mask, np.ndarray) else mask
+        pixels = rng.integers(0, 255, (*image.size[::-1], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"m{i}.png")
+        image.save(root / "masks" / f"m{i}{suffix}")
+    return root
+
+
+def written(out: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(labels, {item name: mask array}) of an imported artifact; every mask is single-channel."""
+    manifest = manifest_lib.read(out)
+    masks = {}
+    for rel in manifest["files"]:
+        if "/masks/" in rel:
+            with Image.open(out / rel) as img:
+                assert img.mode == "L", (rel, img.mode)
+                masks[Path(rel).stem] = np.asarray(img)
+    return manifest["labels"], masks
+
+
+def halves(left: int, right: int, dtype=np.uint8) -> np.ndarray:
+    mask = np.full(SIZE, left, dtype=dtype)
+    mask[:, SIZE[1] // 2 :] = right
+    return mask
+
+
+def test_colour_masks_become_label_ids(tmp_path):
+    colours = [[0, 0, 0], [255, 0, 0], [0, 0, 255]]
+    rgb = np.zeros((*SIZE, 3), np.uint8)
+    rgb[:, 4:] = colours[2]
+    rgb[0, 0] = colours[1]
+    meta = {"label_map": {"0": "bg", "1": "cat", "2": "dog"}, "segmentation_colors": colours}
+    run_import(dataset(tmp_path / "d", meta, [rgb, rgb]), tmp_path / "out")
+    labels, masks = written(tmp_path / "out")
+    assert labels == ["bg", "cat", "dog"]
+    for mask in masks.values():
+        assert mask[0, 0] == 1 and mask[1, 0] == 0 and (mask[:, 4:] == 2).all()
+
+
+def test_label_map_is_read_by_id_in_any_key_order(tmp_path):
+    meta = {"label_map": {"1": "building", "0": "sky"}}
+    run_import(dataset(tmp_path / "d", meta, [halves(0, 1), halves(1, 0)]), tmp_path / "out")
+    labels, masks = written(tmp_path / "out")
+    assert labels == ["sky", "building"]  # training id 0 is the dataset's id 0: sky
+    assert {tuple(m[0, [0, -1]]) for m in masks.values()} == {(0, 1), (1, 0)}
+
+
+def test_ids_with_gaps_become_contiguous_and_map_back(tmp_path):
+    meta = {"label_map": {str(i): f"c{i}" for i in [0, 1, 2, 3, 4, 5, 9]}}
+    run_import(dataset(tmp_path / "d", meta, [halves(0, 9), halves(5, 9)]), tmp_path / "out")
+    labels, masks = written(tmp_path / "out")
+    assert labels == ["c0", "c1", "c2", "c3", "c4", "c5", "c9"]
+    assert sorted(np.unique(np.concatenate([m.ravel() for m in masks.values()])).tolist()) == [0, 5, 6]
+    assert manifest_lib.read(tmp_path / "out")["label_ids"]["dataset_ids"] == [0, 1, 2, 3, 4, 5, 9]
+    undeclared = dataset(tmp_path / "e", meta, [halves(0, 6)])
+    with pytest.raises(SegflowError, match=r"masks/m0.png: mask values \[6\] are not in the label map"):
+        run_import(undeclared, tmp_path / "out2")
+
+
+def test_255_and_named_ignore_labels_are_not_classes(tmp_path):
+    meta = {"label_map": {"0": "road", "1": "car", "2": "void", "255": "ignore"}}
+    src = dataset(tmp_path / "d", meta, [halves(0, 255), halves(1, 2)])
+    run_import(src, tmp_path / "a")
+    labels, masks = written(tmp_path / "a")
+    assert labels == ["road", "car", "void"]
+    assert (masks["m0"][:, 4:] == 255).all()
+    run_import(src, tmp_path / "b", ignore_labels=("void",))
+    labels, masks = written(tmp_path / "b")
+    assert labels == ["road", "car"] and (masks["m1"][:, :4] == 1).all() and (masks["m1"][:, 4:] == 255).all()
+    code, out, err = run_cli("data", "import", src, tmp_path / "c", "--ignore-labels", "void", "--no-track")
+    assert code == 0 and "2 labels" in out, err
+    assert run_cli("data", "import", src, tmp_path / "x", "--ignore-labels", "sky", "--no-track")[0] == 2
+
+
+def test_16_bit_masks_are_read_by_value(tmp_path):
+    meta = {"labels": ["a", "b", "c"]}
+    ok = Image.fromarray(halves(0, 2, np.uint16))
+    run_import(dataset(tmp_path / "d", meta, [ok]), tmp_path / "out")
+    _, masks = written(tmp_path / "out")
+    assert masks["m0"][0, 0] == 0 and masks["m0"][0, -1] == 2
+    wrapped = Image.fromarray(halves(0, 258, np.uint16))  # 258 read as 2 through an 8-bit view
+    with pytest.raises(SegflowError, match=r"mask values \[258\]"):
+        run_import(dataset(tmp_path / "e", meta, [wrapped]), tmp_path / "out2")
+
+
+def test_palette_masks_by_index_or_by_colour(tmp_path):
+    indexed = Image.frombytes("P", SIZE[::-1], halves(0, 1).tobytes())
+    indexed.putpalette([9, 9, 9, 200, 100, 0] + [0, 0, 0] * 254)
+    run_import(dataset(tmp_path / "d", {"labels": ["x", "y"]}, [indexed]), tmp_path / "a")
+    _, masks = written(tmp_path / "a")
+    assert masks["m0"][0, 0] == 0 and masks["m0"][0, -1] == 1
+    meta = {"label_map": {"0": "x", "1": "y"}, "segmentation_colors": [[200, 100, 0], [9, 9, 9]]}
+    run_import(dataset(tmp_path / "e", meta, [indexed]), tmp_path / "b")
+    _, masks = written(tmp_path / "b")
+    assert masks["m0"][0, 0] == 1 and masks["m0"][0, -1] == 0  # read by colour, not by index
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ('{"label_map": {"0": "a", "0": "b"}}', r"id\(s\) \['0'\] are given more than once"),
+        ('{"label_map": {"0": "a", "1": "a"}}', r"names \['a'\] are given to more than one id"),
+        ('{"label_map": {"0": "a", "x": "b"}}', "must map label ids"),
+    ],
+)
+def test_ambiguous_label_maps_are_refused(tmp_path, meta, message):
+    src = dataset(tmp_path / "d", {"labels": ["a"]}, [halves(0, 0)])
+    (src / "dataset_meta.json").write_text(meta)
+    with pytest.raises(SegflowError, match=message):
+        run_import(src, tmp_path / "out")
+
+
+def test_lossy_masks_are_refused(tmp_path):
+    src = dataset(tmp_path / "d", {"labels": ["a", "b"]}, [halves(0, 1)], suffix=".jpg")
+    with pytest.raises(SegflowError, match=r"masks/m0\.jpg: mask is a JPG file: lossy"):
+        run_import(src, tmp_path / "out")
+
+
+def test_grey_masks_of_ids_are_copied_byte_for_byte(tmp_path):
+    src = dataset(tmp_path / "d", {"labels": ["a", "b"]}, [halves(0, 1)])
+    run_import(src, tmp_path / "out")
+    manifest = manifest_lib.read(tmp_path / "out")
+    rel = next(r for r in manifest["files"] if "/masks/" in r)
+    assert (tmp_path / "out" / rel).read_bytes() == (src / "masks" / "m0.png").read_bytes()
