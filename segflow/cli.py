@@ -69,9 +69,20 @@ def data_preview(
 
 @data_app.command("import")
 def data_import(
-    src: Annotated[str, typer.Argument(help="Dataset folder: local path or s3://bucket/prefix.")],
-    out: Annotated[str, typer.Argument(help="Artifact folder to create: local path or s3://bucket/prefix.")],
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SRC OUT",
+            help="SRC: the dataset folder; OUT: the artifact folder to create (local paths or s3://bucket/prefix). "
+            "With --images, only OUT.",
+        ),
+    ],
     data_format: Annotated[str | None, typer.Option("--format", help="Datumaro format; detected when omitted.")] = None,
+    images: Annotated[str, typer.Option(help="Plain paired folders: the image folder (with --masks, --labels).")] = "",
+    masks: Annotated[str, typer.Option(help="Plain paired folders: masks named like the images.")] = "",
+    labels: Annotated[str, typer.Option(help="Class names by id: a,b,c, a file of one per line, or a meta JSON.")] = "",
+    mask_suffix: Annotated[str, typer.Option(help="What mask names add to the image's, e.g. _mask.")] = "",
+    colors: Annotated[str, typer.Option(help="Colour masks: a JSON file of [R, G, B] per label id.")] = "",
     val_fraction: Annotated[float, typer.Option(help="Share of images split off as val when SRC has no val.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes; 0 = one per core.")] = 0,
@@ -89,8 +100,13 @@ def data_import(
     from segflow.data.importer import ImportConfig
     from segflow.stages import import_stage
 
+    if len(paths) != (1 if images else 2):
+        raise SegflowError(
+            "give SRC OUT (a dataset folder, the artifact to create), or --images DIR --masks DIR --labels a,b,c OUT."
+        )
+    src, out = (images, paths[0]) if images else (paths[0], paths[1])
     ignored = tuple(n.strip() for n in ignore_labels.split(",") if n.strip())
-    cfg = from_options(ImportConfig, locals(), source=src, format=data_format, ignore_labels=ignored)
+    cfg = from_options(ImportConfig, locals(), source=src, out=out, format=data_format, ignore_labels=ignored)
     report = import_stage(cfg, track=track)
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
     typer.echo(f"imported {counts} images, {len(report['labels'])} labels -> {out}")

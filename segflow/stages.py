@@ -70,10 +70,11 @@ def import_stage(
     label = str(cfg.source).rstrip("/").rsplit("/", 1)[-1]
     with (
         tracking.stage_log("import", cfg, run, label, enabled=track) as log,
-        storage.staged_output(cfg.out, cfg.overwrite, inputs={"SRC": cfg.source}) as out,
+        storage.staged_output(cfg.out, cfg.overwrite, inputs={"SRC": cfg.source, "--masks": cfg.masks}) as out,
         storage.local_input(cfg.source, "dataset", sealed=False) as src,  # raw data: no marker needed
+        _optional_input(cfg.masks, "--masks", sealed=False) as masks,
     ):
-        report = import_dataset(cfg, src, out)
+        report = import_dataset(cfg, src, out, masks)
         log.tag(tracking.FINGERPRINT_TAG, report["fingerprint"])
         log.result(report, "report.json", files=[out / "report.md", out / "class_distribution.png"])
         if markdown_out:

@@ -100,13 +100,19 @@ def test_artifact_is_itself_a_datumaro_dataset(css_dataset, tmp_path):
     assert len(again) == 12 and set(again.subsets()) == {"train", "val"}
 
 
-@pytest.mark.parametrize("fmt", ["voc_segmentation", "cityscapes", "camvid"])
-def test_other_datumaro_formats(css_dataset, tmp_path, fmt):
-    """Datasets in other layouts (written here by Datumaro's exporters) are detected and imported."""
+@pytest.mark.parametrize(
+    ("fmt", "meta"), [("voc_segmentation", False), ("voc_segmentation", True), ("cityscapes", False), ("camvid", False)]
+)
+def test_other_datumaro_formats(css_dataset, tmp_path, fmt, meta):
+    """Datasets in other layouts (written here by Datumaro's exporters) are detected and imported,
+    also with the dataset_meta.json that Datumaro's --save-dataset-meta adds (it does not make
+    them Common Semantic Segmentation)."""
     import datumaro as dm
 
     exported = tmp_path / fmt
-    dm.Dataset.import_from(str(css_dataset), "common_semantic_segmentation").export(str(exported), fmt, save_media=True)
+    source = dm.Dataset.import_from(str(css_dataset), "common_semantic_segmentation")
+    source.export(str(exported), fmt, save_media=True, save_dataset_meta=meta)
+    assert (exported / "dataset_meta.json").exists() == meta
     report = run_import(exported, tmp_path / "out")
     assert report["source"]["format"] == fmt
     assert sum(report["counts"].values()) == 12

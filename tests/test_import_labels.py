@@ -148,3 +148,62 @@ def test_grey_masks_of_ids_are_copied_byte_for_byte(tmp_path):
     manifest = manifest_lib.read(tmp_path / "out")
     rel = next(r for r in manifest["files"] if "/masks/" in r)
     assert (tmp_path / "out" / rel).read_bytes() == (src / "masks" / "m0.png").read_bytes()
+
+
+# --- the layouts users have ----------------------------------------------------------------------
+
+
+def segnet_camvid(root: Path) -> Path:
+    """SegNet's CamVid release in miniature: X/ images beside Xannot/ masks of ids 0-10, 11 = void."""
+    rng = np.random.default_rng(1)
+    for subset, count in (("train", 3), ("val", 1), ("test", 2)):
+        (root / subset).mkdir(parents=True)
+        (root / f"{subset}annot").mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (*SIZE, 3), dtype=np.uint8)).save(root / subset / f"0001TP_{i}.png")
+            Image.fromarray(halves(i, 11)).save(root / f"{subset}annot" / f"0001TP_{i}.png")
+    (root / "train.txt").write_text("/SegNet/CamVid/train/0001TP_0.png /SegNet/CamVid/trainannot/0001TP_0.png\n")
+    return root
+
+
+@pytest.mark.parametrize("flags", [[], ["--format", "camvid"]])
+def test_segnet_camvid_imports_in_one_command(tmp_path, flags):
+    src = segnet_camvid(tmp_path / "CamVid")
+    code, out, err = run_cli("data", "import", src, tmp_path / "out", *flags, "--no-track")
+    assert code == 0, err
+    assert "train 3, val 1, test 2 images, 11 labels" in out
+    labels, masks = written(tmp_path / "out")
+    assert labels[0] == "Sky" and labels[-1] == "Bicyclist" and "void" not in labels
+    assert all((m[:, 4:] == 255).all() for m in masks.values())  # void is ignored
+    assert masks["0001TP_2"][0, 0] == 2 and manifest_lib.read(tmp_path / "out")["source"]["format"] == "segnet_camvid"
+
+
+def test_plain_paired_folders(tmp_path):
+    images, masks = tmp_path / "img", tmp_path / "ann"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(2)
+    colours = [[0, 0, 0], [250, 0, 0]]
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (*SIZE, 3), dtype=np.uint8)).save(images / f"p{i}.jpg")
+        rgb = np.zeros((*SIZE, 3), np.uint8)
+        rgb[:, 4:] = colours[1]
+        Image.fromarray(rgb).save(masks / f"p{i}_mask.png")
+    (tmp_path / "colors.json").write_text(json.dumps(colours))
+    (tmp_path / "names.txt").write_text("background\nlesion\n")
+    args = ["data", "import", "--images", images, "--masks", masks, "--mask-suffix", "_mask", "--no-track"]
+    code, out, err = run_cli(
+        *args, "--labels", tmp_path / "names.txt", "--colors", tmp_path / "colors.json", tmp_path / "o"
+    )
+    assert code == 0 and "2 labels" in out, err
+    labels, written_masks = written(tmp_path / "o")
+    assert labels == ["background", "lesion"]
+    assert all((m[:, 4:] == 1).all() and (m[:, :4] == 0).all() for m in written_masks.values())
+    code, _, err = run_cli(*args, "--labels", "background,lesion", tmp_path / "o2")  # colours without --colors
+    assert code == 2 and "no segmentation_colors" in err
+    assert run_cli("data", "import", "--images", images, tmp_path / "o3", "--no-track")[0] == 2  # no --masks
+    (images / "p9.gif").write_bytes(b"GIF89a")
+    code, _, err = run_cli(
+        *args, "--labels", tmp_path / "names.txt", "--colors", tmp_path / "colors.json", tmp_path / "o4"
+    )
+    assert code == 2 and "p9.gif: GIF images cannot be read in full" in err

@@ -33,6 +33,16 @@ from segflow.data import IGNORE_INDEX
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import image_error
 from segflow.data.labels import LabelTable, MaskProblem, build_table, mask_values, read_meta, to_training_ids
+from segflow.data.layouts import (
+    PAIRED_FOLDERS,
+    SEGNET_CAMVID,
+    PairedItem,
+    is_segnet_camvid,
+    pair,
+    paired_folders,
+    read_labels,
+    segnet_camvid,
+)
 from segflow.errors import SegflowError
 from segflow.parallel import map_all
 from segflow.storage import confined, walk_files
@@ -85,16 +95,25 @@ class ImportConfig:
     overwrite: bool = False
     imbalance_ratio: float = 100.0  # warn when the most common class has this many times the pixels of the rarest
     ignore_labels: tuple[str, ...] = ()  # classes read as "ignore" (255), e.g. void
+    # Plain paired folders: ``source`` is the image folder, ``masks`` the mask folder.
+    masks: str = ""
+    labels: str = ""  # a,b,c; a file of one name per line; or a dataset_meta.json
+    mask_suffix: str = ""  # a_mask.png beside a.jpg: "_mask"
+    colors: str = ""  # JSON list of [R, G, B] per label id, for colour masks
 
     def validate(self) -> None:
         check_numbers(self)
+        if bool(self.masks) != bool(self.labels):
+            raise SegflowError("plain paired folders need both --masks DIR and --labels (a,b,c or a file).")
+        if (self.mask_suffix or self.colors) and not self.masks:
+            raise SegflowError("--mask-suffix and --colors go with --images DIR --masks DIR --labels ...")
         if str(self.source).rstrip("/") == str(self.out).rstrip("/"):
             raise SegflowError("SRC and OUT are the same place: write the imported dataset somewhere else.")
         if not 0.0 < self.val_fraction < 1.0:
             raise SegflowError(f"--val-fraction must be between 0 and 1, exclusive (got {self.val_fraction}).")
         if self.workers < 0:
             raise SegflowError(f"--workers must be 0 (all cores) or more (got {self.workers}).")
-        if self.format:
+        if self.format and self.format not in (SEGNET_CAMVID,):
             from datumaro.components.environment import DEFAULT_ENVIRONMENT
 
             if self.format not in DEFAULT_ENVIRONMENT.importers:
@@ -121,25 +140,6 @@ class ItemResult:
 
 
 @dataclass(frozen=True)
-class PairedItem:
-    """An image and its mask file, paired by the layout (Common Semantic Segmentation): read by
-    segflow itself, so that label ids, colours and 16-bit values are decoded by their real values."""
-
-    id: str
-    subset: str
-    image: Path
-    mask: Path
-
-    @property
-    def media(self):
-        return self  # has .path, like a Datumaro media object
-
-    @property
-    def path(self) -> str:
-        return str(self.image)
-
-
-@dataclass(frozen=True)
 class _Job:
     """Everything a worker needs; inherited by forked workers instead of pickled."""
 
@@ -153,13 +153,25 @@ class _Job:
 _JOB: _Job | None = None
 
 
-def import_dataset(cfg: ImportConfig, src: Path, out: Path) -> dict:
+def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None = None) -> dict:
     """Import the raw dataset in ``src`` into the empty folder ``out``; return the report (also
-    written to OUT/report.json). ``cfg.source`` and ``cfg.out`` are only recorded."""
+    written to OUT/report.json). ``masks``: plain paired folders (``src`` holds the images).
+    ``cfg.source`` and ``cfg.out`` are only recorded."""
     cfg.validate()
     check_source(src)
-    fmt = cfg.format or detect_format(src)
-    if fmt in (CSS, CSS_SUBSETS):
+    if masks is not None:
+        fmt = PAIRED_FOLDERS
+        table = read_labels(cfg.labels, cfg.colors, cfg.ignore_labels)
+        items, table = paired_folders(src, masks, table, cfg.mask_suffix)
+    else:
+        fmt = cfg.format or detect_format(src)
+        if fmt == "camvid" and is_segnet_camvid(src):  # SegNet's release, not Datumaro's CamVid layout
+            fmt = SEGNET_CAMVID
+    if fmt == SEGNET_CAMVID:
+        items, table = segnet_camvid(src, cfg.ignore_labels)
+    elif fmt == PAIRED_FOLDERS:
+        pass
+    elif fmt in (CSS, CSS_SUBSETS):
         items, table = load_paired(src, fmt, cfg.ignore_labels)
     else:
         dataset, fmt = load_datumaro(src, fmt)
@@ -200,12 +212,15 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path) -> dict:
 
 
 def detect_format(src: Path) -> str:
-    """Name the Datumaro format of ``src``; Common Semantic Segmentation is recognised first."""
-    if (src / "dataset_meta.json").exists() or ((src / "images").is_dir() and (src / "masks").is_dir()):
+    """Name the format of ``src``: SegNet's CamVid release and Common Semantic Segmentation are
+    recognised first (segflow reads both itself), then Datumaro is asked."""
+    if is_segnet_camvid(src):
+        return SEGNET_CAMVID
+    # images/ and masks/ make this layout; a dataset_meta.json alone does not (ADE20K, SYNTHIA and
+    # any Datumaro export with --save-dataset-meta have one too).
+    if (src / "images").is_dir() and (src / "masks").is_dir():
         return CSS
-    subset_dirs = [
-        d for d in src.iterdir() if d.is_dir() and ((d / "dataset_meta.json").exists() or (d / "masks").is_dir())
-    ]
+    subset_dirs = [d for d in src.iterdir() if d.is_dir() and (d / "images").is_dir() and (d / "masks").is_dir()]
     if subset_dirs:
         return CSS_SUBSETS
     import datumaro as dm
@@ -252,7 +267,7 @@ def load_paired(src: Path, fmt: str, ignore_labels: tuple[str, ...]) -> tuple[li
     items: list[PairedItem] = []
     table = None
     for root in roots:
-        pairs = check_css_layout(root)
+        items += css_items(root, "" if fmt == CSS else root.name)
         root_table = read_meta(root / "dataset_meta.json", tuple(ignore_labels))
         if table is not None and (root_table.names, root_table.dataset_ids) != (table.names, table.dataset_ids):
             raise SegflowError(
@@ -260,8 +275,6 @@ def load_paired(src: Path, fmt: str, ignore_labels: tuple[str, ...]) -> tuple[li
                 "every subset of a dataset must share one label map."
             )
         table = root_table
-        subset = "" if fmt == CSS else root.name
-        items += [PairedItem(Path(image).stem, subset, Path(image), mask) for image, mask in sorted(pairs.items())]
     if table is None:
         raise SegflowError(f"{src}: no subset folders with dataset_meta.json, images/ and masks/.")
     return items, table
@@ -308,37 +321,18 @@ def label_names(dataset, src: Path, fmt: str) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> dict[str, tuple[Path, int]]:
-    """Image files below ``folder`` by stem, with their sizes (the extensions Datumaro reads)."""
-    from datumaro.util.image import IMAGE_EXTENSIONS
-
-    if not folder.is_dir():
-        return {}
-    files = walk_files(folder, set(IMAGE_EXTENSIONS))
-    return dict(sorted((path.stem, (path, path.stat().st_size)) for path in files))
-
-
-def check_css_layout(root: Path) -> dict[str, Path]:
-    """Problems Datumaro would skip silently or report without a file name. Returns the pairs
-    {image path: mask path}."""
+def css_items(root: Path, subset: str) -> list[PairedItem]:
+    """The pairs of one Common Semantic Segmentation folder, every layout problem at once."""
     meta = root / "dataset_meta.json"
     if not meta.exists():
         raise SegflowError(
             f"{meta} is missing. Common Semantic Segmentation needs it to name the labels, e.g. "
             '{"label_map": {"0": "background", "1": "car"}}.'
         )
-
-    images, masks = _image_files(root / "images"), _image_files(root / "masks")
-    problems = [f"{p}: file is empty (0 bytes)" for p, size in [*images.values(), *masks.values()] if size == 0]
-    problems += [
-        f"{images[s][0]}: image has no mask (expected masks/{s}.png)" for s in sorted(images.keys() - masks.keys())
-    ]
-    problems += [f"{masks[s][0]}: mask has no image in images/" for s in sorted(masks.keys() - images.keys())]
-    if problems:
-        raise SegflowError(f"{root}: {len(problems)} problem(s); nothing was written:", problems=problems)
-    if not images:
+    items = pair(root / "images", root / "masks", subset)
+    if not items:
         raise SegflowError(f"{root}: the dataset is empty (no images in {root / 'images'}).")
-    return {str(images[stem][0]): masks[stem][0] for stem in images}
+    return items
 
 
 # --- subsets --------------------------------------------------------------------------------

@@ -63,10 +63,13 @@ def build_table(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise SegflowError(f"{where}: label names {twice} are given to more than one id: give each class one id.")
-    unknown = sorted(set(ignore_names) - set(names))
+    # --ignore-labels takes names or ids: "void" or "11".
+    unknown = sorted(set(ignore_names) - set(names) - {str(i) for i in by_id})
     if unknown:
         raise SegflowError(f"--ignore-labels {unknown}: no such label in {where} (labels: {', '.join(names)}).")
-    ignored = tuple(sorted(i for i, n in by_id.items() if n in ignore_names or i == IGNORE_INDEX))
+    ignored = tuple(
+        sorted(i for i, n in by_id.items() if n in ignore_names or str(i) in ignore_names or i == IGNORE_INDEX)
+    )
     kept = sorted(i for i in by_id if i not in ignored)
     if not kept:
         raise SegflowError(f"{where}: every label is ignored; nothing would be learned.")

@@ -90,7 +90,19 @@ def pair(images_dir: Path, masks_dir: Path, subset: str, mask_suffix: str = "") 
 
 
 def is_segnet_camvid(src: Path) -> bool:
-    return any((src / s).is_dir() and (src / f"{s}annot").is_dir() for s in SUBSETS)
+    """X/ beside Xannot/ with grey masks of ids. Datumaro's CamVid layout has the same folders
+    but colour masks (and may have label_colors.txt): that one Datumaro reads."""
+    from PIL import Image
+
+    annots = [src / f"{s}annot" for s in SUBSETS if (src / s).is_dir() and (src / f"{s}annot").is_dir()]
+    if not annots or (src / "label_colors.txt").exists():
+        return False
+    first = next((p for folder in annots for p in sorted(folder.glob("*.png"))), None)
+    try:
+        with Image.open(first) as mask:
+            return mask.mode == "L"
+    except Exception:  # no mask, or not an image: not this layout
+        return False
 
 
 def segnet_camvid(src: Path, ignore: tuple[str, ...] = ()) -> tuple[list[PairedItem], LabelTable]:
