@@ -83,6 +83,10 @@ def data_import(
     labels: Annotated[str, typer.Option(help="Class names by id: a,b,c, a file of one per line, or a meta JSON.")] = "",
     mask_suffix: Annotated[str, typer.Option(help="What mask names add to the image's, e.g. _mask.")] = "",
     colors: Annotated[str, typer.Option(help="Colour masks: a JSON file of [R, G, B] per label id.")] = "",
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="KEY=VALUE for the format's reader (repeatable), e.g. mask_prefix=gt_."),
+    ] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of images split off as val when SRC has no val.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
     workers: Annotated[int, typer.Option(help="Worker processes; 0 = one per core.")] = 0,
@@ -106,7 +110,15 @@ def data_import(
         )
     src, out = (images, paths[0]) if images else (paths[0], paths[1])
     ignored = tuple(n.strip() for n in ignore_labels.split(",") if n.strip())
-    cfg = from_options(ImportConfig, locals(), source=src, out=out, format=data_format, ignore_labels=ignored)
+    cfg = from_options(
+        ImportConfig,
+        locals(),
+        source=src,
+        out=out,
+        format=data_format,
+        ignore_labels=ignored,
+        reader_options=tuple(option or ()),
+    )
     report = import_stage(cfg, track=track)
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
     typer.echo(f"imported {counts} images, {len(report['labels'])} labels -> {out}")

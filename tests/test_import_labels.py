@@ -207,3 +207,38 @@ def test_plain_paired_folders(tmp_path):
         *args, "--labels", tmp_path / "names.txt", "--colors", tmp_path / "colors.json", tmp_path / "o4"
     )
     assert code == 2 and "p9.gif: GIF images cannot be read in full" in err
+
+
+def test_reader_options_pass_through(tmp_path):
+    """--option KEY=VALUE: prefixes for Common Semantic Segmentation, anything else for
+    Datumaro's importer, whose own reason is in the message when it refuses."""
+    src = dataset(tmp_path / "d", {"labels": ["a", "b"]}, [halves(0, 1)])
+    (src / "images" / "m0.png").rename(src / "images" / "image_m0.png")
+    (src / "masks" / "m0.png").rename(src / "masks" / "gt_m0.png")
+    code, _, err = run_cli("data", "import", src, tmp_path / "a", "--no-track")
+    assert code == 2 and "image has no mask" in err
+    flags = ["--option", "image_prefix=image_", "--option", "mask_prefix=gt_", "--no-track"]
+    code, out, err = run_cli("data", "import", src, tmp_path / "b", *flags)
+    assert code == 0 and "train 1 images" in out, err
+    code, _, err = run_cli("data", "import", src, tmp_path / "c", "--option", "nonsense", "--no-track")
+    assert code == 2 and "write KEY=VALUE" in err
+    code, _, err = run_cli("data", "import", src, tmp_path / "c", "--option", "subset=x", "--no-track")
+    assert code == 2 and "takes image_prefix and mask_prefix only" in err
+
+
+def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
+    """A phone photo stored sideways with an EXIF rotation, annotated as it is shown."""
+    shown = np.zeros((*SIZE, 3), np.uint8)
+    shown[:, 4:] = 255  # the right half is bright, where the mask says class 1
+    src = dataset(tmp_path / "d", {"labels": ["dark", "bright"]}, [halves(0, 1)])
+    stored = Image.fromarray(np.rot90(shown, 1).copy())  # stored turned; EXIF 6 turns it back for viewers
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (src / "images" / "m0.png").unlink()
+    stored.save(src / "images" / "m0.jpg", exif=exif, quality=100)
+    report = run_import(src, tmp_path / "out")
+    assert any("EXIF orientation" in w for w in report["warnings"])
+    manifest = manifest_lib.read(tmp_path / "out")
+    rel = next(r for r in manifest["files"] if "/images/" in r)
+    image = np.asarray(Image.open(tmp_path / "out" / rel).convert("L"))
+    assert image.shape == SIZE and image[:, 5:].mean() > 200 and image[:, :3].mean() < 50

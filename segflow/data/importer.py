@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from segflow.configs import check_numbers
 from segflow.data import IGNORE_INDEX
@@ -76,6 +76,7 @@ _SUBSET_ALIASES = {
     "testing": "test",
 }
 _COPYABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+_EXIF_ORIENTATION = 0x0112
 # Serial below this many items: forking workers costs more than it saves.
 _MIN_PARALLEL_ITEMS = 48
 
@@ -100,6 +101,24 @@ class ImportConfig:
     labels: str = ""  # a,b,c; a file of one name per line; or a dataset_meta.json
     mask_suffix: str = ""  # a_mask.png beside a.jpg: "_mask"
     colors: str = ""  # JSON list of [R, G, B] per label id, for colour masks
+    reader_options: tuple[str, ...] = ()  # KEY=VALUE for the reader (Datumaro's importer, or prefixes)
+
+    def reader_kwargs(self) -> dict:
+        """``reader_options`` as keyword arguments: true/false and numbers typed, the rest strings."""
+        parsed = {}
+        for option in self.reader_options:
+            key, sep, value = option.partition("=")
+            if not sep or not key.isidentifier():
+                raise SegflowError(f"--option {option!r}: write KEY=VALUE, e.g. --option mask_prefix=gt_.")
+            lowered = value.lower()
+            if lowered in ("true", "false"):
+                parsed[key] = lowered == "true"
+            else:
+                try:
+                    parsed[key] = int(value)
+                except ValueError:
+                    parsed[key] = value
+        return parsed
 
     def validate(self) -> None:
         check_numbers(self)
@@ -135,6 +154,7 @@ class ItemResult:
     source_path: str = ""
     height: int = 0
     width: int = 0
+    oriented: bool = False  # the image carried an EXIF orientation and was turned to it
     label_pixels: np.ndarray | None = None  # 256 bins: label ids, 255 = ignore
     channel_histogram: np.ndarray | None = None  # 3x256 counts of each RGB value
 
@@ -172,9 +192,9 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     elif fmt == PAIRED_FOLDERS:
         pass
     elif fmt in (CSS, CSS_SUBSETS):
-        items, table = load_paired(src, fmt, cfg.ignore_labels)
+        items, table = load_paired(src, fmt, cfg.ignore_labels, cfg.reader_kwargs())
     else:
-        dataset, fmt = load_datumaro(src, fmt)
+        dataset, fmt = load_datumaro(src, fmt, cfg.reader_kwargs())
         by_position = dict(enumerate(label_names(dataset, src, fmt)))  # Datumaro's label ids are positions
         table = build_table(by_position, {}, cfg.ignore_labels, f"{src} ({fmt})")
         items = [item for item in dataset]
@@ -196,6 +216,12 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     manifest = manifest_lib.build(results, labels, source=str(cfg.source), data_format=fmt)
     manifest["label_ids"] = table.as_manifest()  # training id -> the dataset's own id
     report = manifest_lib.build_report(manifest, results, cfg.imbalance_ratio)
+    oriented = [r.source_path for r in results if r.oriented]
+    if oriented:
+        report["warnings"].append(
+            f"{len(oriented)} image(s) carry an EXIF orientation and were turned to it, as viewers show them "
+            f"(masks are read as stored), e.g. {', '.join(oriented[:3])}"
+        )
     manifest_lib.write(out, manifest, report)
     report["output"] = str(cfg.out)
     report["metrics"] = {
@@ -258,16 +284,23 @@ def check_source(src: Path) -> None:
     walk_files(src)  # refuses symbolic link loops and links out of the dataset before anything walks it
 
 
-def load_paired(src: Path, fmt: str, ignore_labels: tuple[str, ...]) -> tuple[list[PairedItem], LabelTable]:
+def load_paired(
+    src: Path, fmt: str, ignore_labels: tuple[str, ...], options: dict | None = None
+) -> tuple[list[PairedItem], LabelTable]:
     """Common Semantic Segmentation (flat, or one folder per subset), read by segflow: the items
     (image and mask paired by name) and the label table of ``dataset_meta.json``. Datumaro's own
     reader numbers the labels by their order in the file and takes colour masks' ids as they come,
-    so this layout is read here, by id (segflow.data.labels)."""
+    so this layout is read here, by id (segflow.data.labels). ``options``: image_prefix and
+    mask_prefix (Datumaro's names for them), e.g. ``image_`` and ``gt_``."""
+    options = dict(options or {})
+    prefixes = {k: str(options.pop(k, "")) for k in ("image_prefix", "mask_prefix")}
+    if options:
+        raise SegflowError(f"--option {sorted(options)}: {fmt} takes image_prefix and mask_prefix only.")
     roots = [src] if fmt == CSS else sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     items: list[PairedItem] = []
     table = None
     for root in roots:
-        items += css_items(root, "" if fmt == CSS else root.name)
+        items += css_items(root, "" if fmt == CSS else root.name, **prefixes)
         root_table = read_meta(root / "dataset_meta.json", tuple(ignore_labels))
         if table is not None and (root_table.names, root_table.dataset_ids) != (table.names, table.dataset_ids):
             raise SegflowError(
@@ -280,13 +313,14 @@ def load_paired(src: Path, fmt: str, ignore_labels: tuple[str, ...]) -> tuple[li
     return items, table
 
 
-def load_datumaro(src: Path, fmt: str):
-    """Import ``src`` with Datumaro; return (dataset, format name)."""
+def load_datumaro(src: Path, fmt: str, options: dict | None = None):
+    """Import ``src`` with Datumaro (``options``: its importer's keyword arguments); return
+    (dataset, format name)."""
     import datumaro as dm
 
     logging.getLogger("datumaro").setLevel(logging.ERROR)
     try:
-        dataset = dm.Dataset.import_from(str(src), fmt)
+        dataset = dm.Dataset.import_from(str(src), fmt, **(options or {}))
         len(dataset)  # Datumaro imports lazily: force it here, where errors can be explained
     except SegflowError:
         raise
@@ -321,7 +355,7 @@ def label_names(dataset, src: Path, fmt: str) -> list[str]:
     return names
 
 
-def css_items(root: Path, subset: str) -> list[PairedItem]:
+def css_items(root: Path, subset: str, image_prefix: str = "", mask_prefix: str = "") -> list[PairedItem]:
     """The pairs of one Common Semantic Segmentation folder, every layout problem at once."""
     meta = root / "dataset_meta.json"
     if not meta.exists():
@@ -329,7 +363,7 @@ def css_items(root: Path, subset: str) -> list[PairedItem]:
             f"{meta} is missing. Common Semantic Segmentation needs it to name the labels, e.g. "
             '{"label_map": {"0": "background", "1": "car"}}.'
         )
-    items = pair(root / "images", root / "masks", subset)
+    items = pair(root / "images", root / "masks", subset, "", image_prefix, mask_prefix)
     if not items:
         raise SegflowError(f"{root}: the dataset is empty (no images in {root / 'images'}).")
     return items
@@ -398,7 +432,7 @@ def _process_item(index: int) -> ItemResult:
     where = _display(media_path, job, f"item {item.id!r} (subset {item.subset!r})")
     result.source_path = where
     try:
-        image, raw, ext = _read_image(item, media_path)
+        image, raw, ext, result.oriented = _read_image(item, media_path)
     except _ItemProblem as exc:
         result.problems.append(f"{where}: {exc}")
         return result
@@ -451,8 +485,9 @@ class _ItemProblem(Exception):
     """A problem with one item; collected, then reported together."""
 
 
-def _read_image(item, media_path: str) -> tuple[np.ndarray, bytes | None, str]:
-    """Decode the item's image completely. Return (RGB array, original bytes if copyable, ext)."""
+def _read_image(item, media_path: str) -> tuple[np.ndarray, bytes | None, str, bool]:
+    """Decode the item's image completely, turned to its EXIF orientation (as viewers show it,
+    and as it was annotated). Return (RGB array, original bytes if copyable, ext, turned)."""
     if item.media is None:
         raise _ItemProblem("item has no image")
     if media_path:
@@ -466,12 +501,14 @@ def _read_image(item, media_path: str) -> tuple[np.ndarray, bytes | None, str]:
             with Image.open(io.BytesIO(raw)) as pil:
                 pil.load()  # a truncated file fails here, not later in training
                 mode, fmt = pil.mode, pil.format
-                rgb = np.asarray(pil if mode == "RGB" else pil.convert("RGB"))
+                turned = pil.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
+                shown = ImageOps.exif_transpose(pil) if turned else pil
+                rgb = np.asarray(shown if shown.mode == "RGB" else shown.convert("RGB"))
         except Exception as exc:
             raise _ItemProblem(f"cannot decode image: {image_error(exc)}") from None
         ext = path.suffix.lower()
-        copyable = mode == "RGB" and _COPYABLE.get(ext) == fmt
-        return rgb, (raw if copyable else None), ext
+        copyable = mode == "RGB" and _COPYABLE.get(ext) == fmt and not turned
+        return rgb, (raw if copyable else None), ext, turned
     try:
         data = item.media.data  # in-memory media: Datumaro gives HWC BGR
     except Exception as exc:
@@ -481,7 +518,7 @@ def _read_image(item, media_path: str) -> tuple[np.ndarray, bytes | None, str]:
     data = np.asarray(data)
     if data.ndim == 2:
         data = np.repeat(data[..., None], 3, axis=2)
-    return np.ascontiguousarray(data[..., 2::-1].astype(np.uint8)), None, ".png"
+    return np.ascontiguousarray(data[..., 2::-1].astype(np.uint8)), None, ".png", False
 
 
 def _paired_mask(path: Path, shape: tuple[int, int], table: LabelTable) -> tuple[np.ndarray, bool]:

@@ -53,32 +53,44 @@ class PairedItem:
         return str(self.image)
 
 
-def files_by_stem(folder: Path, suffix: str = "") -> dict[str, Path]:
-    """Image files below ``folder`` by their path without extension (and without ``suffix``,
-    e.g. ``_mask``), relative to ``folder``."""
+def files_by_stem(folder: Path, suffix: str = "", prefix: str = "") -> dict[str, Path]:
+    """Image files below ``folder`` by their path without extension, relative to ``folder``,
+    without ``suffix`` (``_mask``) and ``prefix`` (``gt_``); names without the prefix are not
+    part of the dataset."""
     if not folder.is_dir():
         return {}
     found = {}
     for path in walk_files(folder):
-        if path.suffix.lower() not in IMAGE_SUFFIXES + UNREADABLE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES + UNREADABLE_SUFFIXES or not path.name.startswith(prefix):
             continue
         stem = path.relative_to(folder).with_suffix("").as_posix()
+        if prefix:
+            head, _, name = stem.rpartition("/")
+            stem = f"{head}/{name[len(prefix) :]}" if head else name[len(prefix) :]
         if suffix and stem.endswith(suffix):
             stem = stem[: -len(suffix)]
         found[stem] = path
     return dict(sorted(found.items()))
 
 
-def pair(images_dir: Path, masks_dir: Path, subset: str, mask_suffix: str = "") -> list[PairedItem]:
+def pair(
+    images_dir: Path,
+    masks_dir: Path,
+    subset: str,
+    mask_suffix: str = "",
+    image_prefix: str = "",
+    mask_prefix: str = "",
+) -> list[PairedItem]:
     """Every image of ``images_dir`` with its mask in ``masks_dir``; every problem at once."""
-    images, masks = files_by_stem(images_dir), files_by_stem(masks_dir, mask_suffix)
+    images = files_by_stem(images_dir, prefix=image_prefix)
+    masks = files_by_stem(masks_dir, mask_suffix, mask_prefix)
     problems = [f"{p}: file is empty (0 bytes)" for p in [*images.values(), *masks.values()] if p.stat().st_size == 0]
     problems += [
         f"{p}: {p.suffix[1:].upper()} images cannot be read in full (animated or paletted); convert to PNG"
         for p in [*images.values(), *masks.values()]
         if p.suffix.lower() in UNREADABLE_SUFFIXES
     ]
-    expected = f"{masks_dir.name}/NAME{mask_suffix}.png"
+    expected = f"{masks_dir.name}/{mask_prefix}NAME{mask_suffix}.png"
     problems += [f"{images[s]}: image has no mask (expected {expected})" for s in sorted(images.keys() - masks.keys())]
     problems += [f"{masks[s]}: mask has no image in {images_dir}" for s in sorted(masks.keys() - images.keys())]
     if problems:
