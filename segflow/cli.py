@@ -394,6 +394,9 @@ def predict_cmd(
     input: Annotated[str, typer.Option("--input", help="Image file or folder of images.")],
     out: Annotated[str, typer.Option(help="Folder to create: masks/, overlays/, entropy/.")],
     entropy: Annotated[bool, typer.Option("--entropy", help="Also write per-pixel entropy maps.")] = False,
+    ids: Annotated[
+        str, typer.Option(help="Mask values: train (class index) or dataset (the training data's own label ids).")
+    ] = "train",
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Masks and colour overlays for images; unreadable images are reported and skipped."""

@@ -242,3 +242,28 @@ def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
     rel = next(r for r in manifest["files"] if "/images/" in r)
     image = np.asarray(Image.open(tmp_path / "out" / rel).convert("L"))
     assert image.shape == SIZE and image[:, 5:].mean() > 200 and image[:, :3].mean() < 50
+
+
+def test_predict_writes_the_datasets_own_ids(tmp_path):
+    """A dataset with ids 0, 1, 9: the model learns classes 0, 1, 2; `predict --ids dataset`
+    writes 0, 1, 9 again (a Cityscapes user gets Cityscapes ids back)."""
+    meta = {"label_map": {"0": "road", "1": "car", "9": "bike"}}
+    rng = np.random.default_rng(3)
+    masks = [rng.choice([0, 1, 9], size=(32, 32)).astype(np.uint8) for _ in range(6)]
+    src = dataset(tmp_path / "d", meta, masks)
+    run_import(src, tmp_path / "ds")
+    train = ["train", "--data", tmp_path / "ds", "--out", tmp_path / "m", "--input-size", "32", "--batch-size", "2"]
+    assert run_cli(*train, "--epochs", "1", "--no-track")[0] == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dataset_ids"] == [0, 1, 9]
+    found = {}
+    for ids in ("train", "dataset"):
+        out = tmp_path / f"p-{ids}"
+        code, _, err = run_cli(
+            "predict", "--model", tmp_path / "m", "--input", src / "images", "--out", out, "--ids", ids
+        )
+        assert code == 0, err
+        found[ids] = set(
+            np.unique(np.concatenate([np.asarray(Image.open(p)).ravel() for p in (out / "masks").iterdir()]))
+        )
+    assert found["train"] <= {0, 1, 2} and found["dataset"] <= {0, 1, 9}
+    assert len(found["train"]) == len(found["dataset"])

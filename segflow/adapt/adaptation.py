@@ -99,7 +99,9 @@ def adapt(
 
     def publish(model, summary: dict) -> None:
         norm_dict, fingerprint = init["normalization"], source["fingerprint"]
-        config = model_artifact.model_config(model, labels, cfg.input_size, norm_dict, fingerprint)
+        config = model_artifact.model_config(
+            model, labels, cfg.input_size, norm_dict, fingerprint, init.get("dataset_ids")
+        )
         model_artifact.save(out_dir, model, config)
         (out_dir / "training.json").write_text(json.dumps(record(summary), indent=2, default=str) + "\n")
 

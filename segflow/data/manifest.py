@@ -33,6 +33,11 @@ def fingerprint(labels: list[str], files: dict[str, str]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def dataset_ids(manifest: dict) -> list[int]:
+    """Training id -> the dataset's own label id (identity for artifacts imported before ids were kept)."""
+    return list(manifest.get("label_ids", {}).get("dataset_ids") or range(len(manifest["labels"])))
+
+
 def _ordered(subsets) -> list[str]:
     return sorted(subsets, key=lambda s: (SUBSET_ORDER.index(s) if s in SUBSET_ORDER else 99, s))
 

@@ -42,6 +42,7 @@ class PredictConfig:
     out: str
     entropy: bool = False
     overwrite: bool = False
+    ids: str = "train"  # train: the model's class indices; dataset: the training data's own label ids
 
 
 def _inputs(path: Path) -> list[Path]:
@@ -60,13 +61,19 @@ def model_input(image: np.ndarray, config: dict) -> torch.Tensor:
     return to_tensor(resize_for_eval(image, config["input_size"]), norm.mean, norm.std)[None]
 
 
-def _write(stage: Path, stem: str, image: np.ndarray, probs: np.ndarray, colours: np.ndarray, entropy: bool) -> None:
-    """probs: C x H x W at the image's size."""
+def _write(
+    stage: Path, stem: str, image: np.ndarray, probs: np.ndarray, colours: np.ndarray, entropy: bool, ids: np.ndarray
+) -> None:
+    """probs: C x H x W at the image's size; ``ids``: the value written for each class."""
     mask = probs.argmax(0).astype(np.uint8)
     folders = ("masks", "overlays") + (("entropy",) if entropy else ())
     for folder in folders:
         (stage / folder / stem).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask, mode="L").save(stage / "masks" / f"{stem}.png")
+    written = ids[mask]
+    if written.max(initial=0) > 255:  # dataset ids beyond 8 bits (e.g. 16-bit label maps)
+        Image.fromarray(written.astype(np.uint16)).save(stage / "masks" / f"{stem}.png")
+    else:
+        Image.fromarray(written.astype(np.uint8), mode="L").save(stage / "masks" / f"{stem}.png")
     Image.fromarray(overlay(image, mask, colours)).save(stage / "overlays" / f"{stem}.png")
     if entropy:
         h = outputs.entropy_map(torch.from_numpy(probs)[None])[0].numpy()
@@ -99,6 +106,10 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
     """Masks (and overlays, entropy maps) of every image in ``source`` (a folder or one file), into ``out_dir``."""
     model, config = model_artifact.load(model_dir, "cpu")
     colours = palette(len(config["labels"]))
+    if cfg.ids not in ("train", "dataset"):
+        raise SegflowError(f"--ids must be train or dataset (got {cfg.ids!r}).")
+    classes = list(range(len(config["labels"])))
+    ids = np.asarray((config.get("dataset_ids") or classes) if cfg.ids == "dataset" else classes, dtype=np.int64)
     files = _inputs(source)
     stems = output_names(source, files)
     skipped: list[dict] = []
@@ -121,7 +132,7 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
         def finished(request, job: int) -> None:
             stem, image = pending.pop(job)
             logits = request.get_output_tensor(0).data.copy()
-            _write(out_dir, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy)
+            _write(out_dir, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy, ids)
 
         queue.set_callback(finished)
         for job, (path, stem) in enumerate(progress(zip(files, stems, strict=True), len(files), "predicting")):
@@ -141,7 +152,7 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
                 if image is None:
                     continue
                 logits = model(x).logits.numpy()
-                _write(out_dir, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy)
+                _write(out_dir, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy, ids)
                 done += 1
     summary = {
         "metrics": {"predicted": done, "skipped": len(skipped)},
@@ -150,6 +161,7 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
         "predicted": done,
         "skipped": skipped,
         "labels": config["labels"],
+        "mask_values": {"ids": cfg.ids, "values": ids.tolist()},  # the value written for each label
         "runtime": "openvino" if isinstance(model, IRSegmentor) else "pytorch",
     }
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -43,9 +43,17 @@ CONFIG = "config.json"
 
 
 def model_config(
-    model: Segmentor, labels: list[str], input_size: int, normalization: dict, dataset_fingerprint: str = ""
+    model: Segmentor,
+    labels: list[str],
+    input_size: int,
+    normalization: dict,
+    dataset_fingerprint: str = "",
+    dataset_ids: list[int] | None = None,
 ) -> dict:
+    """``dataset_ids[t]``: what the training data called class ``t`` (the manifest's label_ids),
+    so that predictions can be written in the dataset's own ids."""
     return {
+        "dataset_ids": list(dataset_ids) if dataset_ids else list(range(len(labels))),
         "format": MODEL_FORMAT,
         "architecture": model.name,
         "num_classes": model.num_classes,
@@ -98,6 +106,13 @@ def check_model_config(config: dict, path: Path) -> dict:
         problems.append(f"num_classes {classes!r} does not match the {len(labels)} labels")
     if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= MAX_INPUT_SIZE or size % 32:
         problems.append(f"input_size must be a multiple of 32 between 32 and {MAX_INPUT_SIZE} (got {size!r})")
+    ids = config.get("dataset_ids", list(range(len(labels) if isinstance(labels, list) else 0)))
+    if not isinstance(ids, list) or len(ids) != len(labels if isinstance(labels, list) else []):
+        problems.append("dataset_ids must give one dataset id per label")
+    elif not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= 65535 for i in ids) or len(
+        set(ids)
+    ) < len(ids):
+        problems.append("dataset_ids must be distinct whole numbers from 0 to 65535")
     norm = config.get("normalization")
     if not isinstance(norm, dict) or not all(_three_numbers(norm.get(k)) for k in ("mean", "std")):
         problems.append("normalization must hold mean and std, three finite numbers each")
@@ -290,6 +305,7 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> dict:
         "ignore_index": IGNORE_INDEX,
         "members": [{**c, "weights": n, "source": str(m)} for c, n, m in zip(configs, names, members, strict=True)],
         "dataset_fingerprint": configs[0].get("dataset_fingerprint", ""),
+        "dataset_ids": configs[0].get("dataset_ids", list(range(len(labels)))),
     }
     _write_config(folder, config, names)
     return config

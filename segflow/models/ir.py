@@ -20,7 +20,10 @@ from segflow.models import SegOutput
 IR_XML = "model.xml"
 IR_BIN = "model.bin"
 IR_FORMAT = "segflow.ir/1"
-META_KEYS = ("format", "architecture", "labels", "normalization", "input_size", "dataset_fingerprint", "precision")
+META_KEYS = (
+    "format", "architecture", "labels", "normalization", "input_size", "dataset_fingerprint", "precision",
+    "dataset_ids",
+)  # fmt: skip
 
 
 def is_ir(folder: str | Path) -> bool:

@@ -97,7 +97,9 @@ def train_segmenter(
         return {"score": scores["mDice"], "mDice": scores["mDice"], "mIoU": scores["mIoU"]}
 
     def publish(model, summary: dict) -> None:
-        config = model_artifact.model_config(model, labels, cfg.input_size, norm.as_dict(), manifest["fingerprint"])
+        config = model_artifact.model_config(
+            model, labels, cfg.input_size, norm.as_dict(), manifest["fingerprint"], manifest_lib.dataset_ids(manifest)
+        )
         model_artifact.save(out_dir, model, config)
         (out_dir / "training.json").write_text(json.dumps(training_record(summary), indent=2, default=str) + "\n")
 
