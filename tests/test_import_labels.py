@@ -267,3 +267,25 @@ def test_predict_writes_the_datasets_own_ids(tmp_path):
         )
     assert found["train"] <= {0, 1, 2} and found["dataset"] <= {0, 1, 9}
     assert len(found["train"]) == len(found["dataset"])
+
+
+def test_voc_images_without_masks_are_left_out_and_said(css_dataset, tmp_path):
+    """VOC annotates masks for a part of its images: those without one are left out with a
+    warning instead of refusing the whole dataset."""
+    import datumaro as dm
+
+    voc = tmp_path / "voc"
+    dm.Dataset.import_from(str(css_dataset), "common_semantic_segmentation").export(
+        str(voc), "voc_segmentation", save_media=True
+    )
+    first = sorted((voc / "SegmentationClass").iterdir())[0]
+    first.unlink()
+    (voc / "SegmentationObject" / first.name).unlink(missing_ok=True)
+    report = run_import(voc, tmp_path / "out")
+    assert sum(report["counts"].values()) == 11
+    assert any("have no segmentation mask" in w and first.stem in w for w in report["warnings"])
+    # Where Datumaro itself gives up, its own reason follows its wrapper's message.
+    for mask in (voc / "SegmentationClass").iterdir():
+        mask.unlink()
+    with pytest.raises(SegflowError, match=r"could not read the dataset as voc_segmentation: ItemImportError.* <- "):
+        run_import(voc, tmp_path / "out2")

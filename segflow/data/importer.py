@@ -179,6 +179,7 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     ``cfg.source`` and ``cfg.out`` are only recorded."""
     cfg.validate()
     check_source(src)
+    unmasked: list[str] = []
     if masks is not None:
         fmt = PAIRED_FOLDERS
         table = read_labels(cfg.labels, cfg.colors, cfg.ignore_labels)
@@ -197,7 +198,12 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
         dataset, fmt = load_datumaro(src, fmt, cfg.reader_kwargs())
         by_position = dict(enumerate(label_names(dataset, src, fmt)))  # Datumaro's label ids are positions
         table = build_table(by_position, {}, cfg.ignore_labels, f"{src} ({fmt})")
-        items = [item for item in dataset]
+        items, unmasked = _with_masks(list(dataset))
+        if unmasked and not items:
+            raise SegflowError(
+                f"{cfg.source}: none of the {len(unmasked)} images read as {fmt} has a segmentation mask. Is it a "
+                "detection or classification dataset? Pass --format, one of: " + ", ".join(SEGMENTATION_FORMATS)
+            )
     labels = list(table.names)
     if not items:
         raise SegflowError(f"{cfg.source}: the dataset is empty (no items as {fmt}).")
@@ -216,6 +222,16 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     manifest = manifest_lib.build(results, labels, source=str(cfg.source), data_format=fmt)
     manifest["label_ids"] = table.as_manifest()  # training id -> the dataset's own id
     report = manifest_lib.build_report(manifest, results, cfg.imbalance_ratio)
+    if fmt not in (CSS, CSS_SUBSETS, SEGNET_CAMVID, PAIRED_FOLDERS) and unmasked:
+        report["warnings"].append(
+            f"{len(unmasked)} image(s) have no segmentation mask in this {fmt} dataset and were left out "
+            f"(formats such as VOC annotate a part of their images only), e.g. {', '.join(unmasked[:3])}"
+        )
+    if "val" not in report["counts"]:
+        report["warnings"].append(
+            f"no val subset: {sum(report['counts'].values())} image(s) are too few to split one off; training "
+            "will have nothing to validate on. Add images, or a val/ subset."
+        )
     oriented = [r.source_path for r in results if r.oriented]
     if oriented:
         report["warnings"].append(
@@ -274,6 +290,17 @@ def detect_format(src: Path) -> str:
             "If it is a segmentation dataset, pass --format, one of: " + ", ".join(SEGMENTATION_FORMATS)
         )
     return detected
+
+
+def _with_masks(items: list) -> tuple[list, list[str]]:
+    """Datumaro's items that carry a segmentation mask, and the ids of those that do not."""
+    from datumaro.components.annotation import AnnotationType
+
+    kept, unmasked = [], []
+    for item in items:
+        has_mask = any(a.type == AnnotationType.mask for a in item.annotations)
+        (kept if has_mask else unmasked).append(item if has_mask else str(item.id))
+    return kept, unmasked
 
 
 def check_source(src: Path) -> None:
