@@ -289,3 +289,30 @@ def test_voc_images_without_masks_are_left_out_and_said(css_dataset, tmp_path):
         mask.unlink()
     with pytest.raises(SegflowError, match=r"could not read the dataset as voc_segmentation: ItemImportError.* <- "):
         run_import(voc, tmp_path / "out2")
+
+
+def test_synthia_text_labels_of_one_row(tmp_path):
+    """SYNTHIA-RAND's GTTXT label files: Datumaro reads them with np.loadtxt, as floats, and as
+    1-D for a one-row image; they import by value."""
+    root = tmp_path / "synthia"
+    (root / "RGB").mkdir(parents=True)
+    (root / "GTTXT").mkdir()
+    for i, row in enumerate(["1 1 10 10 10", "2 2 2 3 3"]):
+        Image.fromarray(np.full((1, 5, 3), 40 * i, np.uint8)).save(root / "RGB" / f"00000{i}.png")
+        (root / "GTTXT" / f"00000{i}.txt").write_text(row + "\n")
+    report = run_import(root, tmp_path / "out", format="synthia_rand")
+    labels, masks = written(tmp_path / "out")
+    assert sum(report["counts"].values()) == 2
+    assert [labels[v] for v in masks["000000"][0]] == [labels[1]] * 2 + [labels[10]] * 3
+
+
+def test_instance_datasets_are_refused_with_the_way_to_convert(tmp_path):
+    import datumaro as dm
+    from datumaro.components.annotation import Polygon
+    from datumaro.components.media import Image as DmImage
+
+    items = [dm.DatasetItem("a", media=DmImage.from_numpy(np.zeros((8, 8, 3), np.uint8)),
+                            annotations=[Polygon([0, 0, 4, 0, 4, 4], label=0)])]  # fmt: skip
+    dm.Dataset.from_iterable(items, categories=["thing"]).export(str(tmp_path / "coco"), "coco", save_media=True)
+    with pytest.raises(SegflowError, match=r"looks like a 'coco\w*' dataset .* instance annotations .*datum convert"):
+        run_import(tmp_path / "coco", tmp_path / "out")

@@ -66,6 +66,8 @@ SEGMENTATION_FORMATS = (
     "coco_stuff",
     "mvtec_segmentation",
 )
+# Formats whose masks are per object (instances); Datumaro converts them to semantic layouts.
+INSTANCE_FORMATS = ("coco", "coco_instances", "coco_panoptic", "label_me", "mots", "mots_png", "cvat", "datumaro")
 _SUBSET_ALIASES = {
     "train": "train",
     "training": "train",
@@ -284,6 +286,13 @@ def detect_format(src: Path) -> str:
         raise SegflowError(
             f"{src} matches several formats ({', '.join(sorted(exc.formats))}): pass --format to choose one."
         ) from None
+    if detected in INSTANCE_FORMATS:
+        raise SegflowError(
+            f"{src} looks like a {detected!r} dataset to Datumaro: instance annotations (polygons and masks per "
+            "object), which segflow does not import as semantic masks. Convert it with Datumaro first, e.g. "
+            f"`datum convert -if {detected} -i {src} -f voc_segmentation -o VOC -- --save-media`, then import VOC "
+            "(for COCO-Stuff, pass --format coco_stuff)."
+        )
     if detected not in SEGMENTATION_FORMATS:
         raise SegflowError(
             f"{src} looks like a {detected!r} dataset to Datumaro, which holds no segmentation masks. "
@@ -585,7 +594,7 @@ def _compose_mask(item, shape: tuple[int, int], table: LabelTable) -> np.ndarray
     try:
         for group in by_source.values():
             source = group[0].index_mask
-            index_map = np.asarray(source() if callable(source) else source)
+            index_map = _index_map(source() if callable(source) else source, shape)
             _check_shape(index_map.shape[:2], shape)
             lut = np.full(max(256, int(index_map.max()) + 1), IGNORE_INDEX, dtype=np.uint8)
             for ann in group:
@@ -605,6 +614,21 @@ def _compose_mask(item, shape: tuple[int, int], table: LabelTable) -> np.ndarray
     except Exception as exc:
         raise _ItemProblem(f"cannot read mask ({type(exc).__name__}: {exc})") from None
     return mask
+
+
+def _index_map(values, shape: tuple[int, int]) -> np.ndarray:
+    """An index map as whole numbers. SYNTHIA's GTTXT label files reach us through np.loadtxt:
+    floats, and 1-D for a one-row image."""
+    index_map = np.asarray(values)
+    if index_map.ndim == 1 and shape[0] == 1:
+        index_map = index_map.reshape(1, -1)
+    if index_map.dtype.kind == "f":
+        if not np.isfinite(index_map).all() or (np.mod(index_map, 1) != 0).any():
+            raise _ItemProblem("mask holds values that are not whole numbers")
+        index_map = index_map.astype(np.int64)
+    if index_map.size and int(index_map.min()) < 0:
+        raise _ItemProblem("mask holds negative values")
+    return index_map
 
 
 def _check_shape(got: tuple[int, ...], want: tuple[int, int]) -> None:
