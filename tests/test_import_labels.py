@@ -316,3 +316,19 @@ def test_instance_datasets_are_refused_with_the_way_to_convert(tmp_path):
     dm.Dataset.from_iterable(items, categories=["thing"]).export(str(tmp_path / "coco"), "coco", save_media=True)
     with pytest.raises(SegflowError, match=r"looks like a 'coco\w*' dataset .* instance annotations .*datum convert"):
         run_import(tmp_path / "coco", tmp_path / "out")
+
+
+def test_mvtec_defect_free_pixels_and_images_are_the_good_class(tmp_path):
+    """MVTec's masks mark defects only: what they do not cover, and every image without a mask,
+    is the defect-free class."""
+    root = tmp_path / "bottle"
+    for label in ("good", "crack"):
+        (root / "test" / label).mkdir(parents=True)
+        Image.fromarray(np.full((*SIZE, 3), 90, np.uint8)).save(root / "test" / label / "000.png")
+    (root / "ground_truth" / "crack").mkdir(parents=True)
+    Image.fromarray(halves(0, 255)).save(root / "ground_truth" / "crack" / "000_mask.png")
+    run_import(root, tmp_path / "out", format="mvtec_segmentation")
+    labels, masks = written(tmp_path / "out")
+    good, crack = labels.index("good"), labels.index("crack")
+    assert (masks["good__000"] == good).all()
+    assert (masks["crack__000"][:, :4] == good).all() and (masks["crack__000"][:, 4:] == crack).all()

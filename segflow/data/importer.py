@@ -170,6 +170,7 @@ class _Job:
     table: LabelTable
     out: Path
     root: Path
+    fill: int = IGNORE_INDEX  # Datumaro position of the class of pixels no mask covers (MVTec's "good")
 
 
 _JOB: _Job | None = None
@@ -182,6 +183,7 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     cfg.validate()
     check_source(src)
     unmasked: list[str] = []
+    fill = IGNORE_INDEX
     if masks is not None:
         fmt = PAIRED_FOLDERS
         table = read_labels(cfg.labels, cfg.colors, cfg.ignore_labels)
@@ -200,7 +202,8 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
         dataset, fmt = load_datumaro(src, fmt, cfg.reader_kwargs())
         by_position = dict(enumerate(label_names(dataset, src, fmt)))  # Datumaro's label ids are positions
         table = build_table(by_position, {}, cfg.ignore_labels, f"{src} ({fmt})")
-        items, unmasked = _with_masks(list(dataset))
+        fill = background_class(dataset, fmt, src)
+        items, unmasked = _with_masks(list(dataset), fill)
         if unmasked and not items:
             raise SegflowError(
                 f"{cfg.source}: none of the {len(unmasked)} images read as {fmt} has a segmentation mask. Is it a "
@@ -210,7 +213,7 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     if not items:
         raise SegflowError(f"{cfg.source}: the dataset is empty (no items as {fmt}).")
     placement = assign_subsets(items, cfg.val_fraction, cfg.seed)
-    job = _Job(items, placement, table=table, out=out, root=src)
+    job = _Job(items, placement, table=table, out=out, root=src, fill=fill)
     results = _run_items(job, cfg.workers)
     problems = [p for r in results for p in r.problems]
     if problems:
@@ -301,13 +304,36 @@ def detect_format(src: Path) -> str:
     return detected
 
 
-def _with_masks(items: list) -> tuple[list, list[str]]:
-    """Datumaro's items that carry a segmentation mask, and the ids of those that do not."""
+def background_class(dataset, fmt: str, src: Path) -> int:
+    """MVTec's masks mark defects only: the pixels they do not cover, and the images without a
+    mask, are the defect-free class ("good", or the one class that never has a mask). Other
+    formats: 255, uncovered pixels are ignored."""
+    from datumaro.components.annotation import AnnotationType
+
+    if not fmt.startswith("mvtec"):
+        return IGNORE_INDEX
+    names = label_names(dataset, src, fmt)
+    if "good" in names:
+        return names.index("good")
+    masked = {a.label for item in dataset for a in item.annotations if a.type == AnnotationType.mask}
+    labelled = {a.label for item in dataset for a in item.annotations if a.type == AnnotationType.label}
+    unmasked = sorted(labelled - masked)
+    if len(unmasked) != 1:
+        raise SegflowError(
+            f"{src}: cannot tell MVTec's defect-free class (no label named 'good', and {len(unmasked)} labels "
+            "never have a mask): rename its folder to good."
+        )
+    return int(unmasked[0])
+
+
+def _with_masks(items: list, fill: int = IGNORE_INDEX) -> tuple[list, list[str]]:
+    """Datumaro's items that carry a segmentation mask (any item when uncovered pixels have a
+    class), and the ids of those that do not."""
     from datumaro.components.annotation import AnnotationType
 
     kept, unmasked = [], []
     for item in items:
-        has_mask = any(a.type == AnnotationType.mask for a in item.annotations)
+        has_mask = fill != IGNORE_INDEX or any(a.type == AnnotationType.mask for a in item.annotations)
         (kept if has_mask else unmasked).append(item if has_mask else str(item.id))
     return kept, unmasked
 
@@ -477,7 +503,8 @@ def _process_item(index: int) -> ItemResult:
         if isinstance(item, PairedItem):
             mask, copy_source = _paired_mask(item.mask, image.shape[:2], job.table)
         else:
-            mask, copy_source = to_training_ids(_compose_mask(item, image.shape[:2], job.table), job.table), False
+            positions = _compose_mask(item, image.shape[:2], job.table, job.fill)
+            mask, copy_source = to_training_ids(positions, job.table), False
     except (_ItemProblem, MaskProblem) as exc:
         mask_path = item.mask if isinstance(item, PairedItem) else None
         result.problems.append(f"{_display(str(mask_path), job, where) if mask_path else where}: {exc}")
@@ -567,13 +594,16 @@ def _paired_mask(path: Path, shape: tuple[int, int], table: LabelTable) -> tuple
     return mask, stored_as_ids and path.suffix.lower() == ".png" and np.array_equal(mask, values)
 
 
-def _compose_mask(item, shape: tuple[int, int], table: LabelTable) -> np.ndarray:
+def _compose_mask(item, shape: tuple[int, int], table: LabelTable, fill: int = IGNORE_INDEX) -> np.ndarray:
     """One HxW map of Datumaro's label ids (its labels' positions) from the item's mask
-    annotations; uncovered pixels are ignore (255). The table maps them to training ids."""
+    annotations; uncovered pixels are ``fill`` (ignore, 255, unless the format says what they
+    are). The table maps them to training ids."""
     from datumaro.components.annotation import AnnotationType, ExtractedMask
 
     num_labels = len(table.names) + len([i for i in table.ignored if i != IGNORE_INDEX])
     anns = [a for a in item.annotations if a.type == AnnotationType.mask and a.label is not None]
+    if not anns and fill != IGNORE_INDEX:
+        return np.full(shape, fill, dtype=np.uint8)  # a defect-free image: all background
     if not anns:
         raise _ItemProblem("image has no segmentation mask")
     undefined = sorted({int(a.label) for a in anns} - set(range(num_labels)) - {IGNORE_INDEX})
@@ -613,6 +643,8 @@ def _compose_mask(item, shape: tuple[int, int], table: LabelTable) -> np.ndarray
         raise
     except Exception as exc:
         raise _ItemProblem(f"cannot read mask ({type(exc).__name__}: {exc})") from None
+    if fill != IGNORE_INDEX:
+        mask[mask == IGNORE_INDEX] = fill
     return mask
 
 
