@@ -83,6 +83,10 @@ def data_import(
     labels: Annotated[str, typer.Option(help="Class names by id: a,b,c, a file of one per line, or a meta JSON.")] = "",
     mask_suffix: Annotated[str, typer.Option(help="What mask names add to the image's, e.g. _mask.")] = "",
     colors: Annotated[str, typer.Option(help="Colour masks: a JSON file of [R, G, B] per label id.")] = "",
+    lossy_masks: Annotated[
+        int,
+        typer.Option(help="Accept JPEG masks: snap each value (or colour channel) to a label within this distance."),
+    ] = -1,
     option: Annotated[
         list[str] | None,
         typer.Option("--option", help="KEY=VALUE for the format's reader (repeatable), e.g. mask_prefix=gt_."),

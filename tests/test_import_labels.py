@@ -332,3 +332,21 @@ def test_mvtec_defect_free_pixels_and_images_are_the_good_class(tmp_path):
     good, crack = labels.index("good"), labels.index("crack")
     assert (masks["good__000"] == good).all()
     assert (masks["crack__000"][:, :4] == good).all() and (masks["crack__000"][:, 4:] == crack).all()
+
+
+def test_lossy_masks_are_snapped_only_when_asked(tmp_path):
+    colours = [[255, 0, 0], [0, 0, 255]]
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[:, :8], rgb[:, 8:] = colours
+    meta = {"label_map": {"0": "red", "1": "blue"}, "segmentation_colors": colours}
+    src = dataset(tmp_path / "d", meta, [rgb, rgb], suffix=".jpg")
+    with pytest.raises(SegflowError, match="--lossy-masks"):
+        run_import(src, tmp_path / "a")
+    run_import(src, tmp_path / "b", lossy_masks=128)
+    _, masks = written(tmp_path / "b")
+    for mask in masks.values():
+        assert set(np.unique(mask)) <= {0, 1} and (mask[:, :6] == 0).all() and (mask[:, 10:] == 1).all()
+    grey = dataset(tmp_path / "g", {"labels": ["a", "b", "c"]}, [halves(0, 2)], suffix=".jpg")
+    run_import(grey, tmp_path / "c", lossy_masks=0)  # PIL's JPEG keeps flat areas exact
+    with pytest.raises(SegflowError, match="--lossy-masks"):
+        run_import(grey, tmp_path / "d", lossy_masks=-2)

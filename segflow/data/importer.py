@@ -103,6 +103,7 @@ class ImportConfig:
     labels: str = ""  # a,b,c; a file of one name per line; or a dataset_meta.json
     mask_suffix: str = ""  # a_mask.png beside a.jpg: "_mask"
     colors: str = ""  # JSON list of [R, G, B] per label id, for colour masks
+    lossy_masks: int = -1  # -1: JPEG masks refused; N: accepted, values snapped to a label within N
     reader_options: tuple[str, ...] = ()  # KEY=VALUE for the reader (Datumaro's importer, or prefixes)
 
     def reader_kwargs(self) -> dict:
@@ -126,6 +127,8 @@ class ImportConfig:
         check_numbers(self)
         if bool(self.masks) != bool(self.labels):
             raise SegflowError("plain paired folders need both --masks DIR and --labels (a,b,c or a file).")
+        if not -1 <= self.lossy_masks <= 255:
+            raise SegflowError(f"--lossy-masks must be a distance from 0 to 255 (got {self.lossy_masks}).")
         if (self.mask_suffix or self.colors) and not self.masks:
             raise SegflowError("--mask-suffix and --colors go with --images DIR --masks DIR --labels ...")
         if str(self.source).rstrip("/") == str(self.out).rstrip("/"):
@@ -171,6 +174,7 @@ class _Job:
     out: Path
     root: Path
     fill: int = IGNORE_INDEX  # Datumaro position of the class of pixels no mask covers (MVTec's "good")
+    lossy: int | None = None  # JPEG masks: snap to the nearest label within this distance
 
 
 _JOB: _Job | None = None
@@ -213,7 +217,8 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     if not items:
         raise SegflowError(f"{cfg.source}: the dataset is empty (no items as {fmt}).")
     placement = assign_subsets(items, cfg.val_fraction, cfg.seed)
-    job = _Job(items, placement, table=table, out=out, root=src, fill=fill)
+    lossy = None if cfg.lossy_masks < 0 else cfg.lossy_masks
+    job = _Job(items, placement, table=table, out=out, root=src, fill=fill, lossy=lossy)
     results = _run_items(job, cfg.workers)
     problems = [p for r in results for p in r.problems]
     if problems:
@@ -501,7 +506,7 @@ def _process_item(index: int) -> ItemResult:
 
     try:
         if isinstance(item, PairedItem):
-            mask, copy_source = _paired_mask(item.mask, image.shape[:2], job.table)
+            mask, copy_source = _paired_mask(item.mask, image.shape[:2], job.table, job.lossy)
         else:
             positions = _compose_mask(item, image.shape[:2], job.table, job.fill)
             mask, copy_source = to_training_ids(positions, job.table), False
@@ -584,11 +589,13 @@ def _read_image(item, media_path: str) -> tuple[np.ndarray, bytes | None, str, b
     return np.ascontiguousarray(data[..., 2::-1].astype(np.uint8)), None, ".png", False
 
 
-def _paired_mask(path: Path, shape: tuple[int, int], table: LabelTable) -> tuple[np.ndarray, bool]:
+def _paired_mask(
+    path: Path, shape: tuple[int, int], table: LabelTable, lossy: int | None = None
+) -> tuple[np.ndarray, bool]:
     """The training-id map of a paired mask file, and whether the file itself can be copied: a
     grey 8-bit PNG whose values are already these training ids. Anything else (colours, 16-bit,
     palette, ids that shift) is written anew from the decoded map."""
-    values, stored_as_ids = mask_values(path, table)
+    values, stored_as_ids = mask_values(path, table, lossy)
     _check_shape(values.shape[:2], shape)
     mask = to_training_ids(values, table)
     return mask, stored_as_ids and path.suffix.lower() == ".png" and np.array_equal(mask, values)

@@ -138,25 +138,29 @@ def read_meta(path: Path, ignore_names: tuple[str, ...] = ()) -> LabelTable:
 LOSSY_SUFFIXES = {".jpg", ".jpeg", ".webp"}
 
 
-def mask_values(path: Path, table: LabelTable) -> tuple[np.ndarray, bool]:
+def mask_values(path: Path, table: LabelTable, lossy: int | None = None) -> tuple[np.ndarray, bool]:
     """The mask file's pixels as dataset ids (H x W int): grey or 16-bit values, palette indices,
     or colours looked up in the table; and whether the file stores them as 8-bit grey values.
-    Refuses what cannot be labels, by name."""
-    if path.suffix.lower() in LOSSY_SUFFIXES:
+    Refuses what cannot be labels, by name. ``lossy``: a JPEG mask is read with every value
+    (or colour channel) snapped to the nearest declared one within this distance."""
+    if path.suffix.lower() in LOSSY_SUFFIXES and lossy is None:
         raise MaskProblem(
             f"mask is a {path.suffix.lower()[1:].upper()} file: lossy compression changes label values at every "
-            "edge. Save the masks as PNG."
+            "edge. Save the masks as PNG, or pass --lossy-masks TOLERANCE to snap values to the nearest label."
         )
+    lossy = lossy if path.suffix.lower() in LOSSY_SUFFIXES else None
     try:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
             if mode == "P" and table.colors:
-                return _colours_to_ids(np.asarray(img.convert("RGB")), table), False
+                return _colours_to_ids(np.asarray(img.convert("RGB")), table, lossy), False
             if mode in ("RGB", "RGBA"):
                 rgb = np.asarray(img.convert("RGB"))
                 if table.colors:
-                    return _colours_to_ids(rgb, table), False
+                    return _colours_to_ids(rgb, table, lossy), False
+                if lossy is not None:  # a grey JPEG saved as RGB
+                    return _snap(rgb.mean(axis=2).round().astype(np.int32), table, lossy), False
                 if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
                     return rgb[..., 0].astype(np.int32), False  # grey ids saved as RGB
                 raise MaskProblem(
@@ -164,7 +168,10 @@ def mask_values(path: Path, table: LabelTable) -> tuple[np.ndarray, bool]:
                     "segmentation_colors (one [R, G, B] per label id), or save the masks as label ids"
                 )
             if mode in ("L", "P", "1") or mode.startswith("I"):
-                return np.asarray(img).astype(np.int32), mode == "L"  # ids, palette indices, 16/32-bit values
+                values = np.asarray(img).astype(np.int32)  # ids, palette indices, 16/32-bit values
+                if lossy is not None:
+                    return _snap(values, table, lossy), False
+                return values, mode == "L"
     except MaskProblem:
         raise
     except Exception as exc:
@@ -172,14 +179,30 @@ def mask_values(path: Path, table: LabelTable) -> tuple[np.ndarray, bool]:
     raise MaskProblem(f"mask mode {mode!r} cannot hold label ids: save it as an 8- or 16-bit grey PNG")
 
 
-def _colours_to_ids(rgb: np.ndarray, table: LabelTable) -> np.ndarray:
+def _snap(values: np.ndarray, table: LabelTable, tolerance: int) -> np.ndarray:
+    """Each value to the nearest declared id (or 255) within ``tolerance``; others stay as they
+    are, and are refused as undeclared."""
+    declared = np.asarray(sorted({*table.dataset_ids, *table.ignored, IGNORE_INDEX}))
+    found, inverse = np.unique(values, return_inverse=True)
+    nearest = declared[np.abs(found[:, None] - declared[None, :]).argmin(axis=1)]
+    snapped = np.where(np.abs(nearest - found) <= tolerance, nearest, found)
+    return snapped[inverse.reshape(values.shape)]
+
+
+def _colours_to_ids(rgb: np.ndarray, table: LabelTable, tolerance: int | None = None) -> np.ndarray:
     keys = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     found, inverse = np.unique(keys, return_inverse=True)
     ids = np.empty(len(found), dtype=np.int32)
     unknown = []
+    palette = np.asarray(list(table.colors), dtype=np.int32)
+    palette_ids = list(table.colors.values())
     for k, key in enumerate(found.tolist()):
         color = (key >> 16, (key >> 8) & 255, key & 255)
         ids[k] = table.colors.get(color, -1)
+        if ids[k] < 0 and tolerance is not None:  # the nearest colour (largest channel difference)
+            distance = np.abs(palette - np.asarray(color)).max(axis=1)
+            if distance.min() <= tolerance:
+                ids[k] = palette_ids[int(distance.argmin())]
         if ids[k] < 0:
             unknown.append(color)
     if unknown:
