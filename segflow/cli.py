@@ -83,6 +83,10 @@ def data_import(
     labels: Annotated[str, typer.Option(help="Class names by id: a,b,c, a file of one per line, or a meta JSON.")] = "",
     mask_suffix: Annotated[str, typer.Option(help="What mask names add to the image's, e.g. _mask.")] = "",
     colors: Annotated[str, typer.Option(help="Colour masks: a JSON file of [R, G, B] per label id.")] = "",
+    subset_list: Annotated[
+        list[str] | None,
+        typer.Option(help="Paired folders: train.txt, val.txt ... naming each subset's images (repeatable)."),
+    ] = None,
     lossy_masks: Annotated[
         int,
         typer.Option(help="Accept JPEG masks: snap each value (or colour channel) to a label within this distance."),
@@ -122,6 +126,7 @@ def data_import(
         format=data_format,
         ignore_labels=ignored,
         reader_options=tuple(option or ()),
+        subset_lists=tuple(subset_list or ()),
     )
     report = import_stage(cfg, track=track)
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())

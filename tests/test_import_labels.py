@@ -350,3 +350,16 @@ def test_lossy_masks_are_snapped_only_when_asked(tmp_path):
     run_import(grey, tmp_path / "c", lossy_masks=0)  # PIL's JPEG keeps flat areas exact
     with pytest.raises(SegflowError, match="--lossy-masks"):
         run_import(grey, tmp_path / "d", lossy_masks=-2)
+
+
+def test_subset_lists_choose_the_split(tmp_path):
+    src = segnet_camvid(tmp_path / "CamVid")  # its train/ and trainannot/ as plain paired folders
+    (tmp_path / "train.txt").write_text("/SegNet/CamVid/train/0001TP_0.png /SegNet/CamVid/trainannot/0001TP_0.png\n")
+    (tmp_path / "val.txt").write_text("0001TP_1.png\n")
+    args = ["data", "import", "--images", src / "train", "--masks", src / "trainannot", "--no-track"]
+    args += ["--labels", ",".join(f"c{i}" for i in range(12)), "--ignore-labels", "11"]
+    code, out, err = run_cli(*args, "--subset-list", tmp_path / "train.txt", "--subset-list", tmp_path / "val.txt",
+                             tmp_path / "out")  # fmt: skip
+    assert code == 0 and "train 1, val 1 images" in out, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("0001TP_2.png" in w and "--subset-list" in w for w in report["warnings"])

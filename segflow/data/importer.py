@@ -37,6 +37,7 @@ from segflow.data.layouts import (
     PAIRED_FOLDERS,
     SEGNET_CAMVID,
     PairedItem,
+    apply_subset_lists,
     is_segnet_camvid,
     pair,
     paired_folders,
@@ -104,6 +105,7 @@ class ImportConfig:
     mask_suffix: str = ""  # a_mask.png beside a.jpg: "_mask"
     colors: str = ""  # JSON list of [R, G, B] per label id, for colour masks
     lossy_masks: int = -1  # -1: JPEG masks refused; N: accepted, values snapped to a label within N
+    subset_lists: tuple[str, ...] = ()  # paired folders: train.txt, val.txt ... (one image name per line)
     reader_options: tuple[str, ...] = ()  # KEY=VALUE for the reader (Datumaro's importer, or prefixes)
 
     def reader_kwargs(self) -> dict:
@@ -129,8 +131,10 @@ class ImportConfig:
             raise SegflowError("plain paired folders need both --masks DIR and --labels (a,b,c or a file).")
         if not -1 <= self.lossy_masks <= 255:
             raise SegflowError(f"--lossy-masks must be a distance from 0 to 255 (got {self.lossy_masks}).")
-        if (self.mask_suffix or self.colors) and not self.masks:
-            raise SegflowError("--mask-suffix and --colors go with --images DIR --masks DIR --labels ...")
+        if (self.mask_suffix or self.colors or self.subset_lists) and not self.masks:
+            raise SegflowError(
+                "--mask-suffix, --colors and --subset-list go with --images DIR --masks DIR --labels ..."
+            )
         if str(self.source).rstrip("/") == str(self.out).rstrip("/"):
             raise SegflowError("SRC and OUT are the same place: write the imported dataset somewhere else.")
         if not 0.0 < self.val_fraction < 1.0:
@@ -187,11 +191,13 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     cfg.validate()
     check_source(src)
     unmasked: list[str] = []
+    unlisted: list[str] = []
     fill = IGNORE_INDEX
     if masks is not None:
         fmt = PAIRED_FOLDERS
         table = read_labels(cfg.labels, cfg.colors, cfg.ignore_labels)
         items, table = paired_folders(src, masks, table, cfg.mask_suffix)
+        items, unlisted = apply_subset_lists(items, cfg.subset_lists)
     else:
         fmt = cfg.format or detect_format(src)
         if fmt == "camvid" and is_segnet_camvid(src):  # SegNet's release, not Datumaro's CamVid layout
@@ -241,6 +247,11 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
         report["warnings"].append(
             f"no val subset: {sum(report['counts'].values())} image(s) are too few to split one off; training "
             "will have nothing to validate on. Add images, or a val/ subset."
+        )
+    if fmt == PAIRED_FOLDERS and unlisted:
+        report["warnings"].append(
+            f"{len(unlisted)} image(s) are in none of the --subset-list files and were left out, "
+            f"e.g. {', '.join(unlisted[:3])}"
         )
     oriented = [r.source_path for r in results if r.oriented]
     if oriented:

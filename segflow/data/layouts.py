@@ -160,6 +160,25 @@ def read_labels(spec: str, colors_file: str = "", ignore: tuple[str, ...] = ()) 
     return build_table(dict(enumerate(names)), colors, ignore, where)
 
 
+def apply_subset_lists(items: list[PairedItem], lists: tuple[str, ...]) -> tuple[list[PairedItem], list[str]]:
+    """Subsets from list files: ``train.txt`` names the train images, one per line (its first
+    word, a name or a path, e.g. SegNet's ``/SegNet/CamVid/train/a.png /SegNet/.../a.png``).
+    Returns the listed items with their subsets, and the names of those no list holds."""
+    if not lists:
+        return items, []
+    subset_of: dict[str, str] = {}
+    for path in map(Path, lists):
+        if not path.is_file():
+            raise SegflowError(f"--subset-list {path} does not exist: give a text file of image names, one per line.")
+        for line in path.read_text().splitlines():
+            if line.strip():
+                name = Path(line.split()[0]).stem
+                if subset_of.setdefault(name, path.stem) != path.stem:
+                    raise SegflowError(f"--subset-list: {name} is listed in both {subset_of[name]} and {path.stem}.")
+    listed = [PairedItem(i.id, subset_of[i.image.stem], i.image, i.mask) for i in items if i.image.stem in subset_of]
+    return listed, [str(i.image) for i in items if i.image.stem not in subset_of]
+
+
 def paired_folders(
     images: Path, masks: Path, table: LabelTable, mask_suffix: str = ""
 ) -> tuple[list[PairedItem], LabelTable]:
