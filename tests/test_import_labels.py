@@ -363,3 +363,14 @@ def test_subset_lists_choose_the_split(tmp_path):
     assert code == 0 and "train 1, val 1 images" in out, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert any("0001TP_2.png" in w and "--subset-list" in w for w in report["warnings"])
+
+
+def test_nested_images_pair_and_a_lone_image_is_warned_about(tmp_path):
+    src = dataset(tmp_path / "d", {"labels": ["a", "b"]}, [halves(0, 1)])
+    for sub in ("images", "masks"):
+        (src / sub / "day").mkdir()
+        (src / sub / "m0.png").rename(src / sub / "day" / "m0.png")
+    report = run_import(src, tmp_path / "out")
+    _, masks = written(tmp_path / "out")
+    assert list(masks) == ["day__m0"] and report["counts"] == {"train": 1}
+    assert any("no val subset" in w for w in report["warnings"])
