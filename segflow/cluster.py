@@ -22,6 +22,7 @@ Only GPU stages get the GPU settings; CPU stages get none of them. The local run
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -158,29 +159,23 @@ def load(path: str | Path | None = None, **overrides) -> ClusterConfig:
     return replace(base, **given).validate()
 
 
-class _NoAliasLoader:
-    """Made on first use (yaml is imported lazily): a safe loader that refuses anchors and
-    aliases. A settings file needs neither, and nested aliases expand exponentially (a "billion
+@functools.cache
+def _no_alias_loader() -> type:
+    """A safe YAML loader that refuses anchors and aliases (made on first use: yaml is imported
+    lazily). A settings file needs neither, and nested aliases expand exponentially (a "billion
     laughs" file of nine levels of nine aliases never finishes loading)."""
+    import yaml
 
-    loader: type | None = None
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+                raise yaml.composer.ComposerError(
+                    None, None, "anchors and aliases (&name, *name) are not allowed in a settings file",
+                    self.peek_event().start_mark,
+                )  # fmt: skip
+            return super().compose_node(parent, index)
 
-    @classmethod
-    def get(cls) -> type:
-        if cls.loader is None:
-            import yaml
-
-            class Loader(yaml.SafeLoader):
-                def compose_node(self, parent, index):
-                    if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
-                        mark = self.peek_event().start_mark
-                        raise yaml.composer.ComposerError(
-                            None, None, "anchors and aliases (&name, *name) are not allowed in a settings file", mark
-                        )
-                    return super().compose_node(parent, index)
-
-            cls.loader = Loader
-        return cls.loader
+    return Loader
 
 
 def _from_file(path: Path) -> ClusterConfig:
@@ -191,7 +186,7 @@ def _from_file(path: Path) -> ClusterConfig:
     if path.stat().st_size > 1_000_000:
         raise SegflowError(f"--cluster-config {path} is over 1 MB: a settings file is a few lines.")
     try:
-        data = yaml.load(path.read_text(), Loader=_NoAliasLoader.get()) or {}
+        data = yaml.load(path.read_text(), Loader=_no_alias_loader()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise SegflowError(f"--cluster-config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

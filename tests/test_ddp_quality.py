@@ -37,7 +37,8 @@ def test_train_with_two_processes_matches_one(tiny, tmp_path):
     loss1, loss2 = one["history"][-1]["train_loss"], two["history"][-1]["train_loss"]
     assert loss1 < 0.8 * first and loss2 < 0.8 * first, (first, loss1, loss2)
     assert abs(loss2 - loss1) < 0.25 * loss1, (loss1, loss2)
-    assert abs(one["best_val_mDice"] - two["best_val_mDice"]) < 12, (one["best_val_mDice"], two["best_val_mDice"])
+    # mDice is a fraction: agreement within 12 points (0.12), the spread of runs this small.
+    assert abs(one["best_val_mDice"] - two["best_val_mDice"]) < 0.12, (one["best_val_mDice"], two["best_val_mDice"])
 
 
 def test_detcon_with_two_processes_matches_one(tmp_path):

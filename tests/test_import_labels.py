@@ -346,10 +346,18 @@ def test_lossy_masks_are_snapped_only_when_asked(tmp_path):
     _, masks = written(tmp_path / "b")
     for mask in masks.values():
         assert set(np.unique(mask)) <= {0, 1} and (mask[:, :6] == 0).all() and (mask[:, 10:] == 1).all()
-    grey = dataset(tmp_path / "g", {"labels": ["a", "b", "c"]}, [halves(0, 2)], suffix=".jpg")
-    run_import(grey, tmp_path / "c", lossy_masks=0)  # PIL's JPEG keeps flat areas exact
+    # Grey ids: JPEG rings at the edge between 0 and 200; within 40 every value snaps back.
+    grey_mask = np.zeros((16, 16), np.uint8)
+    grey_mask[:, 5:] = 200  # an edge inside an 8x8 JPEG block
+    grey = dataset(tmp_path / "g", {"label_map": {"0": "a", "200": "b"}}, [grey_mask], suffix=".jpg")
+    with pytest.raises(SegflowError, match="are not in the label map"):
+        run_import(grey, tmp_path / "c", lossy_masks=0)
+    run_import(grey, tmp_path / "grey-out", lossy_masks=40)
+    _, masks = written(tmp_path / "grey-out")
+    assert set(np.unique(masks["m0"])) <= {0, 1}
+    assert (masks["m0"][:, :3] == 0).all() and (masks["m0"][:, 8:] == 1).all()
     with pytest.raises(SegflowError, match="--lossy-masks"):
-        run_import(grey, tmp_path / "d", lossy_masks=-2)
+        run_import(grey, tmp_path / "e", lossy_masks=-2)
 
 
 def test_subset_lists_choose_the_split(tmp_path):

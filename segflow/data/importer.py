@@ -190,41 +190,12 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     ``cfg.source`` and ``cfg.out`` are only recorded."""
     cfg.validate()
     check_source(src)
-    unmasked: list[str] = []
-    unlisted: list[str] = []
-    fill = IGNORE_INDEX
-    if masks is not None:
-        fmt = PAIRED_FOLDERS
-        table = read_labels(cfg.labels, cfg.colors, cfg.ignore_labels)
-        items, table = paired_folders(src, masks, table, cfg.mask_suffix)
-        items, unlisted = apply_subset_lists(items, cfg.subset_lists)
-    else:
-        fmt = cfg.format or detect_format(src)
-        if fmt == "camvid" and is_segnet_camvid(src):  # SegNet's release, not Datumaro's CamVid layout
-            fmt = SEGNET_CAMVID
-    if fmt == SEGNET_CAMVID:
-        items, table = segnet_camvid(src, cfg.ignore_labels)
-    elif fmt == PAIRED_FOLDERS:
-        pass
-    elif fmt in (CSS, CSS_SUBSETS):
-        items, table = load_paired(src, fmt, cfg.ignore_labels, cfg.reader_kwargs())
-    else:
-        dataset, fmt = load_datumaro(src, fmt, cfg.reader_kwargs())
-        by_position = dict(enumerate(label_names(dataset, src, fmt)))  # Datumaro's label ids are positions
-        table = build_table(by_position, {}, cfg.ignore_labels, f"{src} ({fmt})")
-        fill = background_class(dataset, fmt, src)
-        items, unmasked = _with_masks(list(dataset), fill)
-        if unmasked and not items:
-            raise SegflowError(
-                f"{cfg.source}: none of the {len(unmasked)} images read as {fmt} has a segmentation mask. Is it a "
-                "detection or classification dataset? Pass --format, one of: " + ", ".join(SEGMENTATION_FORMATS)
-            )
+    source = read_source(cfg, src, masks)
+    fmt, table = source.format, source.table
     labels = list(table.names)
-    if not items:
-        raise SegflowError(f"{cfg.source}: the dataset is empty (no items as {fmt}).")
-    placement = assign_subsets(items, cfg.val_fraction, cfg.seed)
+    placement = assign_subsets(source.items, cfg.val_fraction, cfg.seed)
     lossy = None if cfg.lossy_masks < 0 else cfg.lossy_masks
-    job = _Job(items, placement, table=table, out=out, root=src, fill=fill, lossy=lossy)
+    job = _Job(source.items, placement, table=table, out=out, root=src, fill=source.fill, lossy=lossy)
     results = _run_items(job, cfg.workers)
     problems = [p for r in results for p in r.problems]
     if problems:
@@ -238,20 +209,11 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     manifest = manifest_lib.build(results, labels, source=str(cfg.source), data_format=fmt)
     manifest["label_ids"] = table.as_manifest()  # training id -> the dataset's own id
     report = manifest_lib.build_report(manifest, results, cfg.imbalance_ratio)
-    if fmt not in (CSS, CSS_SUBSETS, SEGNET_CAMVID, PAIRED_FOLDERS) and unmasked:
-        report["warnings"].append(
-            f"{len(unmasked)} image(s) have no segmentation mask in this {fmt} dataset and were left out "
-            f"(formats such as VOC annotate a part of their images only), e.g. {', '.join(unmasked[:3])}"
-        )
+    report["warnings"] += source.warnings
     if "val" not in report["counts"]:
         report["warnings"].append(
             f"no val subset: {sum(report['counts'].values())} image(s) are too few to split one off; training "
             "will have nothing to validate on. Add images, or a val/ subset."
-        )
-    if fmt == PAIRED_FOLDERS and unlisted:
-        report["warnings"].append(
-            f"{len(unlisted)} image(s) are in none of the --subset-list files and were left out, "
-            f"e.g. {', '.join(unlisted[:3])}"
         )
     oriented = [r.source_path for r in results if r.oriented]
     if oriented:
@@ -269,6 +231,67 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     for warning in report["warnings"]:
         log.warning("%s", warning)
     return report
+
+
+# --- reading the source -----------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """What a dataset holds, before any item is checked."""
+
+    format: str
+    items: list  # PairedItem, or Datumaro's DatasetItem
+    table: LabelTable
+    fill: int = IGNORE_INDEX  # Datumaro position of the class of pixels no mask covers
+    warnings: list[str] = field(default_factory=list)  # images left out, and why
+
+
+def read_source(cfg: ImportConfig, src: Path, masks: Path | None) -> Source:
+    """The items and label table of ``src``: plain paired folders when ``masks`` is given, else
+    the layout ``cfg.format`` names or detection finds. Layouts of paired files are read by
+    segflow (segflow.data.layouts), every other format by Datumaro."""
+    fmt = PAIRED_FOLDERS if masks is not None else cfg.format or detect_format(src)
+    if fmt == "camvid" and is_segnet_camvid(src):  # SegNet's release, not Datumaro's CamVid layout
+        fmt = SEGNET_CAMVID
+    if fmt == PAIRED_FOLDERS:
+        table = read_labels(cfg.labels, cfg.colors, cfg.ignore_labels)
+        items, unlisted = apply_subset_lists(paired_folders(src, masks, cfg.mask_suffix), cfg.subset_lists)
+        source = Source(fmt, items, table)
+        if unlisted:
+            source.warnings.append(
+                f"{len(unlisted)} image(s) are in none of the --subset-list files and were left out, "
+                f"e.g. {', '.join(unlisted[:3])}"
+            )
+    elif fmt == SEGNET_CAMVID:
+        source = Source(fmt, *segnet_camvid(src, cfg.ignore_labels))
+    elif fmt in (CSS, CSS_SUBSETS):
+        source = Source(fmt, *load_paired(src, fmt, cfg.ignore_labels, cfg.reader_kwargs()))
+    else:
+        source = _datumaro_source(cfg, src, fmt)
+    if not source.items:
+        raise SegflowError(f"{cfg.source}: the dataset is empty (no items as {fmt}).")
+    return source
+
+
+def _datumaro_source(cfg: ImportConfig, src: Path, fmt: str) -> Source:
+    dataset, fmt = load_datumaro(src, fmt, cfg.reader_kwargs())
+    by_position = dict(enumerate(label_names(dataset, src, fmt)))  # Datumaro's label ids are positions
+    table = build_table(by_position, {}, cfg.ignore_labels, f"{src} ({fmt})")
+    fill = background_class(dataset, fmt, src)
+    items, unmasked = _with_masks(list(dataset), fill)
+    if unmasked and not items:
+        raise SegflowError(
+            f"{cfg.source}: none of the {len(unmasked)} images read as {fmt} has a segmentation mask. Is it a "
+            "detection or classification dataset? Pass --format, one of: " + ", ".join(SEGMENTATION_FORMATS)
+        )
+    source = Source(fmt, items, table, fill)
+    if unmasked:
+        source.warnings.append(
+            f"{len(unmasked)} image(s) have no segmentation mask in this {fmt} dataset and were left out "
+            f"(formats such as VOC annotate a part of their images only), e.g. {', '.join(unmasked[:3])}"
+        )
+    return source
 
 
 # --- reading with Datumaro --------------------------------------------------------------------
@@ -618,17 +641,14 @@ def _compose_mask(item, shape: tuple[int, int], table: LabelTable, fill: int = I
     are). The table maps them to training ids."""
     from datumaro.components.annotation import AnnotationType, ExtractedMask
 
-    num_labels = len(table.names) + len([i for i in table.ignored if i != IGNORE_INDEX])
     anns = [a for a in item.annotations if a.type == AnnotationType.mask and a.label is not None]
     if not anns and fill != IGNORE_INDEX:
         return np.full(shape, fill, dtype=np.uint8)  # a defect-free image: all background
     if not anns:
         raise _ItemProblem("image has no segmentation mask")
-    undefined = sorted({int(a.label) for a in anns} - set(range(num_labels)) - {IGNORE_INDEX})
+    undefined = sorted({int(a.label) for a in anns} - {*table.dataset_ids, *table.ignored, IGNORE_INDEX})
     if undefined:
-        raise _ItemProblem(
-            f"mask values {undefined} are not in the label map (labels 0-{num_labels - 1}; 255 = ignore)"
-        )
+        raise _ItemProblem(f"mask values {undefined} are not in the label map ({', '.join(table.names)}; 255 = ignore)")
     # Masks cut from one index map (Common Semantic Segmentation, VOC, ...) are mapped through a
     # lookup table in one pass instead of one comparison per label.
     by_source: dict[int, list] = {}

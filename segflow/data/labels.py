@@ -24,6 +24,7 @@ from PIL import Image
 
 from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
+from segflow.storage import read_json
 
 MAX_ID = 65535  # 16-bit masks
 
@@ -97,11 +98,7 @@ def _pairs_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
 def read_meta(path: Path, ignore_names: tuple[str, ...] = ()) -> LabelTable:
     """The label table of a ``dataset_meta.json`` (Datumaro's Common Semantic Segmentation meta
     file): ``label_map`` read by id in any key order, ``labels`` by position, colours by id."""
-    try:
-        content = json.loads(Path(path).read_text(), object_pairs_hook=lambda p: _pairs_without_duplicates(p))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
-        raise SegflowError(f"{path} is not valid JSON ({reason}): fix the file.") from None
+    content = read_json(path, "fix the file", object_pairs_hook=_pairs_without_duplicates)
     if not isinstance(content, dict) or not (content.get("labels") or content.get("label_map")):
         raise SegflowError(f'{path} names no labels: it needs "labels": [...] or "label_map": {{"0": "name", ...}}.')
     label_map = content.get("label_map")
@@ -126,13 +123,16 @@ def read_meta(path: Path, ignore_names: tuple[str, ...] = ()) -> LabelTable:
                 "segmentation_colors when the masks hold label ids."
             )
         for dataset_id in by_id:
-            color = raw_colors[dataset_id]
-            if color is None:
-                continue
-            if not isinstance(color, list) or len(color) != 3 or not all(isinstance(c, int) for c in color):
-                raise SegflowError(f"{path}: segmentation_colors[{dataset_id}] must be [R, G, B] (got {color!r}).")
-            colors[dataset_id] = (color[0], color[1], color[2])
+            if raw_colors[dataset_id] is not None:
+                colors[dataset_id] = rgb(raw_colors[dataset_id], f"{path}: segmentation_colors[{dataset_id}]")
     return build_table(by_id, colors, ignore_names, str(path))
+
+
+def rgb(value, where: str) -> tuple[int, int, int]:
+    """One declared colour: [R, G, B], whole numbers 0-255."""
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in value)):
+        raise SegflowError(f"{where} must be [R, G, B], whole numbers 0-255 (got {json.dumps(value)}).")
+    return value[0], value[1], value[2]
 
 
 LOSSY_SUFFIXES = {".jpg", ".jpeg", ".webp"}

@@ -14,11 +14,10 @@ importer decodes and checks every pair.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from segflow.data.labels import LabelTable, build_table, read_meta
+from segflow.data.labels import LabelTable, build_table, read_meta, rgb
 from segflow.errors import SegflowError
 from segflow.storage import read_json, walk_files
 
@@ -153,10 +152,7 @@ def read_labels(spec: str, colors_file: str = "", ignore: tuple[str, ...] = ()) 
         values = read_json(colors_file, "give a JSON list of [R, G, B], one per label id")
         if not isinstance(values, list) or len(values) < len(names):
             raise SegflowError(f"--colors {colors_file}: give a JSON list of [R, G, B], one per label ({len(names)}).")
-        for i, color in enumerate(values[: len(names)]):
-            if not (isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) for c in color)):
-                raise SegflowError(f"--colors {colors_file}: entry {i} must be [R, G, B] (got {json.dumps(color)}).")
-            colors[i] = (color[0], color[1], color[2])
+        colors = {i: rgb(color, f"--colors {colors_file}: entry {i}") for i, color in enumerate(values[: len(names)])}
     return build_table(dict(enumerate(names)), colors, ignore, where)
 
 
@@ -179,13 +175,11 @@ def apply_subset_lists(items: list[PairedItem], lists: tuple[str, ...]) -> tuple
     return listed, [str(i.image) for i in items if i.image.stem not in subset_of]
 
 
-def paired_folders(
-    images: Path, masks: Path, table: LabelTable, mask_suffix: str = ""
-) -> tuple[list[PairedItem], LabelTable]:
+def paired_folders(images: Path, masks: Path, mask_suffix: str = "") -> list[PairedItem]:
     for what, folder in (("--images", images), ("--masks", masks)):
         if not Path(folder).is_dir():
             raise SegflowError(f"{what} {folder} is not a folder.")
     items = pair(Path(images), Path(masks), "", mask_suffix)
     if not items:
         raise SegflowError(f"--images {images}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-    return items, table
+    return items

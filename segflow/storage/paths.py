@@ -40,11 +40,12 @@ def confined(root: str | Path, rel: str, what: str = "", links: bool = True) -> 
     return base / Path(*posix.parts)
 
 
-def read_json(path: str | Path, fix: str = "produce it again"):
+def read_json(path: str | Path, fix: str = "produce it again", object_pairs_hook=None):
     """A JSON file, or an error that names it and says ``fix``: damaged, not UTF-8 text, or
-    nested too deeply for the parser (a crafted file otherwise ends in a RecursionError)."""
+    nested too deeply for the parser (a crafted file otherwise ends in a RecursionError).
+    ``object_pairs_hook`` is json's; a ValueError it raises is reported the same way."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=object_pairs_hook)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         raise SegflowError(f"{path} is not valid JSON ({reason}): {fix}.") from None
