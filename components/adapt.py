@@ -20,11 +20,12 @@ def adapt_model(
     iterations: int = 1000,
     eval_every: int = 100,
     batch_size: int = 8,
-    input_size: int = 256,
+    input_size: int = 0,
     lr: float = 0.0001,
     adv_weight: Optional[float] = None,  # noqa: UP045 (kfp reads the annotation: Optional, not "| None")
     ent_weight: float = 1.0,
     mix_weighting: str = "pixel",
+    select: str = "auto",
     seed: int = 0,
     processes: int = 0,
     checkpoint_root: str = "",
@@ -34,7 +35,8 @@ def adapt_model(
     experiment: str = "",
 ):
     """METHOD: adaptsegnet, minent, advent, dacs (or source, the control). TARGET's labels choose
-    the snapshot (val mDice) and are never trained on. PROCESSES and CHECKPOINT_ROOT: as for
+    the snapshot (val mDice) and are never trained on; SELECT as for `segflow adapt --select`.
+    INPUT_SIZE 0: the INIT model's. PROCESSES and CHECKPOINT_ROOT: as for
     train_model."""
     from segflow import storage
     from segflow.adapt.config import AdaptConfig
@@ -57,6 +59,7 @@ def adapt_model(
         adv_weight=adv_weight,
         ent_weight=ent_weight,
         mix_weighting=mix_weighting,
+        select=select,
         seed=seed,
         resume=True,  # a retried task continues from its last checkpoint
         overwrite=True,  # the output path is this task's own

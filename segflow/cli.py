@@ -299,7 +299,9 @@ def adapt_cmd(
     iterations: Annotated[int, typer.Option(help="Adaptation steps (rounded up to whole snapshots).")] = 1000,
     eval_every: Annotated[int, typer.Option(help="Score a snapshot every this many steps.")] = 100,
     batch_size: Annotated[int, typer.Option()] = 8,
-    input_size: Annotated[int, typer.Option(help="Crop side in pixels (multiple of 32).")] = 256,
+    input_size: Annotated[
+        int, typer.Option(help="Crop side in pixels (multiple of 32); default: the --init model's.")
+    ] = 0,
     lr: Annotated[float, typer.Option(help="Segmenter learning rate (Adam, poly decay).")] = 1e-4,
     adv_weight: Annotated[
         float | None, typer.Option(help="Adversarial loss weight; default: 0.01 AdaptSegNet, 0.1 AdvEnt.")
@@ -308,6 +310,13 @@ def adapt_cmd(
     mix_weighting: Annotated[
         str, typer.Option(help="DACS: weight pseudo-labels per pixel by the teacher's confidence, or per image.")
     ] = "pixel",
+    select: Annotated[
+        str,
+        typer.Option(
+            help="What chooses the snapshot: auto (target val labels if any, else label-free), labels, "
+            "label-free, or a criterion: consistency, agreement, confidence, source."
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over; replace OUT.")] = False,
@@ -316,7 +325,8 @@ def adapt_cmd(
     """Adapt a source-trained model to a target domain (AdaptSegNet, MinEnt, AdvEnt, DACS).
 
     Target labels, when TARGET is a dataset, only choose the snapshot (target val mDice); without
-    them the snapshot with the lowest mean target entropy is kept.
+    them the snapshot whose target predictions agree best with those of a rescaled, mirrored view
+    is kept (every label-free measurement is recorded in training.json).
     """
     from segflow.adapt.config import AdaptConfig
     from segflow.stages import adapt_stage

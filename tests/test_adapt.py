@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from segflow.adapt.config import AdaptConfig
+from segflow.adapt.selection import CRITERIA, DESCRIPTIONS
 from segflow.data.synth import synthesize
 from segflow.errors import SegflowError
 from segflow.evaluate.evaluation import EvalConfig
@@ -90,9 +93,72 @@ def test_discriminators_learn_while_the_segmenter_fools_them(domains, tmp_path):
 
 
 def test_label_free_choice_with_target_images_only(domains, tmp_path):
-    result = adapt_stage(config(domains, tmp_path / "m", "minent", target=domains["images"]), track=False)
-    assert result["selection"]["criterion"].startswith("lowest mean normalised entropy")
-    assert "val_target_entropy" in result["history"][0]
+    cfg = config(domains, tmp_path / "m", "minent", target=domains["images"], input_size=0)
+    result = adapt_stage(cfg, track=False)
+    assert result["selection"]["criterion"] == DESCRIPTIONS["consistency"]
+    history = result["history"]
+    measured = {"val_target_entropy", "val_consistency", "val_agreement", "val_source_mDice"}
+    assert measured | {f"val_select_{name}" for name in CRITERIA} <= set(history[0])
+    assert "val_target_mDice" not in history[0]
+    best = max(history, key=lambda h: h["val_select_consistency"])
+    assert result["selection"]["epoch"] == best["epoch"] + 1
+    # --input-size 0 (the default): the size the --init model was trained at.
+    assert result["config"]["input_size"] == 64
+
+
+def test_label_free_choice_beside_target_labels(domains, tmp_path):
+    """--select label-free on a labelled target: the labels score every snapshot (the oracle's
+    view, for benchmarks) but the label-free criterion chooses."""
+    cfg = replace(config(domains, tmp_path / "m", "source", iterations=6, eval_every=2), select="agreement")
+    result = adapt_stage(cfg, track=False)
+    history = result["history"]
+    assert result["selection"]["criterion"] == DESCRIPTIONS["agreement"]
+    assert {"val_target_mDice", "val_select_agreement"} <= set(history[0])
+    assert result["selection"]["epoch"] == max(history, key=lambda h: h["val_agreement"])["epoch"] + 1
+
+
+def test_select_labels_needs_a_labelled_target(domains, tmp_path):
+    cfg = replace(config(domains, tmp_path / "m", "minent", target=domains["images"]), select="labels")
+    with pytest.raises(SegflowError, match="--select labels needs target labels"):
+        adapt_stage(cfg, track=False)
+    with pytest.raises(SegflowError, match="--select 'entropy' is not known"):
+        replace(cfg, select="entropy").validate()
+    assert not (tmp_path / "m").exists()
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in segmenter: logits from a function of the image (a Segmentor's calling convention)."""
+
+    def __init__(self, logits) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        return SimpleNamespace(logits=self.logits(images))
+
+
+def test_consistency_does_not_reward_collapse():
+    """A model that predicts one class everywhere is the most confident there is; the old rule
+    (lowest entropy) prefers it, consistency prefers a model that tells the image's regions apart."""
+    from segflow.adapt.selection import CRITERIA, measure_target, target_predictions
+
+    images = torch.zeros(1, 3, 32, 32)
+    images[..., :, 16:] = 1.0  # two regions: left and right
+    batches = [{"image": images}]
+
+    def regions(x):  # class 0 on the dark side, 1 on the bright side, moderately sure
+        return torch.cat([1 - x[:, :1], x[:, :1], torch.zeros_like(x[:, :1])], 1) * 2
+
+    diverse = _Fixed(regions)
+    collapsed = _Fixed(lambda x: torch.tensor([50.0, 0, 0]).view(1, 3, 1, 1).expand(len(x), 3, *x.shape[-2:]))
+    reference = target_predictions(diverse, batches, "cpu")
+    scores = {}
+    for name, model in (("diverse", diverse), ("collapsed", collapsed)):
+        measures = measure_target(model, batches, 3, "cpu", reference)
+        scores[name] = {rule: CRITERIA[rule](measures) for rule in ("confidence", "consistency", "agreement")}
+    assert scores["collapsed"]["confidence"] > scores["diverse"]["confidence"]
+    assert scores["diverse"]["consistency"] > 0.6 > 1 / 3 + 1e-6 > scores["collapsed"]["consistency"] - 1e-6
+    assert scores["diverse"]["agreement"] == pytest.approx(2 / 3) and scores["collapsed"]["agreement"] < 0.3
 
 
 def test_dacs_recolours_mixed_images_for_the_student_only():

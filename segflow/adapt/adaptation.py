@@ -5,8 +5,8 @@ objective, handed to the one engine. Inputs and outputs are local folders:
 
 TARGET is a plain folder of images, or a dataset artifact. A dataset's labels are never trained on:
 its train images feed the target stream and its val subset chooses the snapshot (target val mDice).
-Without target labels the snapshot with the lowest mean normalised entropy on target images wins:
-a label-free criterion (confident predictions on the new domain), recorded in the artifact.
+Without target labels a label-free criterion chooses (``selection.py`` says which and why); every
+snapshot's label-free measurements are recorded in the artifact's history either way.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from segflow.adapt import selection
 from segflow.adapt.config import AdaptConfig
 from segflow.adapt.objectives import make_objective
 from segflow.configs import flatten
@@ -28,11 +29,9 @@ from segflow.data.datasets import Normalization, SegmentationDataset, UnlabeledI
 from segflow.errors import SegflowError
 from segflow.evaluate.scoring import eval_loader, score
 from segflow.models import artifact as model_artifact
-from segflow.models.outputs import entropy_map, probabilities
 from segflow.train.engine import Stream, Training, fit
 
 log = logging.getLogger(__name__)
-LABEL_FREE = "lowest mean normalised entropy on target images (label-free)"
 WITH_LABELS = "highest target val mDice"
 
 
@@ -67,6 +66,8 @@ def adapt(
     source = manifest_lib.read(source_dir, verify=True)
     labels = source["labels"]
     init = model_artifact.read_config(init_dir)  # a model folder: an IR, a backbone or an ensemble is refused
+    if not cfg.input_size:  # the size the model was trained at
+        cfg = replace(cfg, input_size=int(init["input_size"]))
     if cfg.model and cfg.model != init["architecture"]:
         raise SegflowError(
             f"--init {cfg.init} holds a {init['architecture']!r} model but --model is {cfg.model!r}: "
@@ -82,7 +83,8 @@ def adapt(
     source_ds = SegmentationDataset(source_dir, "train", cfg.input_size, norm, True, cfg.seed)
     target_ds = UnlabeledImages(target_images, cfg.input_size, norm, seed=cfg.seed + 17)
     objective = make_objective(cfg, len(labels), Stream(target_ds, cfg.batch_size), norm)
-    validate, criterion = _validation(cfg, target_dir, target_images, target_manifest, norm, len(labels))
+    datasets = {"source": (source_dir, source), "target": (target_dir, target_manifest)}
+    validate, criterion = _validation(cfg, datasets, target_images, init_dir, norm)
     arch = init["architecture"]
 
     def build():
@@ -129,7 +131,7 @@ def adapt(
         identity=identity,
         may_change=AdaptConfig.RESUME_MAY_CHANGE,
         validate=validate,
-        score="target val mDice" if target_manifest else "-target entropy",
+        score=criterion,
         publish=publish,
     )
     summary = fit(run, on_epoch)
@@ -144,29 +146,62 @@ def adapt(
     return result
 
 
-def _validation(cfg: AdaptConfig, target_dir: Path, images: Path, manifest: dict | None, norm, num_classes: int):
-    """(score function for snapshots, the criterion in words)."""
-    if manifest is not None and "val" in manifest["subsets"]:
-        stats = manifest["statistics"]
-        dataset = SegmentationDataset(target_dir, "val", cfg.input_size, norm, False)
-        loader = eval_loader(dataset, cfg.batch_size, stats["min_size"] == stats["max_size"])
+def _validation(
+    cfg: AdaptConfig,
+    datasets: dict[str, tuple[Path, dict | None]],
+    images: Path,
+    init_dir: Path,
+    norm: Normalization,
+):
+    """(score function for snapshots, the criterion in words). Every snapshot is measured without
+    target labels (and with them, when the target dataset has a val subset); ``cfg.select`` says
+    which number chooses."""
+    with_val = {name: m is not None and "val" in m["subsets"] for name, (_, m) in datasets.items()}
+    num_classes = len(datasets["source"][1]["labels"])
+    rule = _rule(cfg, with_val["target"], with_val["source"])
+    limit = cfg.validation_images
+    target_files = UnlabeledImages(images, cfg.input_size, norm, evaluation=True, limit=limit)
+    target_loader = DataLoader(target_files, batch_size=1, shuffle=False)
+    loaders = {}
+    for name, (folder, manifest) in datasets.items():
+        if with_val[name]:
+            dataset = SegmentationDataset(folder, "val", cfg.input_size, norm, False)
+            # The source's val images are only a guard: a sample of them.
+            subset = Subset(dataset, range(min(limit, len(dataset)))) if name == "source" else dataset
+            uniform = manifest["statistics"]["min_size"] == manifest["statistics"]["max_size"]
+            loaders[name] = eval_loader(subset, cfg.batch_size, uniform)
+    reference: list = []  # the starting model's target predictions, made once
 
-        def with_labels(model) -> dict:
-            device = next(model.parameters()).device
-            scores = score(model, loader, num_classes, device)
-            return {"score": scores["mDice"], "target_mDice": scores["mDice"], "target_mIoU": scores["mIoU"]}
-
-        return with_labels, WITH_LABELS
-    files = UnlabeledImages(images, cfg.input_size, norm, evaluation=True, limit=cfg.validation_images)
-    loader = DataLoader(files, batch_size=1, shuffle=False)
-
-    def label_free(model) -> dict:
+    def measure(model) -> dict:
         device = next(model.parameters()).device
-        entropies = [entropy_map(probabilities(model(b["image"].to(device)).logits)).mean().item() for b in loader]
-        mean = sum(entropies) / len(entropies)
-        return {"score": -mean, "target_entropy": mean}
+        if not reference:
+            start = model_artifact.load(init_dir, device)[0]
+            reference.extend(selection.target_predictions(start, target_loader, device))
+        scores = selection.measure_target(model, target_loader, num_classes, device, reference)
+        if "source" in loaders:
+            scores["source_mDice"] = score(model, loaders["source"], num_classes, device)["mDice"]
+        scores.update(selection.criterion_scores(scores))
+        if "target" in loaders:
+            labelled_scores = score(model, loaders["target"], num_classes, device)
+            scores.update(target_mDice=labelled_scores["mDice"], target_mIoU=labelled_scores["mIoU"])
+        scores["score"] = scores["target_mDice"] if rule == "labels" else scores[f"select_{rule}"]
+        return scores
 
-    return label_free, LABEL_FREE
+    return measure, WITH_LABELS if rule == "labels" else selection.DESCRIPTIONS[rule]
+
+
+def _rule(cfg: AdaptConfig, labelled: bool, source_val: bool) -> str:
+    """``labels`` or the label-free criterion's name, from ``--select``."""
+    aliases = {"auto": "labels" if labelled else selection.DEFAULT, "label-free": selection.DEFAULT}
+    rule = aliases.get(cfg.select, cfg.select)
+    if rule == "labels" and not labelled:
+        raise SegflowError(
+            f"--select labels needs target labels: --target {cfg.target} is not a dataset with a val subset. "
+            "Import the target with a val subset, or choose --select label-free."
+        )
+    if rule == "source" and not source_val:
+        raise SegflowError(f"--select source needs a val subset in --source {cfg.source}; choose --select label-free.")
+    return rule
 
 
 __all__ = ["adapt"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from segflow.adapt.selection import SELECT_CHOICES
 from segflow.configs import check_numbers
 from segflow.errors import SegflowError
 from segflow.models import check_input_size, check_name
@@ -46,7 +47,7 @@ class AdaptConfig:
     iterations: int = 1000
     eval_every: int = 100  # a snapshot is scored (and maybe kept) every this many iterations
     batch_size: int = 8
-    input_size: int = 256
+    input_size: int = 0  # 0: the size the --init model was trained at
     seed: int = 0
     # The segmenter: Adam with poly decay (see the module's docstring).
     lr: float = 1e-4
@@ -73,7 +74,10 @@ class AdaptConfig:
     # or "image", the paper's share of the image's pixels above `confidence` (objectives.py says why).
     mix_weighting: str = "pixel"
     mix_augment: bool = True  # DACS: recolour and blur the mixed images (the paper's augmentation)
-    validation_images: int = 64  # unlabelled target: images for the label-free snapshot score
+    validation_images: int = 64  # target (and source val) images each snapshot is measured on
+    # Which number chooses the snapshot: "auto" (target val mDice when the target dataset has a val
+    # subset, else the label-free default), "labels", "label-free", or a criterion of selection.py.
+    select: str = "auto"
     amp: str = "auto"
     channels_last: str = "auto"
     loader_workers: int = 0
@@ -96,13 +100,16 @@ class AdaptConfig:
         check_numbers(self)
         if self.method not in METHODS:
             raise SegflowError(f"--method {self.method!r} is not known: choose one of {', '.join(METHODS)}.")
+        if self.select not in SELECT_CHOICES:
+            raise SegflowError(f"--select {self.select!r} is not known: choose one of {', '.join(SELECT_CHOICES)}.")
         if self.mix_weighting not in ("pixel", "image"):
             raise SegflowError(f"--mix-weighting must be pixel or image (got {self.mix_weighting!r}).")
         if self.levels not in ("single", "multi"):
             raise SegflowError(f"--levels must be single or multi (got {self.levels!r}).")
         if self.model:
             check_name(self.model)
-        check_input_size(self.input_size)
+        if self.input_size:
+            check_input_size(self.input_size)
         check_loop(1, self.batch_size, self.amp, self.channels_last)
         checks = [
             (self.iterations >= 1, "--iterations must be at least 1"),
