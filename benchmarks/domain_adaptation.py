@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from segflow.adapt.config import AdaptConfig
+from segflow.adapt.selection import CRITERIA, picks
 from segflow.data.importer import ImportConfig
 from segflow.data.synth import synthesize
 from segflow.evaluate.evaluation import EvalConfig
@@ -109,6 +110,12 @@ def supervised(data: Path, out: Path, seed: int, args) -> Path:
     return out
 
 
+def snapshot_choice(model: Path) -> dict:
+    """Target val mIoU (%) of the snapshot each label-free criterion picks, and the oracle's."""
+    history = json.loads((model / "training.json").read_text())["history"]
+    return {name: 100 * p["score"] for name, p in picks(history).items()}
+
+
 def adapted(data: dict, init: Path, work: Path, method: str, levels: str, seed: int, args) -> Path:
     out = work / f"{method}-{levels}-{seed}"
     cfg = AdaptConfig(
@@ -132,6 +139,7 @@ def adapted(data: dict, init: Path, work: Path, method: str, levels: str, seed: 
 def run(args) -> dict:
     counts = {"source": args.source_images, "target": args.target_images, "target_val": 16, "test": 48}
     results: dict[str, list[dict]] = {}
+    choices: dict[str, list[dict]] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -141,9 +149,9 @@ def run(args) -> dict:
             rows = {"source only": score(init, data["test"], work)}
             rows["source only, on source val"] = score(init, data["source"], work)
             for method, levels in args.methods:
-                rows[label(method, levels)] = score(
-                    adapted(data, init, work, method, levels, seed, args), data["test"], work
-                )
+                model = adapted(data, init, work, method, levels, seed, args)
+                rows[label(method, levels)] = score(model, data["test"], work)
+                choices.setdefault(label(method, levels), []).append(snapshot_choice(model))
                 print(f"  seed {seed} {label(method, levels):20s} {rows[label(method, levels)]}", flush=True)
             if {("minent", "single"), ("advent", "single")} <= set(args.methods):
                 members = [str(work / f"{m}-single-{seed}") for m in ("minent", "advent")]
@@ -160,6 +168,7 @@ def run(args) -> dict:
             for name, row in rows.items():
                 results.setdefault(name, []).append(row)
             print(f"seed {seed} done ({time.monotonic() - started:.0f} s)", flush=True)
+    results["snapshot choice"] = choices  # type: ignore[assignment]
     return results
 
 
@@ -172,6 +181,7 @@ def report(results: dict[str, list[dict]], args) -> None:
         f"\nlite_hrnet_s, {args.size} px, source-only {args.epochs}x{args.iters} steps, adaptation "
         f"{args.iterations} steps; target test set, seeds {args.seeds}: mean +- std"
     )
+    choices = results.pop("snapshot choice", {})
     print(f"{'':30s} {'mIoU %':>16s} {'mDice %':>16s} {'vs source only':>15s} {'published mIoU':>15s}")
     base = mean_std("source only", "mIoU")[0]
     for name in results:
@@ -190,6 +200,22 @@ def report(results: dict[str, list[dict]], args) -> None:
     print(f"domain gap of the source-only model: {src:.1f} mIoU on source val, {base:.1f} on the target test set "
           f"({src - base:.1f} points)")  # fmt: skip
     class_shares(results)
+    snapshot_table(choices)
+
+
+def snapshot_table(choices: dict[str, list[dict]]) -> None:
+    """Per method, the target val mIoU of the snapshot each rule picks (mean over seeds), and the gap
+    to the oracle's pick (what the labels would have chosen)."""
+    if not choices:
+        return
+    rules = ["oracle", *CRITERIA]
+    print("\nsnapshot choice: target val mIoU % of each rule's pick, mean over seeds (gap to the oracle)")
+    print(f"{'':22s} " + " ".join(f"{r:>16s}" for r in rules))
+    for method, runs in choices.items():
+        oracle = statistics.mean(r["oracle"] for r in runs)
+        means = [statistics.mean(r[rule] for r in runs) for rule in rules]
+        cells = [f"{m:8.2f} ({m - oracle:+5.2f})" for m in means]
+        print(f"{method:22s} " + " ".join(f"{c:>16s}" for c in cells))
 
 
 def class_shares(results: dict[str, list[dict]]) -> None:
@@ -260,7 +286,11 @@ def merged(files: list[Path], args) -> dict[str, list[dict]]:
         for key in ("size", "epochs", "iters", "iterations"):
             setattr(args, key, int(saved["args"][key]))
         for name, rows in saved["results"].items():
-            results.setdefault(name, []).extend(rows)
+            if name == "snapshot choice":  # one list per method
+                for method, runs in rows.items():
+                    results.setdefault(name, {}).setdefault(method, []).extend(runs)  # type: ignore[union-attr]
+            else:
+                results.setdefault(name, []).extend(rows)
     return results
 
 

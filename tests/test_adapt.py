@@ -340,3 +340,21 @@ def test_evaluation_beside_a_baseline_shows_both_with_entropy(domains, tmp_path)
     four = np.asarray(Image.open(tmp_path / "e" / "predictions.png"))
     assert picture.shape[1] > 1.8 * four.shape[1], "six panels per row against three"
     assert "comparison.png" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_picks_name_each_criterion_s_snapshot_beside_the_oracle():
+    from segflow.adapt.selection import picks
+
+    history = [
+        {"epoch": 0, "val_target_mIoU": 0.30, "val_select_confidence": -0.5, "val_select_consistency": 0.6,
+         "val_select_agreement": 0.9, "val_select_source": 0.7},
+        {"epoch": 1, "val_target_mIoU": 0.35, "val_select_confidence": -0.2, "val_select_consistency": 0.7,
+         "val_select_agreement": 0.8, "val_select_source": 0.6},
+        {"epoch": 2, "val_target_mIoU": 0.25, "val_select_confidence": -0.1, "val_select_consistency": 0.5,
+         "val_select_agreement": 0.7, "val_select_source": 0.5},
+    ]  # fmt: skip
+    chosen = picks(history)
+    assert {k: v["epoch"] for k, v in chosen.items()} == {
+        "oracle": 1, "confidence": 2, "consistency": 1, "agreement": 0, "source": 0
+    }  # fmt: skip
+    assert chosen["confidence"]["score"] == 0.25

@@ -91,4 +91,12 @@ def criterion_scores(measures: dict) -> dict:
     return {f"select_{name}": rule(measures) for name, rule in CRITERIA.items()}
 
 
-__all__ = ["CRITERIA", "DEFAULT", "DESCRIPTIONS", "SELECT_CHOICES", "criterion_scores", "measure_target"]
+def picks(history: list[dict], labelled: str = "val_target_mIoU") -> dict[str, dict]:
+    """For a run whose target val subset had labels: the snapshot each criterion would have kept
+    and its ``labelled`` score, beside the oracle's (the snapshot the labels pick)."""
+    chosen = {"oracle": max(history, key=lambda h: h[labelled])}
+    chosen |= {name: max(history, key=lambda h, n=name: h[f"val_select_{n}"]) for name in CRITERIA}
+    return {name: {"epoch": h["epoch"], "score": h[labelled]} for name, h in chosen.items()}
+
+
+__all__ = ["CRITERIA", "DEFAULT", "DESCRIPTIONS", "SELECT_CHOICES", "criterion_scores", "measure_target", "picks"]
