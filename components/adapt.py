@@ -41,6 +41,7 @@ def adapt_model(
     from segflow import storage
     from segflow.adapt.config import AdaptConfig
     from segflow.launch import run_stage
+    from segflow.lifecycle import candidate_name
     from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
 
@@ -68,7 +69,7 @@ def adapt_model(
     )
     result = run_stage("adapt", cfg, RunContext(run_key, run_name, experiment), processes)
     storage.remove_task_checkpoints(cfg.checkpoint_dir)  # the output is published: they are spent
-    name = f"{result['method']}-{levels}" if result["method"] == "adaptsegnet" else result["method"]
+    name = candidate_name(result["method"], levels)
     model.metadata.update({"candidate": name, "method": result["method"], "selection": result["selection"]})
     log_metrics_to(metrics, result["metrics"])
 
@@ -84,14 +85,11 @@ def ensemble_models(
     experiment: str = "",
 ):
     """One model averaging the softmax of the CANDIDATES named in MEMBERS (ADVENT's MinEnt + AdvEnt)."""
+    from segflow.lifecycle import pick_members
     from segflow.stages import ensemble_stage
     from segflow.tracking import RunContext
 
-    chosen = {m.metadata["candidate"]: m.path for m in candidates if m.metadata["candidate"] in members}
-    missing = sorted(set(members) - set(chosen))
-    if missing:
-        raise ValueError(f"no candidate named {missing} among {[m.metadata['candidate'] for m in candidates]}")
-    paths = [chosen[name] for name in members]
+    paths = pick_members({m.metadata["candidate"]: m.path for m in candidates}, members)
     ensemble_stage(paths, model.path, overwrite=True, run=RunContext(run_key, run_name, experiment))
     model.metadata.update({"candidate": name, "method": "ensemble", "members": members})
 

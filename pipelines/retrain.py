@@ -17,6 +17,7 @@ check the data's fingerprint against the champion's training data
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
+from segflow.lifecycle import Decision
 from segflow_components.adapt import adapt_model
 from segflow_components.data_import import import_data
 from segflow_components.flows import evaluate_export_register, train_evaluate_export
@@ -50,7 +51,7 @@ def retrain(
             data_uri=data_uri, registered_model=registered_model, drift_threshold=drift_threshold, **track
         )
         on_cluster(check, cpu="1", memory="2G", cache=False)
-        with dsl.If(check.outputs["Output"] == "new", name="new-data"):
+        with dsl.If(check.outputs["Output"] == Decision.NEW.value, name="new-data"):
             data = import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track)
             on_cluster(data, cache=False)
             train_evaluate_export(
@@ -68,7 +69,7 @@ def retrain(
                 iters_per_epoch=iters_per_epoch,
                 seed=seed,
             )
-        with dsl.If(check.outputs["Output"] == "shifted", name="adapt-to-drift"):
+        with dsl.If(check.outputs["Output"] == Decision.SHIFTED.value, name="adapt-to-drift"):
             # The URIs are known only at run time: importers turn them into artifacts.
             source = dsl.importer(artifact_uri=check.outputs["champion_data"], artifact_class=Dataset, reimport=False)
             champion = dsl.importer(artifact_uri=check.outputs["champion_model"], artifact_class=Model, reimport=False)

@@ -354,6 +354,37 @@ def ensemble_cmd(
     typer.echo(f"ensemble of {len(result['members'])} models -> {out}")
 
 
+@app.command("register")
+def register_cmd(
+    name: Annotated[str, typer.Option(help="Registered model name in MLflow.")],
+    model: Annotated[str, typer.Option(help="The model folder the IR was exported from.")],
+    evaluation: Annotated[str, typer.Option(help="Its `segflow evaluate --out` folder.")],
+    data: Annotated[str, typer.Option(help="The dataset artifact that evaluation scored.")],
+    model_id: Annotated[str, typer.Option(help="The exported IR's MLflow model id (`segflow export` prints it).")],
+    margin: Annotated[float, typer.Option(help="Promote when better than the champion by more (mDice, 0-1).")] = 0.0,
+) -> None:
+    """Register an exported model as a new version: @challenger, and @champion when it beats the
+    champion on the same validation data (the champion is re-scored when it was scored elsewhere)."""
+    from segflow.stages import register_stage
+
+    result = register_stage(name, model, evaluation, data, model_id, margin)
+    typer.echo(f"{name} v{result['version']}: {result['decision']} ({result['reason']})")
+
+
+@app.command("check-data")
+def check_data_cmd(
+    data: Annotated[str, typer.Argument(help="The data a tick found: a folder or s3:// prefix.")],
+    registered_model: Annotated[str, typer.Option(help="Registered model whose champion it is compared with.")],
+    threshold: Annotated[float | None, typer.Option(help="Drift score above which unlabelled images shifted.")] = None,
+) -> None:
+    """What a retraining tick would do with DATA: same, new, shifted, unlabelled or adapted
+    (segflow.lifecycle), with the drift score of unlabelled images against the champion's."""
+    from segflow.stages import check_new_data_stage
+
+    result = check_new_data_stage(data, registered_model, threshold=threshold)
+    typer.echo(f"{result['decision']}: {result['note']}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model: Annotated[str, typer.Option(help="Model folder (from `segflow train`).")],
@@ -405,6 +436,8 @@ def export_cmd(
             f" vs {100 * report['torch_mDice']:.2f} in PyTorch"
         )
     typer.echo(f"{precision.upper()} IR -> {out} (latency {report['latency_ms']:.1f} ms{parity})")
+    if report.get("model_id"):
+        typer.echo(f"MLflow model id {report['model_id']} (segflow register --model-id {report['model_id']} ...)")
 
 
 @app.command("predict")

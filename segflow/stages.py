@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from segflow import storage, tracking
+from segflow import lifecycle, storage, tracking
 from segflow.adapt.adaptation import adapt
 from segflow.adapt.config import AdaptConfig
 from segflow.data import manifest as manifest_lib
@@ -505,42 +505,53 @@ def _training_fingerprint(model: str) -> str:
         return json.loads((model_dir / "config.json").read_text()).get("dataset_fingerprint", "")
 
 
-def _adapted_to(client, name: str, fingerprint: str):
+def _champion(client, name: str) -> lifecycle.Champion | None:
+    from segflow import registry
+
+    version = registry.champion(client, name) if name else None
+    if version is None:
+        return None
+    return lifecycle.Champion(
+        version=int(version.version),
+        source_fingerprint=version.tags.get(registry.SOURCE_FINGERPRINT, ""),
+        model=version.tags.get(registry.MODEL_ARTIFACT, ""),
+        data=version.tags.get(registry.TRAINING_DATA, ""),
+        drift_reference=version.tags.get(registry.DRIFT_REFERENCE, ""),
+    )
+
+
+def _adapted_to(client, name: str, fingerprint: str) -> int | None:
     """The @champion or @challenger version already adapted to the images ``fingerprint``, or None."""
     from segflow import registry
 
     for alias in (registry.CHAMPION, registry.CHALLENGER):
         version = registry.champion(client, name, alias)
         if version is not None and version.tags.get(registry.ADAPTED_TO) == fingerprint:
-            return version
+            return int(version.version)
     return None
 
 
 def check_new_data_stage(
     data_uri: str, registered_model: str, run: tracking.RunContext | None = None, threshold: float | None = None
 ) -> dict:
-    """Is ``data_uri`` new? Its fingerprint against the one the champion was trained on (the
-    version's segflow.source_fingerprint tag). Same data: "no new data" goes on the parent run.
-
-    New data and a champion: the label-free drift score of the new images against the champion's
-    validation images (segflow.evaluate.drift) goes to MLflow with its chart. Images without
-    masks are not trained on: the decision is "shifted" when the score passes ``threshold`` (the
-    pipeline then adapts the champion to them, from its training data), else "unlabelled".
-    Images the champion or the challenger was already adapted to are "adapted": nothing to do."""
-    from segflow import registry
+    """Is ``data_uri`` new? Its fingerprint against the one the champion was trained on; for new,
+    unlabelled images, the label-free drift score against the champion's validation images
+    (segflow.evaluate.drift). ``segflow.lifecycle`` decides; this opens the inputs and logs: the
+    score and its chart to MLflow, the decision's note on the parent run."""
 
     threshold = drift.DEFAULT_THRESHOLD if threshold is None else threshold
     fingerprint = storage.source_fingerprint(data_uri)
     client = tracking.client() if registered_model else None
-    current = registry.champion(client, registered_model) if registered_model else None
-    same = current is not None and current.tags.get(registry.SOURCE_FINGERPRINT) == fingerprint
-    adapted = _adapted_to(client, registered_model, fingerprint) if current is not None and not same else None
+    champion = _champion(client, registered_model) if registered_model else None
+    other_data = champion is not None and champion.source_fingerprint != fingerprint
+    adapted = _adapted_to(client, registered_model, fingerprint) if other_data else None
+    decision = lifecycle.first_look(fingerprint, champion, adapted)
     result = {
         "fingerprint": fingerprint,
-        "decision": "same" if same else "adapted" if adapted else "new",
-        "champion_version": int(current.version) if current is not None else 0,
-        "champion_model": current.tags.get(registry.MODEL_ARTIFACT, "") if current is not None else "",
-        "champion_data": current.tags.get(registry.TRAINING_DATA, "") if current is not None else "",
+        "decision": decision.value,
+        "champion_version": champion.version if champion is not None else 0,
+        "champion_model": champion.model if champion is not None else "",
+        "champion_data": champion.data if champion is not None else "",
     }
     config = {"data_uri": data_uri, "registered_model": registered_model, "drift_threshold": threshold}
     with (
@@ -548,38 +559,26 @@ def check_new_data_stage(
         tempfile.TemporaryDirectory() as tmp,
         contextlib.ExitStack() as inputs,
     ):
-        files, scores = [], {"new_data": 0 if same else 1}
-        if result["decision"] == "new" and current is not None and registry.DRIFT_REFERENCE in current.tags:
+        files, scores = [], {"new_data": 0 if decision is lifecycle.Decision.SAME else 1}
+        if champion is not None and lifecycle.needs_drift(decision, champion):
             data = inputs.enter_context(storage.local_input(data_uri, "data_uri", sealed=False))
             labelled = (data / "masks").is_dir() or any(data.glob("*/masks"))
             images = data / "images" if (data / "images").is_dir() else data
-            reference = json.loads(current.tags[registry.DRIFT_REFERENCE])
-            now = drift.statistics(model_dir_for(result["champion_model"], inputs), images)
+            reference = json.loads(champion.drift_reference)
+            now = drift.statistics(model_dir_for(champion.model, inputs), images)
             score, parts = drift.drift_score(reference, now)
             result |= {"drift_score": score, "drift_parts": parts, "drift_statistics": now, "labelled": labelled}
             scores |= {"drift_score": score, **{f"drift_{k}": v for k, v in parts.items()}}
             files.append(drift.drift_chart(reference, now, score, Path(tmp) / "drift.png"))
-            if not labelled:
-                # Adapting needs the champion's labelled training data as the source.
-                can_adapt = score > threshold and bool(result["champion_data"])
-                result["decision"] = "shifted" if can_adapt else "unlabelled"
+            decision = lifecycle.after_drift(champion, labelled, score, threshold)
+            result["decision"] = decision.value
         log.tag("segflow.source_fingerprint", fingerprint)
+        result["note"] = lifecycle.note(
+            decision, data_uri, fingerprint, champion, adapted, result.get("drift_score", 0.0), threshold
+        )
         log.result(result | {"metrics": scores}, "check.json", files=files)
-        score_text = f"{result.get('drift_score', 0):.3f}"
-        notes = {
-            "same": f"no new data: {data_uri} is what champion v{result['champion_version']} was trained on",
-            "new": f"new data: {data_uri} (fingerprint {fingerprint[:16]})",
-            "shifted": f"unlabelled images that drifted (score {score_text} > {threshold}): adapt the champion",
-            "unlabelled": f"unlabelled images, no drift (score {score_text} <= {threshold}): nothing to do",
-            "adapted": f"unlabelled images v{adapted.version if adapted else 0} was already adapted to: nothing to do",
-        }
-        if result["decision"] == "unlabelled" and result.get("drift_score", 0) > threshold:
-            notes["unlabelled"] = (
-                f"unlabelled images that drifted (score {score_text} > {threshold}), but champion "
-                f"v{result['champion_version']} records no training data to adapt from: retrain it with this version"
-            )
         log.headline(run, scores)
-        log.parent_tags(run, {"segflow.retrain": notes[result["decision"]], "segflow.source_fingerprint": fingerprint})
+        log.parent_tags(run, {"segflow.retrain": result["note"], "segflow.source_fingerprint": fingerprint})
         if files:
             log.parent_file(run, files[0], "drift")
     return result

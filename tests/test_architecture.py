@@ -3,7 +3,7 @@
 Layers, bottom to top (a module may import its own layer's leaf modules and anything below):
 
     errors, redact, progress, parallel, configs,     leaves (redact: credentials out of printed URIs)
-    palette,
+    palette, lifecycle,                              lifecycle: the retraining policy, pure functions
     cluster
     storage
     data
@@ -27,7 +27,7 @@ from pathlib import Path
 from conftest import REPO
 
 LAYERS = [
-    {"errors", "redact", "progress", "parallel", "configs", "palette", "cluster"},
+    {"errors", "redact", "progress", "parallel", "configs", "palette", "lifecycle", "cluster"},
     {"storage"},
     {"data"},
     {"models"},

@@ -185,6 +185,15 @@ def test_exported_ir_registers_end_to_end_with_artifacts_in_s3(client, server, t
     assert any(k.endswith("model.xml") for k in keys), "the IR went to S3 through the server"
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert loaded.metadata.model_id == model_id
+    # The same steps as commands: the same model again does not beat the champion by the margin.
+    code, out, err = run_cli("register", "--name", name, "--model", tiny["model"], "--evaluation", evaluation,
+                             "--data", tiny["data"], "--model-id", model_id, "--margin", "0.01")  # fmt: skip
+    assert code == 0 and f"{name} v2: challenger" in out, err
+    code, out, err = run_cli("check-data", tiny["data"], "--registered-model", name)
+    assert code == 0 and "\nnew: new data:" in out, out + err  # labelled data the champion never saw
+    code, out, err = run_cli("register", "--name", name, "--model", tiny["model"], "--evaluation", evaluation,
+                             "--data", tiny["data"], "--model-id", "")  # fmt: skip
+    assert code == 2 and "logged to MLflow" in err, err
 
 
 def test_a_password_in_the_tracking_uri_is_printed_nowhere(server, monkeypatch, css_dataset, tmp_path, caplog):
