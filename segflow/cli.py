@@ -29,10 +29,15 @@ data_app = typer.Typer(no_args_is_help=True, help="Make, import and validate dat
 app.add_typer(data_app, name="data")
 
 
-def from_options(config: type, options: dict, **more):
-    """A stage's typed config from a command's options: every option named like one of the
-    config's fields fills it (flags and fields share their names); ``more`` adds the rest."""
+def from_options(config: type, options: dict, used: tuple[str, ...] = ("track",), **more):
+    """A stage's typed config from a command's options (``locals()`` taken first thing in the
+    command): every option named like one of the config's fields fills it (flags and fields share
+    their names); ``more`` adds the rest. An option that is neither a field, in ``more``, nor
+    ``used`` by the command itself is a bug (a renamed field): refused, not dropped."""
     names = {f.name for f in fields(config)} - set(more)
+    unplaced = sorted(set(options) - names - set(more) - set(used))
+    if unplaced:
+        raise TypeError(f"{config.__name__} has no field for the option(s) {', '.join(unplaced)}")
     return config(**{k: v for k, v in options.items() if k in names}, **more)
 
 
@@ -109,6 +114,7 @@ def data_import(
     Label ids are read as the dataset declares them (any order, gaps allowed); the artifact's
     masks hold contiguous training ids, and its manifest maps them back to the dataset's ids.
     """
+    options = dict(locals())  # the command's options, before any other name
     from segflow.data.importer import ImportConfig
     from segflow.stages import import_stage
 
@@ -120,7 +126,8 @@ def data_import(
     ignored = tuple(n.strip() for n in ignore_labels.split(",") if n.strip())
     cfg = from_options(
         ImportConfig,
-        locals(),
+        options,
+        used=("paths", "images", "data_format", "option", "subset_list", "track"),
         source=src,
         out=out,
         format=data_format,
@@ -162,10 +169,14 @@ def train_cmd(
 
     Several processes: `torchrun --nproc-per-node N -m segflow.cli train ...` (DDP).
     """
+    options = dict(locals())  # the command's options, before any other name
     from segflow.stages import train_stage
     from segflow.train.config import TrainConfig, method_settings
 
-    result = train_stage(from_options(TrainConfig, locals(), **method_settings(method, unlabeled)), track=track)
+    result = train_stage(
+        from_options(TrainConfig, options, ("method", "unlabeled", "track"), **method_settings(method, unlabeled)),
+        track=track,
+    )
     typer.echo(
         f"best val mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
         f"({result['epochs_run']} epochs) -> {out}"
@@ -260,12 +271,14 @@ def detcon_cmd(
     missing ones are made with their parameters, or by the size rule when there are none. Asking for
     other Felzenszwalb parameters than those masks have stops with an error: nothing is replaced.
     """
+    options = dict(locals())  # the command's options, before any other name
     from segflow.selfsl.detcon import PretrainConfig
     from segflow.stages import detcon_stage
 
     cfg = from_options(
         PretrainConfig,
-        locals(),
+        options,
+        used=("scale", "sigma", "min_size", "track"),
         input_size=int(auto_number(input_size, "--input-size", int)),
         lr=auto_number(lr, "--lr"),
         felzenszwalb=felzenszwalb_options(scale, sigma, min_size),
@@ -328,10 +341,11 @@ def adapt_cmd(
     them the snapshot whose target predictions agree best with those of a rescaled, mirrored view
     is kept (every label-free measurement is recorded in training.json).
     """
+    options = dict(locals())  # the command's options, before any other name
     from segflow.adapt.config import AdaptConfig
     from segflow.stages import adapt_stage
 
-    result = adapt_stage(from_options(AdaptConfig, locals()), track=track)
+    result = adapt_stage(from_options(AdaptConfig, options), track=track)
     selection = result["selection"]
     typer.echo(
         f"{result['method']}: snapshot after {result['metrics']['best_iteration']} steps kept "
@@ -396,10 +410,11 @@ def evaluate_cmd(
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
 ) -> None:
     """Score a model: mDice, mIoU, per class, confusion matrix, prediction pictures."""
+    options = dict(locals())  # the command's options, before any other name
     from segflow.evaluate.evaluation import EvalConfig
     from segflow.stages import evaluate_stage
 
-    metrics = evaluate_stage(from_options(EvalConfig, locals()), track=track)
+    metrics = evaluate_stage(from_options(EvalConfig, options), track=track)
     typer.echo(
         f"mDice {metrics['mDice']:.4f}  mIoU {metrics['mIoU']:.4f}  pixel accuracy "
         f"{metrics['pixel_accuracy']:.4f} on {metrics['images']} {subset} images -> {out}"
@@ -425,10 +440,11 @@ def export_cmd(
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run and pyfunc model.")] = True,
 ) -> None:
     """Export to OpenVINO IR, checked against the PyTorch model (fails on disagreement)."""
+    options = dict(locals())  # the command's options, before any other name
     from segflow.export.openvino_ir import ExportConfig
     from segflow.stages import export_stage
 
-    report = export_stage(from_options(ExportConfig, locals()), track=track)
+    report = export_stage(from_options(ExportConfig, options), track=track)
     parity = ""
     if report.get("passed") is not None:
         parity = (
@@ -452,10 +468,11 @@ def predict_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Masks and colour overlays for images; unreadable images are reported and skipped."""
+    options = dict(locals())  # the command's options, before any other name
     from segflow.export.predict import PredictConfig
     from segflow.stages import predict_stage
 
-    summary = predict_stage(from_options(PredictConfig, locals()))
+    summary = predict_stage(from_options(PredictConfig, options))
     typer.echo(
         f"{summary['predicted']} images predicted ({summary['runtime']}), {len(summary['skipped'])} skipped -> {out}"
     )
