@@ -15,7 +15,7 @@ from segflow_components.registry import register_model
 from segflow_components.train import train_model
 
 
-def train_evaluate_export(
+def train_evaluate_export_register(
     dataset,
     track: dict,
     export_precision: str = "fp32",

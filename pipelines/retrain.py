@@ -20,7 +20,7 @@ from kfp.dsl import Dataset, Model
 from segflow.lifecycle import Decision
 from segflow_components.adapt import adapt_model
 from segflow_components.data_import import import_data
-from segflow_components.flows import evaluate_export_register, train_evaluate_export
+from segflow_components.flows import evaluate_export_register, train_evaluate_export_register
 from segflow_components.lifecycle import check_for_new_data
 from segflow_components.platform import on_cluster, resumable
 from segflow_components.tracking import tracked
@@ -54,7 +54,7 @@ def retrain(
         with dsl.If(check.outputs["Output"] == Decision.NEW.value, name="new-data"):
             data = import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track)
             on_cluster(data, cache=False)
-            train_evaluate_export(
+            train_evaluate_export_register(
                 data.outputs["dataset"],
                 track,
                 export_precision=export_precision,

@@ -16,7 +16,7 @@ auto.* params of the pseudo-masks and pretrain runs). The other defaults are siz
 from kfp import dsl
 
 from segflow_components.data_import import import_data
-from segflow_components.flows import train_evaluate_export
+from segflow_components.flows import train_evaluate_export_register
 from segflow_components.platform import on_cluster, resumable
 from segflow_components.selfsl import pretrain_backbone, pseudo_masks
 from segflow_components.tracking import tracked
@@ -68,7 +68,7 @@ def selfsl_then_finetune(
             **track,
         )
         on_cluster(backbone, gpu=True, cache=False)
-        train_evaluate_export(
+        train_evaluate_export_register(
             data.outputs["dataset"],
             track,
             export_precision=export_precision,

@@ -8,7 +8,7 @@ segflow compile pipelines/supervised.py --output supervised.yaml
 from kfp import dsl
 
 from segflow_components.data_import import import_data
-from segflow_components.flows import train_evaluate_export
+from segflow_components.flows import train_evaluate_export_register
 from segflow_components.platform import on_cluster
 from segflow_components.tracking import tracked
 
@@ -33,7 +33,7 @@ def supervised(
     track, exit_handler = tracked(experiment, "supervised", locals())
     with exit_handler:
         data = on_cluster(import_data(source_uri=data_uri, val_fraction=val_fraction, seed=seed, **track), cache=False)
-        train_evaluate_export(
+        train_evaluate_export_register(
             data.outputs["dataset"],
             track,
             export_precision=export_precision,
