@@ -10,7 +10,7 @@ export SEGFLOW_HOME ?= $(CURDIR)/runs
 # The main pipeline's default parameters point here (relative to the checkout).
 DEMO_DATA := $(CURDIR)/runs/demo/data
 
-.PHONY: setup demo demo-data demo-adapt test lint format compile bench clean constraints preview
+.PHONY: test-fast setup demo demo-data demo-adapt test lint format compile bench clean constraints preview
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ demo-adapt: $(STAMP)
 # One test at a time per worker, the slow ones first (tests/conftest.py): the workers end together.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --maxschedchunk=1 --durations=12
+
+# Unit tests only (no pipeline, no training beyond a step): about a minute on 2 cores.
+FAST_TESTS = tests/test_lifecycle.py tests/test_engine.py tests/test_cli_options.py tests/test_docs.py \
+	tests/test_architecture.py tests/test_synth.py tests/test_models.py
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q $(FAST_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

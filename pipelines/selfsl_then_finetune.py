@@ -8,7 +8,7 @@ import labelled data -> pseudo masks (Felzenszwalb) -> DetCon pretraining -> fin
     kfp run create -e segflow -r my-run -f selfsl_then_finetune.yaml data_uri=s3://... unlabeled_uri=s3://...
 
 Felzenszwalb scale and minimum size, the pretraining view size, steps per epoch and learning rate
-are chosen from the unlabelled images when left at 0 (the README's "auto" rules; the chosen values are logged as
+are chosen from the unlabelled images when left at 0 ("auto" rules, docs/methods.md; the chosen values are logged as
 auto.* params of the pseudo-masks and pretrain runs). The other defaults are sized for the demo
 (96 px images, CPU); for real data, fine-tune longer and larger: input_size=512, epochs=300.
 """

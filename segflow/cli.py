@@ -196,7 +196,7 @@ def auto_number(value: str, setting: str, kind: type = float) -> float:
     return number
 
 
-AUTO_RULE = "auto: chosen from the image size (see the README)."
+AUTO_RULE = "auto: chosen from the image size (docs/methods.md)."
 Scale = Annotated[str, typer.Option(help=f"Felzenszwalb scale, or {AUTO_RULE}")]
 MinSize = Annotated[str, typer.Option(help=f"Felzenszwalb minimum region size in pixels, or {AUTO_RULE}")]
 Sigma = Annotated[float, typer.Option(help="Felzenszwalb Gaussian sigma.")]

@@ -19,7 +19,7 @@ def test_an_option_without_a_field_is_refused():
 @pytest.mark.parametrize(
     "args",
     [
-        ["data", "import", "{missing}", "{tmp}/ds"],
+        ["data", "import", "{missing}", "{tmp}/ds", "--no-track"],
         ["train", "--data", "{missing}", "--out", "{tmp}/m", "--no-track"],
         ["pretrain", "--images", "{missing}", "--out", "{tmp}/b", "--no-track"],
         [
