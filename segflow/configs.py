@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values (tuples to lists, other objects to strings): dataclass contents, results."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from segflow.configs import check_numbers, flatten
+from segflow.configs import check_numbers, flatten, json_safe
 from segflow.data import IGNORE_INDEX
 from segflow.data.datasets import Normalization, image_files, read_rgb, to_tensor
 from segflow.data.transforms import contrastive_pair
@@ -260,10 +260,3 @@ def train_detcon(
             "train_seconds": round(time.monotonic() - started, 1),
         },
     }
-
-
-def json_safe(value):
-    """Dataclass contents as plain JSON values (tuples to lists, other objects to strings)."""
-    import json
-
-    return json.loads(json.dumps(value, default=str))

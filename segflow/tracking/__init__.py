@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segflow.configs import flatten
+from segflow.configs import flatten, json_safe
 from segflow.errors import SegflowError
 from segflow.redact import redact, redact_logging
 from segflow.storage import home
@@ -310,7 +310,7 @@ class StageLog:
             return
         mlflow = _mlflow()
         self.metrics(result.get("metrics", {}))
-        mlflow.log_dict(_jsonable(result), name)
+        mlflow.log_dict(json_safe(result), name)
         for path in files:
             if Path(path).exists():
                 mlflow.log_artifact(str(path))
@@ -401,12 +401,6 @@ def _dataset_input(ref: DatasetRef):
     uri = ref.uri if "://" in ref.uri else str(Path(ref.uri).resolve())
     dataset = MetaDataset(resolve_dataset_source(uri), name=ref.name, digest=ref.fingerprint[:DIGEST_CHARS])
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, ref.context)])
-
-
-def _jsonable(value):
-    import json
-
-    return json.loads(json.dumps(value, default=str))
 
 
 @contextlib.contextmanager
