@@ -93,6 +93,48 @@ def test_no_import_cycles():
     assert [u for u in graph if reaches(u, u, {u})] == []
 
 
+def module_imports() -> dict[str, set[str]]:
+    """Module -> the segflow modules it imports (``from pkg import name`` counts as the module
+    ``pkg.name`` when there is one), lazy imports included."""
+    modules = {}
+    for path in sorted((REPO / "segflow").rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        modules[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]  # fmt: skip
+            else:
+                continue
+            graph.setdefault(name, set()).update(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def test_no_import_cycles_between_files():
+    graph = module_imports()
+    assert len(graph) > 40 and "segflow.data.manifest" in graph["segflow.data.importer"]  # the graph is real
+
+    def cycle_from(start: str) -> list[str]:
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return [*path, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return []
+
+    cycles = [" -> ".join(c) for c in map(cycle_from, sorted(graph)) if c]
+    assert cycles == [], "\n".join(cycles)
+
+
 def test_one_training_loop():
     """Every kind of training goes through segflow/train/engine.py: one epoch loop, one backward."""
     loops, backwards = [], []

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from segflow.errors import SegflowError
 from segflow.models import MODEL_NAMES, create_model
+from segflow.models.artifact import with_backbone
 from segflow.models.otx import convert_state_dict, detect_architecture, read_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "otx_reference"
@@ -128,7 +129,7 @@ def test_otx_lightning_checkpoint_converts_to_a_model_that_evaluates_and_exports
     # the backbone alone, for --init-backbone
     code, out, err = run_cli("models", "convert", tmp_path / "otx.ckpt", "--out", tmp_path / "bb", "--backbone-only")
     assert code == 0, err
-    create_model("lite_hrnet_s", 7, backbone_weights=str(tmp_path / "bb"))
+    with_backbone("lite_hrnet_s", 7, tmp_path / "bb")
 
 
 def test_convert_refuses_unknown_missing_and_mismatched_weights(tmp_path):

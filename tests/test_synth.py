@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segflow.data import indoor
-from segflow.data.synth import CLASSES, make_sample, preview_grid, synthesize
+from segflow.data.synth import CLASSES, indoor, make_sample, preview_grid, synthesize
 from segflow.errors import SegflowError
 
 
@@ -88,7 +87,7 @@ def test_refuses_non_empty_output(tmp_path):
 
 STREET_DIGESTS = {
     "source": "1360ca9c0c69169228cab5810b8c7ded466f814d1aaf35ceb2b564f202faae39",
-    # The camera palette keeps the source's hues since issue 10 (segflow/data/synth.py says why);
+    # The camera palette keeps the source's hues since issue 10 (segflow/data/synth/street.py says why);
     # scenes made before that differ in colour only.
     "target": "f2f0e7c1cadc2c381309e8c7cdd27f5b0fa905ca5eeb2ebca99bfb4861800218",
 }

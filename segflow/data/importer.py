@@ -44,6 +44,7 @@ from segflow.data.layouts import (
     read_labels,
     segnet_camvid,
 )
+from segflow.data.manifest import ItemResult
 from segflow.errors import SegflowError
 from segflow.parallel import map_all
 from segflow.storage import confined, walk_files
@@ -149,23 +150,6 @@ class ImportConfig:
                     f"--format {self.format!r} is not a Datumaro format. Segmentation formats: "
                     + ", ".join(SEGMENTATION_FORMATS)
                 )
-
-
-@dataclass
-class ItemResult:
-    """What one worker learned about one item; small and picklable."""
-
-    subset: str
-    name: str
-    problems: list[str] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
-    image_sha256: str = ""
-    source_path: str = ""
-    height: int = 0
-    width: int = 0
-    oriented: bool = False  # the image carried an EXIF orientation and was turned to it
-    label_pixels: np.ndarray | None = None  # 256 bins: label ids, 255 = ignore
-    channel_histogram: np.ndarray | None = None  # 3x256 counts of each RGB value
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import base64
 import hashlib
 import json
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,12 +20,26 @@ from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
 from segflow.storage import confined, read_json, sha256_file, walk_files
 
-if TYPE_CHECKING:
-    from segflow.data.importer import ItemResult
-
 SCHEMA = "segflow.dataset/1"
 MANIFEST = "manifest.json"
 SUBSET_ORDER = ("train", "val", "test")
+
+
+@dataclass
+class ItemResult:
+    """What one worker learned about one item; small and picklable."""
+
+    subset: str
+    name: str
+    problems: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    image_sha256: str = ""
+    source_path: str = ""
+    height: int = 0
+    width: int = 0
+    oriented: bool = False  # the image carried an EXIF orientation and was turned to it
+    label_pixels: np.ndarray | None = None  # 256 bins: label ids, 255 = ignore
+    channel_histogram: np.ndarray | None = None  # 3x256 counts of each RGB value
 
 
 def fingerprint(labels: list[str], files: dict[str, str]) -> str:

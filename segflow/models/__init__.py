@@ -88,26 +88,12 @@ def check_name(name: str, setting: str = "--model") -> str:
     return name
 
 
-def create_model(name: str, num_classes: int, aux: bool = False, backbone_weights: str | None = None) -> Segmentor:
-    """Build a segmentation model by name; ``backbone_weights``: a folder from `segflow pretrain`."""
+def create_model(name: str, num_classes: int, aux: bool = False) -> Segmentor:
+    """Build a segmentation model by name (``artifact.with_backbone`` starts one from pretrained weights)."""
     check_name(name, "model")
     if num_classes < 2:
         raise SegflowError(f"a segmentation model needs at least 2 classes (got {num_classes}).")
-    model = Segmentor(name, SPECS[name], num_classes, aux=aux)
-    if backbone_weights:
-        from segflow.models.artifact import load_backbone
-
-        state = load_backbone(backbone_weights, name)
-        try:
-            missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # shapes differ
-            raise SegflowError(f"{backbone_weights}: weights do not fit {name}: {str(exc)[:400]}") from None
-        if missing or unexpected:
-            raise SegflowError(
-                f"{backbone_weights}: weights do not fit {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
-            )
-    return model
+    return Segmentor(name, SPECS[name], num_classes, aux=aux)
 
 
 def count_parameters(model: nn.Module) -> int:

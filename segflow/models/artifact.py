@@ -337,6 +337,24 @@ def save_backbone(folder: str | Path, backbone: torch.nn.Module, config: dict) -
     _write_config(folder, {**config, "format": BACKBONE_FORMAT}, [BACKBONE_WEIGHTS])
 
 
+def with_backbone(name: str, num_classes: int, folder: str | Path | None) -> Segmentor:
+    """A new model whose backbone starts from ``folder`` (from `segflow pretrain`), when given."""
+    model = create_model(name, num_classes)
+    if not folder:
+        return model
+    state = load_backbone(folder, name)
+    try:
+        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ
+        raise SegflowError(f"{folder}: weights do not fit {name}: {str(exc)[:400]}") from None
+    if missing or unexpected:
+        raise SegflowError(
+            f"{folder}: weights do not fit {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
+        )
+    return model
+
+
 def load_backbone(folder: str | Path, architecture: str) -> dict[str, torch.Tensor]:
     """Backbone weights for ``architecture``, checked: format tag, architecture, checksums."""
     folder = Path(folder)

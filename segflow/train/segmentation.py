@@ -23,7 +23,6 @@ from segflow.data.datasets import Normalization, SegmentationDataset, UnlabeledI
 from segflow.errors import SegflowError
 from segflow.evaluate.scoring import eval_loader, score
 from segflow.models import artifact as model_artifact
-from segflow.models import create_model
 from segflow.models.lite_hrnet import SPECS
 from segflow.train.config import TrainConfig
 from segflow.train.engine import Objective, Stream, Training, fit
@@ -90,7 +89,7 @@ def train_segmenter(
     def build():
         if init_model_dir is not None:
             return model_artifact.create_from(init_model_dir)
-        return create_model(cfg.model, len(labels), backbone_weights=str(backbone_dir) if backbone_dir else None)
+        return model_artifact.with_backbone(cfg.model, len(labels), backbone_dir)
 
     def validate(model) -> dict:
         scores = score(model, val_loader, len(labels), next(model.parameters()).device)

@@ -12,7 +12,7 @@ It differs from the street scenes in everything the methods could have been tune
 
 The two domains mirror the street family's: ``source`` is a flat render, ``target`` a camera (warm
 light, texture, noise, blur, vignetting). Drawing and rendering share the street family's canvas and
-camera model (``segflow.data.synth``); everything is drawn from a numpy Generator seeded by (seed,
+camera model (``canvas.py``); everything is drawn from a numpy Generator seeded by (seed,
 family, domain, index), so the same seed gives the same bytes.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segflow.data.synth import Canvas, Scene, between, count
+from segflow.data.synth.canvas import Canvas, Scene, between, count
 
 CLASSES: tuple[str, ...] = ("wall", "floor", "ceiling", "window", "door", "table", "chair", "plant")
 WALL, FLOOR, CEILING, WINDOW, DOOR, TABLE, CHAIR, PLANT = range(len(CLASSES))
