@@ -181,6 +181,7 @@ def report(results: dict[str, list[dict]], args) -> None:
         f"\nlite_hrnet_s, {args.size} px, source-only {args.epochs}x{args.iters} steps, adaptation "
         f"{args.iterations} steps; target test set, seeds {args.seeds}: mean +- std"
     )
+    results = dict(results)  # the caller writes them out after the report: leave its dict whole
     choices = results.pop("snapshot choice", {})
     print(f"{'':30s} {'mIoU %':>16s} {'mDice %':>16s} {'vs source only':>15s} {'published mIoU':>15s}")
     base = mean_std("source only", "mIoU")[0]
