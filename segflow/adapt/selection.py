@@ -14,7 +14,7 @@ unlabelled target images (and held-out source images), each recorded in the arti
 
 ``CRITERIA`` turns those measurements into one score per snapshot (higher is better); ``DEFAULT``
 is the one ``segflow adapt`` chooses by. benchmarks/real_camvid.py compares them against the choice
-target labels would have made (RESULTS.md, "Snapshot choice without target labels").
+target labels would have made (RESULTS.md, "Real street scenes: CamVid day -> dusk").
 """
 
 from __future__ import annotations
