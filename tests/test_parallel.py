@@ -1,0 +1,34 @@
+"""segflow.parallel: the forked map that import and pseudo masks use."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from segflow.errors import SegflowError
+from segflow.parallel import map_all
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def dies_on_five(x: int) -> int:
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+    return x
+
+
+def test_forked_map_gives_the_serial_results_in_order_or_not():
+    items = list(range(40))
+    assert map_all(square, items, workers=2, desc="squares") == [x * x for x in items]
+    assert sorted(map_all(square, items, workers=2, desc="squares", ordered=False)) == [x * x for x in items]
+    assert map_all(square, items[:3], workers=2, desc="few") == [0, 1, 4]  # serial below min_parallel
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_dies_ends_the_map_with_an_error_instead_of_a_wait():
+    with pytest.raises(SegflowError, match=r"checking items: a worker process died.*--workers 1"):
+        map_all(dies_on_five, list(range(12)), workers=2, desc="checking items")
