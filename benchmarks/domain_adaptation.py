@@ -258,7 +258,8 @@ def throughput(args) -> None:
         if method == "supervised":
             objective = Objective()
         else:
-            cfg = AdaptConfig("-", "-", "-", "-", method=method, levels=levels, input_size=size)
+            settings = {"method": method, "levels": levels, "input_size": size, **json.loads(args.settings)}
+            cfg = AdaptConfig("-", "-", "-", "-", **settings)
             objective = make_objective(cfg, 7, Stream(None, batch), Normalization([128.0] * 3, [64.0] * 3))
         objective.setup(model, dist.device)
         parts = [Part(MAIN, list(model.parameters()) + objective.external_params(), Recipe(clip_norm=40.0))]
@@ -271,7 +272,8 @@ def throughput(args) -> None:
             times.append(time.perf_counter() - start)
         rows[label(method, levels) if method != "supervised" else "supervised step"] = statistics.median(times[2:])
     base = rows["supervised step"]
-    print(f"seconds per step, lite_hrnet_s, {size} px, batch {batch} (+{batch} target), {args.threads} threads")
+    print(f"seconds per step, lite_hrnet_s, {size} px, batch {batch} (+{batch} target), {args.threads} threads, "
+          f"settings {args.settings}")  # fmt: skip
     for name, seconds in rows.items():
         print(f"  {name:22s} {seconds:7.3f} s   x{seconds / base:5.2f} of a supervised step")
 

@@ -178,7 +178,9 @@ def labels_table(data: dict, work: Path, args) -> dict:
 
 
 def adapt_one(data: dict, work: Path, init: Path, method: str, levels: str, seed: int, args) -> Path:
-    out = work / "models" / f"adapt-{method}-{levels}-{seed}"
+    settings = json.loads(args.settings)
+    tag = "".join(f"-{k}={v}" for k, v in sorted(settings.items()))  # other settings, other models
+    out = work / "models" / f"adapt-{method}-{levels}-{seed}{tag}"
     if not done(out):
         cfg = AdaptConfig(
             source=str(data["day"]),
@@ -193,6 +195,7 @@ def adapt_one(data: dict, work: Path, init: Path, method: str, levels: str, seed
             seed=seed,
             select="label-free",
             overwrite=True,
+            **settings,
         )
         adapt_stage(cfg, track=False)
     return out
@@ -315,6 +318,7 @@ def main() -> int:
     parser.add_argument("--adapt-iterations", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--adapt-batch", type=int, default=4, help="adaptation batch (source and target each)")
+    parser.add_argument("--settings", default="{}", help="AdaptConfig fields as JSON")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     parser.add_argument("--adapt-methods", type=lambda s: tuple(s.split(":")), nargs="+", default=ADAPT_METHODS,
                         help="method:levels pairs, e.g. minent:single adaptsegnet:multi")  # fmt: skip

@@ -24,6 +24,7 @@ def adapt_model(
     lr: float = 0.0001,
     adv_weight: Optional[float] = None,  # noqa: UP045 (kfp reads the annotation: Optional, not "| None")
     ent_weight: float = 1.0,
+    disc_pool: int = 4,
     mix_weighting: str = "pixel",
     select: str = "auto",
     seed: int = 0,
@@ -59,6 +60,7 @@ def adapt_model(
         lr=lr,
         adv_weight=adv_weight,
         ent_weight=ent_weight,
+        disc_pool=disc_pool,
         mix_weighting=mix_weighting,
         select=select,
         seed=seed,

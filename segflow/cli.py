@@ -162,7 +162,9 @@ def train_cmd(
     init_backbone: Annotated[str, typer.Option(help="Backbone weights from `segflow pretrain`.")] = "",
     init_model: Annotated[str, typer.Option(help="A model folder to fine-tune (same classes and --model).")] = "",
     amp: Annotated[str, typer.Option(help="auto, off, bf16 or fp16.")] = "auto",
-    loader_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    loader_workers: Annotated[
+        int, typer.Option(help="Batch-reading processes; -1: none on CPU, up to 4 beside a GPU.")
+    ] = -1,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
 ) -> None:
     """Train a segmentation model (the OTX recipe); publish the best epoch's weights to OUT.
@@ -320,6 +322,10 @@ def adapt_cmd(
         float | None, typer.Option(help="Adversarial loss weight; default: 0.01 AdaptSegNet, 0.1 AdvEnt.")
     ] = None,
     ent_weight: Annotated[float, typer.Option(help="MinEnt: target entropy weight.")] = 1.0,
+    disc_pool: Annotated[
+        int,
+        typer.Option(help="AdaptSegNet, AdvEnt: discriminators read the maps average-pooled by this (1: full size)."),
+    ] = 4,
     mix_weighting: Annotated[
         str, typer.Option(help="DACS: weight pseudo-labels per pixel by the teacher's confidence, or per image.")
     ] = "pixel",

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_cli, run_import, run_train
 from PIL import Image
 from safetensors.torch import load_file
@@ -203,6 +204,27 @@ def test_each_adversarial_method_has_its_own_tuned_weight_unless_given():
     assert weights == {"adaptsegnet": 0.01, "advent": 0.1}
     assert AdaptConfig("-", "-", "-", "-", method="adaptsegnet", adv_weight=0.3).adversarial_weight == 0.3
     assert AdaptConfig("-", "-", "-", "-", method="adaptsegnet", adv_weight=0.0).adversarial_weight == 0.0
+
+
+def test_discriminators_read_maps_pooled_to_the_head_s_resolution_down_to_32_px():
+    """AdaptSegNet's and AdvEnt's discriminators read average-pooled maps: by --disc-pool (4), halved
+    while the map would be under the 32 px their five stride-2 convolutions need; 1 keeps them whole."""
+    from segflow.adapt.objectives import Adversarial
+
+    logits = torch.randn(2, 7, 256, 192)
+    for maps in ("softmax", "self_information"):
+        pooled = Adversarial(AdaptConfig("-", "-", "-", "-"), None, 7, maps).map(logits)
+        assert pooled.shape == (2, 7, 64, 48)
+    whole = Adversarial(AdaptConfig("-", "-", "-", "-", disc_pool=1), None, 7, "softmax").map(logits)
+    assert torch.allclose(
+        F.avg_pool2d(whole, 4), Adversarial(AdaptConfig("-", "-", "-", "-"), None, 7, "softmax").map(logits)
+    )
+    assert torch.allclose(whole.sum(1), torch.ones(2, 256, 192))  # still probabilities
+    small = Adversarial(AdaptConfig("-", "-", "-", "-"), None, 7, "softmax")
+    assert small.map(torch.randn(1, 7, 64, 64)).shape[-2:] == (32, 32)
+    assert small.map(torch.randn(1, 7, 48, 48)).shape[-2:] == (48, 48)
+    with pytest.raises(SegflowError, match="--disc-width and --disc-pool must be at least 1"):
+        AdaptConfig("s", "t", "i", "o", disc_pool=0).validate()
 
 
 def test_entropy_weight_scales_the_target_term_on_both_levels():

@@ -126,3 +126,17 @@ def test_checkpoint_errors_say_what_to_do(tmp_path):
     assert not empty.folder.exists()
     CheckpointSaver(tmp_path / "rank1", one_process(rank=1)).save(model, [p], Objective(), {})
     assert not (tmp_path / "rank1").exists()  # only the main process writes
+
+
+def test_loader_workers_auto_is_none_on_cpu_and_the_spare_cores_beside_a_gpu(monkeypatch):
+    from segflow.train import engine
+
+    monkeypatch.setattr(engine, "cpu_count", lambda: 16)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert engine.loader_workers(-1, cpu) == 0  # the cores run the model
+    assert engine.loader_workers(-1, gpu) == 4 and engine.loader_workers(-1, gpu, processes=8) == 1
+    monkeypatch.setattr(engine, "cpu_count", lambda: 1)
+    assert engine.loader_workers(-1, gpu) == 0
+    assert engine.loader_workers(3, cpu) == 3 and engine.loader_workers(0, gpu) == 0  # asked for: kept
+    with pytest.raises(SegflowError, match="--loader-workers must be -1"):
+        engine.loader_workers(-2, cpu)

@@ -191,7 +191,8 @@ def test_pretraining_resumes(images, tmp_path):
         run_pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2, resume=True, lr=0.1))
     resumed = run_pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2, resume=True))
     assert resumed["history"] == [
-        dict(h, epoch_seconds=r["epoch_seconds"]) for h, r in zip(straight["history"], resumed["history"], strict=True)
+        h | {k: r[k] for k in ("epoch_seconds", "data_wait_seconds", "data_wait_share")}
+        for h, r in zip(straight["history"], resumed["history"], strict=True)
     ]
     a = load_file(str(tmp_path / "a" / "backbone.safetensors"))
     b = load_file(str(tmp_path / "b" / "backbone.safetensors"))

@@ -27,6 +27,7 @@ from segflow.evaluate.evaluation import EvalConfig
 from segflow.storage import sha256_file
 from segflow.train.config import MeanTeacherConfig, SupConConfig, TrainConfig
 
+TIMINGS = ("epoch_seconds", "data_wait_seconds", "data_wait_share")
 TINY = {"model": "lite_hrnet_s", "input_size": 64, "batch_size": 4, "early_stop_patience": 100}
 
 
@@ -74,14 +75,17 @@ def test_training_learns_and_publishes_a_model(tiny, tmp_path):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
 
-def test_same_seed_same_result(dataset, tmp_path):
+def test_same_seed_same_result_with_or_without_loader_workers(dataset, tmp_path):
+    """Augmentation draws from (seed, epoch, item), so worker processes change nothing but the wait."""
     a = run_train(cfg(dataset, tmp_path / "a", epochs=2, seed=3))
-    b = run_train(cfg(dataset, tmp_path / "b", epochs=2, seed=3))
+    b = run_train(cfg(dataset, tmp_path / "b", epochs=2, seed=3, loader_workers=2))
 
     def timeless(summary):
-        return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in summary["history"]]
+        return [{k: v for k, v in h.items() if k not in TIMINGS} for h in summary["history"]]
 
     assert timeless(a) == timeless(b)
+    for record in a["history"] + b["history"]:
+        assert 0 < record["data_wait_seconds"] < record["epoch_seconds"] and 0 < record["data_wait_share"] < 1
     first, second = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(v, second[k]) for k, v in first.items())
 

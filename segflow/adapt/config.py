@@ -58,6 +58,10 @@ class AdaptConfig:
     # Discriminators (AdaptSegNet, AdvEnt).
     disc_lr: float = 1e-4
     disc_width: int = 64
+    # The maps a discriminator reads are average-pooled by this factor first (halved while the pooled
+    # map would be under 32 px, the least its five stride-2 convolutions take): Lite-HRNet predicts
+    # at 1/4 of the input, so pooling by 4 loses little, and the discriminators then cost 1/16.
+    disc_pool: int = 4
     # Loss weights on the main output; the auxiliary output (multi-level) gets aux_ratio of them, the
     # papers' 0.0002 / 0.001. The papers' main weights are 0.001 (adversarial and entropy); these are
     # 10x (AdaptSegNet), 100x (AdvEnt) and 1000x (MinEnt) that, the best of sweeps on the synthetic
@@ -80,7 +84,7 @@ class AdaptConfig:
     select: str = "auto"
     amp: str = "auto"
     channels_last: str = "auto"
-    loader_workers: int = 0
+    loader_workers: int = -1  # -1: auto (engine.loader_workers)
     resume: bool = False
     overwrite: bool = False
     checkpoint_dir: str = ""  # local folder or s3:// prefix; default: beside OUT (see storage.Checkpoints)
@@ -115,6 +119,7 @@ class AdaptConfig:
             (self.iterations >= 1, "--iterations must be at least 1"),
             (self.eval_every >= 1, "--eval-every must be at least 1"),
             (self.lr > 0 and self.disc_lr > 0, "--lr and --disc-lr must be positive"),
+            (self.disc_width >= 1 and self.disc_pool >= 1, "--disc-width and --disc-pool must be at least 1"),
             (0 < self.confidence < 1, "--confidence must be between 0 and 1"),
             (
                 self.adversarial_weight >= 0 and self.ent_weight >= 0,

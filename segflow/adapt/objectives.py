@@ -139,7 +139,11 @@ class Adversarial(TwoDomains):
 
     def map(self, logits: torch.Tensor) -> torch.Tensor:
         probs = probabilities(logits)
-        return probs if self.maps == "softmax" else self_information(probs)
+        maps = probs if self.maps == "softmax" else self_information(probs)
+        pool = self.cfg.disc_pool
+        while pool > 1 and min(maps.shape[-2:]) < 32 * pool:
+            pool //= 2
+        return F.avg_pool2d(maps, pool, ceil_mode=True) if pool > 1 else maps
 
     def loss(self, net, batch, step):
         out, n, seg = self.forward(net, batch)

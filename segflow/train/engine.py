@@ -29,7 +29,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from segflow.configs import differences
 from segflow.errors import SegflowError
 from segflow.models import FUNCTION_VERSION
 from segflow.models import artifact as model_artifact
+from segflow.parallel import cpu_count
 from segflow.progress import progress
 from segflow.storage import exclusive, writing
 
@@ -66,7 +67,7 @@ class LoopConfig:
     exact_iters: bool = False  # iters_per_epoch exactly, however long the data (adaptation's snapshots)
     amp: str = "auto"  # auto: bf16 (or fp16) on CUDA, off on CPU; or off / bf16 / fp16
     channels_last: str = "auto"  # auto: on for CUDA
-    loader_workers: int = 0
+    loader_workers: int = -1  # -1: auto (see loader_workers)
     early_stop_patience: int = 0  # epochs without a validation gain before stopping; 0: never
     early_stop_min_delta: float = 0.001
     early_stop_start: int = 3  # no early stop before this epoch
@@ -531,11 +532,13 @@ def train_one_epoch(
 ) -> dict:
     """One pass of ``iters`` steps; returns the epoch's mean losses and logs."""
     epoch, iters, total = state["epoch"], env["iters"], env["total"]
-    extra = {name: iter(stream_loader) for name, stream_loader in streams.items()}
+    waits = Waits()
+    extra = {name: waits.timed(stream_loader) for name, stream_loader in streams.items()}
     net.train()
     objective.train()
     sums: dict[str, float] = {}
-    for batch in progress(loader, iters, f"epoch {epoch + 1}/{run.loop.epochs}", every_s=60):
+    started = time.perf_counter()
+    for batch in waits.timed(progress(loader, iters, f"epoch {epoch + 1}/{run.loop.epochs}", every_s=60)):
         it = state["iteration"]
         for part in parts:
             part.set_lr(it, total)
@@ -554,7 +557,28 @@ def train_one_epoch(
         state["iteration"] = it + 1
         for key, value in {"loss": loss_value, **logs}.items():
             sums[key] = sums.get(key, 0.0) + float(value)
-    return {f"train_{k}": v / iters for k, v in sums.items()}
+    seconds = time.perf_counter() - started
+    means = {f"train_{k}": v / iters for k, v in sums.items()}
+    return means | {"data_wait_seconds": waits.seconds, "data_wait_share": waits.seconds / max(seconds, 1e-9)}
+
+
+class Waits:
+    """The seconds a loop spent waiting for its next batch: reading and augmenting in this process
+    (no loader workers), or what the workers had not prepared in time."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, items: Iterable) -> Iterator:
+        items = iter(items)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            yield item
 
 
 def validate(model: nn.Module, run: Training) -> dict:
@@ -568,9 +592,29 @@ def validate(model: nn.Module, run: Training) -> dict:
         model.train(was_training)
 
 
+def loader_workers(requested: int, device: torch.device, processes: int = 1) -> int:
+    """Worker processes reading and augmenting batches. -1 (auto): none on CPU, where the cores
+    already run the model and a worker would take them from it; beside an accelerator, this
+    process's share of the cores less one for the loop, at most 4."""
+    if requested < -1:
+        raise SegflowError(f"--loader-workers must be -1 (auto), 0 (none) or more (got {requested}).")
+    if requested >= 0:
+        return requested
+    if device.type == "cpu":
+        return 0
+    return max(0, min(4, cpu_count() // max(1, processes) - 1))
+
+
 def _loader(dataset: Dataset, batch_size: int, iters: int, seed: int, dist: Dist, workers: int):
     sampler = EpochSampler(len(dataset), batch_size, iters, seed, dist)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=dist.device.type == "cuda",  # page-locked batches copy to the device asynchronously
+    )
     return loader, sampler
 
 
@@ -626,9 +670,10 @@ def _fit(run: Training, dist: Dist, saver: CheckpointSaver, on_epoch: Callable[[
     if loop.exact_iters and loop.iters_per_epoch:
         iters = loop.iters_per_epoch
     total = iters * loop.epochs
-    loader, sampler = _loader(run.data, loop.batch_size, iters, loop.seed, dist, loop.loader_workers)
+    workers = loader_workers(loop.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    loader, sampler = _loader(run.data, loop.batch_size, iters, loop.seed, dist, workers)
     streams = {
-        name: _loader(s.dataset, s.batch_size, iters, loop.seed + k + 1, dist, 0)
+        name: _loader(s.dataset, s.batch_size, iters, loop.seed + k + 1, dist, workers)
         for k, (name, s) in enumerate(objective.streams().items())
     }
     if len(run.data) < loop.batch_size:
