@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from train_throughput import synchronize
+
 from segflow.adapt.config import AdaptConfig
 from segflow.adapt.selection import CRITERIA, picks
 from segflow.data.importer import ImportConfig
@@ -235,7 +237,7 @@ def class_shares(results: dict[str, list[dict]]) -> None:
         print(f"{name:30s} " + " ".join(f"{100 * v:10.1f}" for v in shares))
 
 
-def throughput(args) -> None:
+def throughput(args) -> dict[str, float]:
     """Seconds per step of each method beside a plain supervised step, same batches, same process."""
     import torch
 
@@ -247,9 +249,13 @@ def throughput(args) -> None:
     torch.set_num_threads(args.threads)
     size, batch = args.size, 8
     dist = Dist()
-    autocast, scaler = autocast_for("off", dist.device)
-    source = {"image": torch.randn(batch, 3, size, size), "mask": torch.randint(0, 7, (batch, size, size))}
-    target = {"image": torch.randn(batch, 3, size, size)}
+    autocast, scaler = autocast_for(args.amp, dist.device)
+    device = dist.device
+    source = {
+        "image": torch.randn(batch, 3, size, size, device=device),
+        "mask": torch.randint(0, 7, (batch, size, size), device=device),
+    }
+    target = {"image": torch.randn(batch, 3, size, size, device=device)}
     rows = {}
     for method, levels in [("supervised", "single"), *args.methods]:
         torch.manual_seed(0)
@@ -261,7 +267,8 @@ def throughput(args) -> None:
             settings = {"method": method, "levels": levels, "input_size": size, **json.loads(args.settings)}
             cfg = AdaptConfig("-", "-", "-", "-", **settings)
             objective = make_objective(cfg, 7, Stream(None, batch), Normalization([128.0] * 3, [64.0] * 3))
-        objective.setup(model, dist.device)
+        model.to(device)
+        objective.setup(model, device)
         parts = [Part(MAIN, list(model.parameters()) + objective.external_params(), Recipe(clip_norm=40.0))]
         parts += objective.parts()
         batch_dict = {**source, "target": target}
@@ -269,13 +276,15 @@ def throughput(args) -> None:
         for i in range(args.steps + 2):
             start = time.perf_counter()
             train_step(model, objective, parts, batch_dict, Step(0, i, 0, 100), autocast, scaler, dist)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         rows[label(method, levels) if method != "supervised" else "supervised step"] = statistics.median(times[2:])
     base = rows["supervised step"]
-    print(f"seconds per step, lite_hrnet_s, {size} px, batch {batch} (+{batch} target), {args.threads} threads, "
-          f"settings {args.settings}")  # fmt: skip
+    print(f"seconds per step on {device.type} (amp {args.amp}), lite_hrnet_s, {size} px, batch {batch} "
+          f"(+{batch} target), {args.threads} threads, settings {args.settings}")  # fmt: skip
     for name, seconds in rows.items():
         print(f"  {name:22s} {seconds:7.3f} s   x{seconds / base:5.2f} of a supervised step")
+    return rows
 
 
 def merged(files: list[Path], args) -> dict[str, list[dict]]:
@@ -315,6 +324,7 @@ def main() -> None:
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--steps", type=int, default=10, help="--throughput: timed steps per method")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--amp", default="off", help="--throughput: off, bf16, fp16 or auto")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--merge", type=Path, nargs="+", help="print one table from --out files (one seed each)")
     args = parser.parse_args()

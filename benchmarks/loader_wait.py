@@ -26,6 +26,43 @@ from segflow.stages import import_stage, train_stage
 from segflow.train.config import TrainConfig
 
 
+def measure(size: int, images: int, steps: int, batch: int, workers: list[int], data: Path | None = None):
+    """[(workers, the epoch's record)] of one epoch per worker count, and whether the weights agree."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if data is None:
+            raw = synthesize(work / "raw", "source", images, size, seed=0)
+            data = work / "data"
+            import_stage(ImportConfig(str(raw), str(data)), track=False)
+        rows, weights = [], []
+        for count in workers:
+            out = work / f"model-{count}"
+            cfg = TrainConfig(
+                data=str(data),
+                out=str(out),
+                epochs=1,
+                iters_per_epoch=steps,
+                batch_size=batch,
+                input_size=size,
+                loader_workers=count,
+            )
+            rows.append((count, train_stage(cfg, track=False)["history"][0]))
+            weights.append(load_file(str(out / "model.safetensors")))
+    same = all(all(torch.equal(w[k], weights[0][k]) for k in w) for w in weights[1:])
+    return rows, same
+
+
+def print_rows(rows: list, same: bool, steps: int) -> None:
+    print(f"{'loader workers':>15s} {'s / step':>9s} {'waited s':>9s} {'share':>7s}")
+    for workers, record in rows:
+        loop = record["data_wait_seconds"] / record["data_wait_share"]  # the steps, without validation
+        print(
+            f"{workers:15d} {loop / steps:9.3f} {record['data_wait_seconds']:9.2f} "
+            f"{100 * record['data_wait_share']:6.1f}%"
+        )
+    print(f"identical weights across worker counts: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256, help="image and input size (px)")
@@ -38,38 +75,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        data = args.data
-        if data is None:
-            raw = synthesize(work / "raw", "source", args.images, args.size, seed=0)
-            data = work / "data"
-            import_stage(ImportConfig(str(raw), str(data)), track=False)
-        rows, weights = [], []
-        for workers in args.workers:
-            out = work / f"model-{workers}"
-            cfg = TrainConfig(
-                data=str(data),
-                out=str(out),
-                epochs=1,
-                iters_per_epoch=args.steps,
-                batch_size=args.batch_size,
-                input_size=args.size,
-                loader_workers=workers,
-            )
-            record = train_stage(cfg, track=False)["history"][0]
-            rows.append((workers, record))
-            weights.append(load_file(str(out / "model.safetensors")))
-    same = all(all(torch.equal(w[k], weights[0][k]) for k in w) for w in weights[1:])
+    rows, same = measure(args.size, args.images, args.steps, args.batch_size, args.workers, args.data)
     print(f"lite_hrnet_s, {args.size} px, batch {args.batch_size}, {args.steps} steps, {args.threads} threads")
-    print(f"{'loader workers':>15s} {'s / step':>9s} {'waited s':>9s} {'share':>7s}")
-    for workers, record in rows:
-        loop = record["data_wait_seconds"] / record["data_wait_share"]  # the steps, without validation
-        print(
-            f"{workers:15d} {loop / args.steps:9.3f} {record['data_wait_seconds']:9.2f} "
-            f"{100 * record['data_wait_share']:6.1f}%"
-        )
-    print(f"identical weights across worker counts: {same}")
+    print_rows(rows, same, args.steps)
 
 
 if __name__ == "__main__":
