@@ -10,7 +10,8 @@ import labelled data -> pseudo masks (Felzenszwalb) -> DetCon pretraining -> fin
 Felzenszwalb scale and minimum size, the pretraining view size, steps per epoch and learning rate
 are chosen from the unlabelled images when left at 0 ("auto" rules, docs/methods.md; the chosen values are logged as
 auto.* params of the pseudo-masks and pretrain runs). The other defaults are sized for the demo
-(96 px images, CPU); for real data, fine-tune longer and larger: input_size=512, epochs=300.
+(96 px images, CPU: `make demo` in about 4 minutes with its install); for real data, pretrain and
+fine-tune longer and larger (more pretrain_epochs; input_size=512, epochs=300).
 """
 
 from kfp import dsl
@@ -30,7 +31,7 @@ def selfsl_then_finetune(
     finetune_method: str = "supervised",
     felzenszwalb_scale: float = 0.0,
     felzenszwalb_min_size: int = 0,
-    pretrain_epochs: int = 10,  # x 50 steps on the demo's 96 images (the auto steps-per-epoch rule)
+    pretrain_epochs: int = 6,  # x 50 steps on the demo's 96 images (the auto steps-per-epoch rule)
     pretrain_batch_size: int = 16,
     pretrain_input_size: int = 0,
     pretrain_lr: float = 0.0,
