@@ -55,7 +55,8 @@ def measure(size: int, images: int, steps: int, batch: int, workers: list[int], 
 def print_rows(rows: list, same: bool, steps: int) -> None:
     print(f"{'loader workers':>15s} {'s / step':>9s} {'waited s':>9s} {'share':>7s}")
     for workers, record in rows:
-        loop = record["data_wait_seconds"] / record["data_wait_share"]  # the steps, without validation
+        share = record["data_wait_share"]  # of the steps' time, without validation; 0 when never waited
+        loop = record["data_wait_seconds"] / share if share else float("nan")
         print(
             f"{workers:15d} {loop / steps:9.3f} {record['data_wait_seconds']:9.2f} "
             f"{100 * record['data_wait_share']:6.1f}%"
