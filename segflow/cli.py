@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from segflow.data import MAX_IMAGE_PIXELS
 from segflow.errors import SegflowError
 from segflow.redact import redact, redact_logging
 
@@ -155,6 +156,15 @@ def train_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     iters_per_epoch: Annotated[int, typer.Option(help="At least this many steps per epoch (small data).")] = 0,
+    tile: Annotated[
+        str,
+        typer.Option(
+            help="Large images: train and predict on tiles of SIZE px at native resolution (replaces "
+            "--input-size), or auto (from object sizes); 0: whole images."
+        ),
+    ] = "0",
+    tile_overlap: Annotated[float, typer.Option(help="Share of a tile shared with its neighbour (0-0.75).")] = 0.25,
+    tile_scale: Annotated[float, typer.Option(help="Resize images by this factor before tiling.")] = 1.0,
     max_labeled: Annotated[int, typer.Option(help="Use only the first N labelled images; 0 = all.")] = 0,
     early_stop_patience: Annotated[int, typer.Option()] = 8,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
@@ -175,6 +185,7 @@ def train_cmd(
     from segflow.stages import train_stage
     from segflow.train.config import TrainConfig, method_settings
 
+    options["tile"] = tile_option(tile)
     result = train_stage(
         from_options(TrainConfig, options, ("method", "unlabeled", "track"), **method_settings(method, unlabeled)),
         track=track,
@@ -183,6 +194,16 @@ def train_cmd(
         f"best val mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
         f"({result['epochs_run']} epochs) -> {out}"
     )
+
+
+def tile_option(value: str) -> int:
+    """--tile: a tile side in pixels, ``auto`` (stored as -1) or 0 (off)."""
+    if value.strip().lower() == "auto":
+        return -1
+    try:
+        return int(value)
+    except ValueError:
+        raise SegflowError(f"--tile must be a tile side in pixels, auto, or 0 (got {value!r}).") from None
 
 
 def auto_number(value: str, setting: str, kind: type = float) -> float:
@@ -471,9 +492,13 @@ def predict_cmd(
     ids: Annotated[
         str, typer.Option(help="Mask values: train (class index) or dataset (the training data's own label ids).")
     ] = "train",
+    max_image_pixels: Annotated[
+        int, typer.Option(help="Refuse larger images unread (a decompression-bomb guard); raise it for huge images.")
+    ] = MAX_IMAGE_PIXELS,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
-    """Masks and colour overlays for images; unreadable images are reported and skipped."""
+    """Masks and colour overlays for images; unreadable images are reported and skipped. A model
+    trained with --tile predicts tile by tile, at native resolution, in bounded memory."""
     options = dict(locals())  # the command's options, before any other name
     from segflow.export.predict import PredictConfig
     from segflow.stages import predict_stage

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -11,12 +13,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from segflow.data import MAX_IMAGE_PIXELS
 from segflow.data import manifest as manifest_lib
 from segflow.data.transforms import (
     AugmentConfig,
     contrastive_pair,
     resize_for_eval,
     strong_augment,
+    tile_crop,
     train_augment,
     weak_augment,
 )
@@ -35,10 +39,36 @@ def image_error(exc: Exception) -> str:
     return re.sub(r"'[^']*/[^']*'", "the file", text) or type(exc).__name__
 
 
-def read_rgb(path: Path) -> np.ndarray:
+_CV2_DECODE_PIXELS = 32_000_000  # above this, decode with OpenCV: straight to RGB, no second copy
+_pil_limit = threading.Lock()
+
+
+def read_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB; refused before decoding when it has over ``max_pixels``."""
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        with _pil_limit:
+            previous = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None  # our own check below, with the caller's limit
+            try:
+                img = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise SegflowError(
+                    f"{path}: {width} x {height} is {width * height:,} pixels, more than the limit of "
+                    f"{max_pixels:,} (a guard against decompression bombs). If the image is genuine, raise the "
+                    f"limit: --max-image-pixels {width * height}."
+                )
+            if width * height <= _CV2_DECODE_PIXELS:
+                return np.asarray(img.convert("RGB"))
+        decoded = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise OSError("OpenCV cannot decode it")
+        return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB, dst=decoded)
+    except SegflowError:
+        raise
     except Exception as exc:
         raise SegflowError(f"{path}: cannot read image: {image_error(exc)}.") from None
 
@@ -83,6 +113,7 @@ class SegmentationDataset(Dataset):
         names: list[str] | None = None,
         square: bool = False,
         views: bool = False,
+        tile_scale: float = 0.0,
     ) -> None:
         self.root = Path(root)
         manifest = manifest_lib.read(self.root)
@@ -101,6 +132,10 @@ class SegmentationDataset(Dataset):
         self.augment = augment or AugmentConfig()
         self.square = square  # eval images to exactly size x size (a fixed-shape export's input)
         self.views = views
+        # Tiled training (tile_scale > 0): samples are size x size tiles cut from the full images at
+        # tile_scale, half of them centred on a pixel of a class drawn with weight 1 / sqrt(its share).
+        self.tile_scale = tile_scale
+        self.focus = class_focus(manifest["subsets"][subset]["label_pixels"]) if tile_scale else None
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -110,7 +145,12 @@ class SegmentationDataset(Dataset):
         original = read_rgb(self.images[index])
         labels = np.asarray(Image.open(self.masks[index]))
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        if self.train:
+        if self.train and self.tile_scale:
+            focus = self.focus_pixel(rng, labels)
+            tile, tile_mask = tile_crop(rng, original, labels, self.size, self.tile_scale, focus)
+            inside_tile = replace(self.augment, scale_range=(1.0, 1.0))  # the tile is the crop
+            image, mask = train_augment(rng, tile, tile_mask, self.size, inside_tile)
+        elif self.train:
             image, mask = train_augment(rng, original, labels, self.size, self.augment)
         elif self.square:
             image, mask = cv2.resize(original, (self.size, self.size), interpolation=cv2.INTER_LINEAR), labels
@@ -124,6 +164,26 @@ class SegmentationDataset(Dataset):
 
     def tensor(self, image: np.ndarray) -> torch.Tensor:
         return to_tensor(image, self.norm.mean, self.norm.std)
+
+    def focus_pixel(self, rng: np.random.Generator, labels: np.ndarray) -> tuple[int, int] | None:
+        """Half the time, a random pixel of a class drawn by ``self.focus`` among those present."""
+        if rng.random() < 0.5:
+            return None
+        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256)[: len(self.focus)])
+        if not present.size:
+            return None
+        weights = self.focus[present] / self.focus[present].sum()
+        chosen = rng.choice(present, p=weights)
+        pixels = np.flatnonzero(labels.ravel() == chosen)
+        return divmod(int(pixels[rng.integers(len(pixels))]), labels.shape[1])
+
+
+def class_focus(label_pixels: list[int]) -> np.ndarray:
+    """How often each class is chosen as a tile's centre: 1 / sqrt(its share of the labelled
+    pixels), so rare classes are seen often without drowning the rest (absent classes: 0)."""
+    pixels = np.asarray(label_pixels, dtype=np.float64)
+    share = pixels / max(pixels.sum(), 1.0)
+    return np.where(share > 0, 1 / np.sqrt(np.maximum(share, 1e-12)), 0.0)
 
 
 def _labels(mask: np.ndarray) -> torch.Tensor:

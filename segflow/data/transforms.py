@@ -246,6 +246,37 @@ def contrastive_pair(
     return v1, m1, v2, m2
 
 
+def tile_crop(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    scale: float,
+    focus: tuple[int, int] | None = None,
+    jitter: tuple[float, float] = (0.8, 1.25),
+) -> tuple[np.ndarray, np.ndarray]:
+    """A training tile cut from a full-resolution image: a square of ``size / scale`` image pixels
+    (times a small random zoom, ``jitter``), around ``focus`` (row, column) when given, else
+    anywhere; resized to ``size``. Beyond the image's edge: image 0, mask ignore."""
+    h, w = image.shape[:2]
+    side = max(1, round(size / (scale * rng.uniform(*jitter))))
+    if focus is None:
+        y = int(rng.integers(min(0, h - side), max(0, h - side) + 1))
+        x = int(rng.integers(min(0, w - side), max(0, w - side) + 1))
+    else:  # the focus pixel lands anywhere in the tile's middle half
+        y = focus[0] - side // 2 + int(rng.integers(-side // 4, side // 4 + 1))
+        x = focus[1] - side // 2 + int(rng.integers(-side // 4, side // 4 + 1))
+        y, x = min(max(y, min(0, h - side)), max(0, h - side)), min(max(x, min(0, w - side)), max(0, w - side))
+    top, left, bottom, right = max(0, -y), max(0, -x), max(0, y + side - h), max(0, x + side - w)
+    image = image[max(0, y) : y + side, max(0, x) : x + side]
+    mask = mask[max(0, y) : y + side, max(0, x) : x + side]
+    if top or left or bottom or right:
+        image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        mask = cv2.copyMakeBorder(mask, top, bottom, left, right, cv2.BORDER_CONSTANT, value=IGNORE_INDEX)
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
+    return image, cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+
+
 def resize_for_eval(image: np.ndarray, size: int) -> np.ndarray:
     """Shorter side to ``size``, aspect kept; masks stay at their own resolution for scoring."""
     h, w = image.shape[:2]

@@ -22,7 +22,7 @@ from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset, read_rgb
 from segflow.errors import SegflowError
 from segflow.evaluate.pictures import comparison_grid, confusion_heatmap, overlay_grid
-from segflow.evaluate.scoring import eval_loader, score
+from segflow.evaluate.scoring import eval_loader, score, score_images
 from segflow.models import artifact as model_artifact
 from segflow.models.outputs import entropy_map, probabilities
 
@@ -45,7 +45,7 @@ def run_evaluation(
     """Score the model in ``model_dir`` on ``data_dir``'s subset; write metrics and pictures into ``out_dir``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config = model_artifact.load(model_dir, device)
-    baseline = model_artifact.load(baseline_dir, device)[0] if baseline_dir is not None else None
+    baseline, baseline_config = model_artifact.load(baseline_dir, device) if baseline_dir is not None else (None, {})
     manifest = manifest_lib.read(data_dir, verify=True)
     labels = config["labels"]
     if manifest["labels"] != labels:
@@ -73,7 +73,20 @@ def run_evaluation(
 
         return keep
 
-    scores = score(model, loader, len(labels), device, keep=keeper("model"))
+    def tiled_keeper(name: str):
+        def keep(index: int, prediction: np.ndarray, entropy: np.ndarray) -> None:
+            truth = np.asarray(Image.open(dataset.masks[index]))
+            sample = samples.setdefault(index, {"image": read_rgb(dataset.images[index]), "truth": truth})
+            sample[name] = {"prediction": prediction, "entropy": entropy}
+
+        return keep
+
+    def run_scoring(net, net_config: dict, name: str) -> dict:
+        if net_config.get("tiling"):  # whole images, tiled as deployment tiles them
+            return score_images(net, dataset, net_config, device, tiled_keeper(name), cfg.num_pictures)
+        return score(net, loader, len(labels), device, keep=keeper(name))
+
+    scores = run_scoring(model, config, "model")
     per_class = {name: {"dice": scores["dice"][i], "iou": scores["iou"][i]} for i, name in enumerate(labels)}
     metrics = {
         "mDice": scores["mDice"],
@@ -96,7 +109,7 @@ def run_evaluation(
         **{f"dice_{name}": v["dice"] for name, v in per_class.items() if v["dice"] is not None},
     }
     if baseline is not None:
-        base = score(baseline, loader, len(labels), device, keep=keeper("baseline"))
+        base = run_scoring(baseline, baseline_config, "baseline")
         metrics["baseline"] = {"source": str(cfg.baseline), "mDice": base["mDice"], "mIoU": base["mIoU"]}
         metrics["metrics"] |= {"baseline_mDice": base["mDice"], "baseline_mIoU": base["mIoU"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
+from segflow.data.datasets import read_rgb
 from segflow.evaluate.metrics import ConfusionMatrix
 from segflow.models.outputs import upsample
+from segflow.models.tiling import segment_image
 
 
 def eval_loader(dataset, batch_size: int, uniform_size: bool) -> DataLoader:
@@ -38,6 +42,31 @@ def score(
         confusion.update(upsample(logits, masks.shape[-2:]).argmax(1), masks)
         if keep is not None:
             keep(batch, logits.cpu())
+    scores = confusion.scores()
+    scores["confusion_matrix"] = confusion.matrix.tolist()
+    return scores
+
+
+def score_images(
+    model,
+    dataset,
+    config: dict,
+    device: torch.device | str = "cpu",
+    keep: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    keep_first: int = 0,
+) -> dict:
+    """Scores of a tiled model over a SegmentationDataset's full-size images, each segmented as
+    deployment does (:func:`segflow.models.tiling.segment_image`). ``keep(index, labels,
+    entropy)`` sees the first ``keep_first`` images' predictions, for pictures."""
+    confusion = ConfusionMatrix(len(config["labels"]))
+    for index in range(len(dataset)):
+        image = read_rgb(dataset.images[index])
+        truth = np.array(Image.open(dataset.masks[index]))
+        wanted = keep is not None and index < keep_first
+        labels, entropy = segment_image(model, image, config, entropy=wanted, device=device)
+        confusion.update(torch.from_numpy(labels), torch.from_numpy(truth))
+        if wanted:
+            keep(index, labels, entropy.astype(np.float32))
     scores = confusion.scores()
     scores["confusion_matrix"] = confusion.matrix.tolist()
     return scores

@@ -19,18 +19,26 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from segflow.data.datasets import IMAGE_SUFFIXES, Normalization, image_files, read_rgb, to_tensor
+from segflow.data import MAX_IMAGE_PIXELS
+from segflow.data.datasets import (
+    IMAGE_SUFFIXES,
+    Normalization,
+    image_files,
+    read_rgb,
+    to_tensor,
+)
 from segflow.data.transforms import resize_for_eval
 from segflow.errors import SegflowError
 from segflow.evaluate.pictures import overlay
 from segflow.models import artifact as model_artifact
 from segflow.models import outputs
 from segflow.models.ir import IRSegmentor
+from segflow.models.tiling import segment_image
 from segflow.palette import palette
 from segflow.progress import progress
 
@@ -43,6 +51,7 @@ class PredictConfig:
     entropy: bool = False
     overwrite: bool = False
     ids: str = "train"  # train: the model's class indices; dataset: the training data's own label ids
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused unread (decompression bombs)
 
 
 def _inputs(path: Path) -> list[Path]:
@@ -62,22 +71,37 @@ def model_input(image: np.ndarray, config: dict) -> torch.Tensor:
 
 
 def _write(
-    stage: Path, stem: str, image: np.ndarray, probs: np.ndarray, colours: np.ndarray, entropy: bool, ids: np.ndarray
+    stage: Path,
+    stem: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    entropy: np.ndarray | None,
+    colours: np.ndarray,
+    ids: np.ndarray,
 ) -> None:
-    """probs: C x H x W at the image's size; ``ids``: the value written for each class."""
-    mask = probs.argmax(0).astype(np.uint8)
-    folders = ("masks", "overlays") + (("entropy",) if entropy else ())
+    """Write one image's outputs. ``mask``: class indices (H x W uint8, overwritten with the
+    written ids); ``image`` is overwritten with the overlay: no full-size copies, which matters for
+    large images. ``ids``: the value written for each class."""
+    folders = ("masks", "overlays") + (("entropy",) if entropy is not None else ())
     for folder in folders:
         (stage / folder / stem).parent.mkdir(parents=True, exist_ok=True)
-    written = ids[mask]
-    if written.max(initial=0) > 255:  # dataset ids beyond 8 bits (e.g. 16-bit label maps)
-        Image.fromarray(written.astype(np.uint16)).save(stage / "masks" / f"{stem}.png")
-    else:
-        Image.fromarray(written.astype(np.uint8), mode="L").save(stage / "masks" / f"{stem}.png")
-    Image.fromarray(overlay(image, mask, colours)).save(stage / "overlays" / f"{stem}.png")
-    if entropy:
-        h = outputs.entropy_map(torch.from_numpy(probs)[None])[0].numpy()
-        Image.fromarray((255 * np.clip(h, 0, 1)).astype(np.uint8), mode="L").save(stage / "entropy" / f"{stem}.png")
+    if not image.flags.writeable:  # Pillow's arrays are read-only; large images come writable
+        image = image.copy()
+    for top in range(0, mask.shape[0], 1024):  # in bands of rows, each in place
+        band = slice(top, top + 1024)
+        image[band] = overlay(image[band], mask[band], colours)
+    wide = ids.max(initial=0) > 255  # dataset ids beyond 8 bits (e.g. 16-bit label maps)
+    written = ids.astype(np.uint16)[mask] if wide else np.take(ids.astype(np.uint8), mask, out=mask)
+    _imwrite(stage / "masks" / f"{stem}.png", written)
+    _imwrite(stage / "overlays" / f"{stem}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR, dst=image))
+    if entropy is not None:
+        scaled = np.clip(entropy, 0, 1).astype(np.float32) * 255
+        _imwrite(stage / "entropy" / f"{stem}.png", scaled.astype(np.uint8))
+
+
+def _imwrite(path: Path, array: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), array):
+        raise SegflowError(f"{path}: cannot be written (is the disk full?).")
 
 
 def output_names(source: Path, files: list[Path]) -> list[str]:
@@ -115,15 +139,31 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
     skipped: list[dict] = []
     done = 0
 
+    tiled = config.get("tiling") is not None
+
     def prepare(path: Path):
         try:
-            image = read_rgb(path)
+            image = read_rgb(path, cfg.max_image_pixels)
         except SegflowError as exc:
             skipped.append({"image": str(path), "reason": str(exc).split(": ", 1)[-1]})
             return None, None
-        return image, model_input(image, config)
+        return image, None if tiled else model_input(image, config)
 
-    if isinstance(model, IRSegmentor):
+    def write(stem: str, image: np.ndarray, probs: np.ndarray) -> None:
+        mask = probs.argmax(0).astype(np.uint8)
+        uncertainty = outputs.entropy_map(torch.from_numpy(probs)[None])[0].numpy() if cfg.entropy else None
+        _write(out_dir, stem, image, mask, uncertainty, colours, ids)
+
+    if tiled:  # tile by tile, in bounded memory, the same for an IR and a PyTorch model
+        for path, stem in progress(zip(files, stems, strict=True), len(files), "predicting"):
+            image, _ = prepare(path)
+            if image is None:
+                continue
+            mask, uncertainty = segment_image(model, image, config, cfg.entropy)
+            _write(out_dir, stem, image, mask, uncertainty, colours, ids)
+            del image, mask, uncertainty
+            done += 1
+    elif isinstance(model, IRSegmentor):
         import openvino as ov
 
         queue = ov.AsyncInferQueue(model.compiled, 0)  # 0: as many requests as the device likes
@@ -132,7 +172,7 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
         def finished(request, job: int) -> None:
             stem, image = pending.pop(job)
             logits = request.get_output_tensor(0).data.copy()
-            _write(out_dir, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy, ids)
+            write(stem, image, probabilities(logits, image.shape[:2]))
 
         queue.set_callback(finished)
         for job, (path, stem) in enumerate(progress(zip(files, stems, strict=True), len(files), "predicting")):
@@ -152,7 +192,7 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
                 if image is None:
                     continue
                 logits = model(x).logits.numpy()
-                _write(out_dir, stem, image, probabilities(logits, image.shape[:2]), colours, cfg.entropy, ids)
+                write(stem, image, probabilities(logits, image.shape[:2]))
                 done += 1
     summary = {
         "metrics": {"predicted": done, "skipped": len(skipped)},
@@ -163,6 +203,7 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
         "labels": config["labels"],
         "mask_values": {"ids": cfg.ids, "values": ids.tolist()},  # the value written for each label
         "runtime": "openvino" if isinstance(model, IRSegmentor) else "pytorch",
+        "tiling": config.get("tiling"),
     }
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
     if done == 0:

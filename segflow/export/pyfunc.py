@@ -37,11 +37,15 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None) -> list[np.ndarray]:
         from segflow.export.predict import model_input as to_model_input
         from segflow.export.predict import probabilities
+        from segflow.models.tiling import segment_image
 
         items = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
         masks = []
         for item in items:
             image = _to_rgb(item)
+            if self.model.config.get("tiling"):  # tiled exactly as `segflow predict` tiles
+                masks.append(segment_image(self.model, image, self.model.config)[0])
+                continue
             logits = self.model(to_model_input(image, self.model.config)).logits
             masks.append(probabilities(logits, image.shape[:2]).argmax(0).astype(np.uint8))
         return masks

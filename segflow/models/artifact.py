@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from segflow.data import IGNORE_INDEX
 from segflow.errors import SegflowError
 from segflow.models import FUNCTION_VERSION, MODEL_NAMES, Segmentor, create_model
+from segflow.models.tiling import config_problems
 from segflow.storage import confined, read_json, sha256_file
 
 # The version in each tag is the model family's FUNCTION_VERSION: weights are only meaningful
@@ -49,10 +50,13 @@ def model_config(
     normalization: dict,
     dataset_fingerprint: str = "",
     dataset_ids: list[int] | None = None,
+    tiling: dict | None = None,
 ) -> dict:
     """``dataset_ids[t]``: what the training data called class ``t`` (the manifest's label_ids),
-    so that predictions can be written in the dataset's own ids."""
+    so that predictions can be written in the dataset's own ids. ``tiling``: a tiled model's
+    settings (``segflow.models.tiling``); absent for a model that resizes whole images."""
     return {
+        **({"tiling": tiling} if tiling else {}),
         "dataset_ids": list(dataset_ids) if dataset_ids else list(range(len(labels))),
         "format": MODEL_FORMAT,
         "architecture": model.name,
@@ -118,6 +122,7 @@ def check_model_config(config: dict, path: Path) -> dict:
         problems.append("normalization must hold mean and std, three finite numbers each")
     elif min(norm["std"]) <= 0:
         problems.append("normalization std must be positive")
+    problems += config_problems(config.get("tiling"))
     if problems:
         raise SegflowError(f"{path} is not a valid model config: produce the model again.", problems=problems)
     return config

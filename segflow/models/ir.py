@@ -22,7 +22,7 @@ IR_BIN = "model.bin"
 IR_FORMAT = "segflow.ir/1"
 META_KEYS = (
     "format", "architecture", "labels", "normalization", "input_size", "dataset_fingerprint", "precision",
-    "dataset_ids",
+    "dataset_ids", "tiling",
 )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from segflow.configs import check_numbers
 from segflow.errors import SegflowError
 from segflow.models import check_input_size, check_name
+from segflow.models.tiling import Tiling
 from segflow.train.engine import LoopConfig, Recipe
 
 
@@ -97,6 +98,9 @@ class TrainConfig:
     labeled_subset: str = "train"
     max_labeled: int = 0  # use only the first N labelled images (label-efficiency studies); 0 = all
     iters_per_epoch: int = 0  # at least this many steps per epoch (tiny labelled sets); 0 = one pass
+    tile: int = 0  # large images: train and infer on tiles of this side (the model's input); 0 off, -1 auto
+    tile_overlap: float = 0.25  # share of a tile shared with its neighbour at inference
+    tile_scale: float = 1.0  # images are resized by this factor before tiling (1: native resolution)
     supcon: SupConConfig | None = None
     mean_teacher: MeanTeacherConfig | None = None
 
@@ -129,6 +133,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise SegflowError(f"{message}.")
+        if self.tile:
+            if self.tile != -1:
+                Tiling(self.tile, self.tile_overlap, self.tile_scale).validate()
+            else:
+                Tiling(256, self.tile_overlap, self.tile_scale).validate()  # overlap and scale only
+            if self.method != "supervised":
+                raise SegflowError(f"--tile works with --method supervised only (not {self.method}).")
         if self.mean_teacher is not None and not self.mean_teacher.unlabeled:
             raise SegflowError("--method mean_teacher needs --unlabeled IMAGES: a folder of unlabelled images.")
         if self.mean_teacher is not None:

@@ -17,13 +17,17 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from segflow.configs import flatten
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset, UnlabeledImages
 from segflow.errors import SegflowError
-from segflow.evaluate.scoring import eval_loader, score
+from segflow.evaluate.scoring import eval_loader, score, score_images
 from segflow.models import artifact as model_artifact
 from segflow.models.lite_hrnet import SPECS
+from segflow.models.tiling import Tiling, auto_tiling
 from segflow.train.config import TrainConfig
 from segflow.train.engine import Objective, Stream, Training, fit
 from segflow.train.objectives import MeanTeacher, SupCon
@@ -37,6 +41,22 @@ def make_objective(cfg: TrainConfig, num_classes: int, feature_channels: int, un
     if cfg.mean_teacher is not None:
         return MeanTeacher(cfg.mean_teacher, unlabeled)
     return Objective()
+
+
+def choose_tiling(cfg: TrainConfig, data_dir: Path, names: list[str]) -> tuple[Tiling | None, str]:
+    """The tiling a run trains with, and why: ``--tile SIZE``, ``--tile auto`` (OTX's rule over up
+    to 64 training masks), or none."""
+    if cfg.tile == 0:
+        return None, "off"
+    if cfg.tile > 0:
+        return Tiling(cfg.tile, cfg.tile_overlap, cfg.tile_scale), "--tile"
+    masks = [np.asarray(Image.open(data_dir / cfg.labeled_subset / "masks" / f"{n}.png")) for n in names[:64]]
+    tiling = auto_tiling(masks, cfg.tile_overlap, cfg.tile_scale)
+    if tiling is None:
+        log.warning("--tile auto: images too small for two tiles of their objects' size; training on whole images")
+        return None, "auto: images too small to tile"
+    log.warning("--tile auto: tiles of %d px (median object ~3%% of a tile)", tiling.size)
+    return tiling, "auto"
 
 
 def train_segmenter(
@@ -62,14 +82,23 @@ def train_segmenter(
     if "val" not in manifest["subsets"]:
         raise SegflowError(f"{cfg.data} has no val subset: import it with `segflow data import` to split one off.")
     names = sorted(names)[: cfg.max_labeled] if cfg.max_labeled else None
+    tiling, chosen_by = choose_tiling(cfg, data_dir, names or sorted(manifest["subsets"][cfg.labeled_subset]["items"]))
+    size = tiling.size if tiling else cfg.input_size
     train_ds = SegmentationDataset(
-        data_dir, cfg.labeled_subset, cfg.input_size, norm, True, cfg.seed, names=names, views=cfg.supcon is not None
+        data_dir,
+        cfg.labeled_subset,
+        size,
+        norm,
+        True,
+        cfg.seed,
+        names=names,
+        views=cfg.supcon is not None,
+        tile_scale=tiling.scale if tiling else 0.0,
     )
-    val_loader = eval_loader(
-        SegmentationDataset(data_dir, "val", cfg.input_size, norm, False),
-        cfg.batch_size,
-        stats["min_size"] == stats["max_size"],
-    )
+    val_ds = SegmentationDataset(data_dir, "val", size, norm, False)
+    val_loader = eval_loader(val_ds, cfg.batch_size, stats["min_size"] == stats["max_size"])
+    # A tiled model is validated on whole images through the same tiled inference as deployment.
+    tiled_config = {"labels": labels, "normalization": norm.as_dict(), "tiling": tiling.as_dict() if tiling else None}
     unlabeled = None
     if cfg.mean_teacher is not None:
         images = UnlabeledImages(unlabeled_dir, cfg.input_size, norm, seed=cfg.seed, strong=True)
@@ -92,12 +121,22 @@ def train_segmenter(
         return model_artifact.with_backbone(cfg.model, len(labels), backbone_dir)
 
     def validate(model) -> dict:
-        scores = score(model, val_loader, len(labels), next(model.parameters()).device)
+        device = next(model.parameters()).device
+        if tiling is not None:
+            scores = score_images(model, val_ds, tiled_config, device)
+        else:
+            scores = score(model, val_loader, len(labels), device)
         return {"score": scores["mDice"], "mDice": scores["mDice"], "mIoU": scores["mIoU"]}
 
     def publish(model, summary: dict) -> None:
         config = model_artifact.model_config(
-            model, labels, cfg.input_size, norm.as_dict(), manifest["fingerprint"], manifest_lib.dataset_ids(manifest)
+            model,
+            labels,
+            size,
+            norm.as_dict(),
+            manifest["fingerprint"],
+            manifest_lib.dataset_ids(manifest),
+            tiling=tiling.as_dict() if tiling else None,
         )
         model_artifact.save(out_dir, model, config)
         (out_dir / "training.json").write_text(json.dumps(training_record(summary), indent=2, default=str) + "\n")
@@ -112,6 +151,8 @@ def train_segmenter(
             "objective": summary["objective"],
             "labeled_images": len(train_ds),
             "config": asdict(cfg),
+            "tiling": tiling.as_dict() if tiling else None,
+            "tiling_chosen_by": chosen_by,
             "dataset_fingerprint": manifest["fingerprint"],
         }
 
