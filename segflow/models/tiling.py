@@ -131,7 +131,8 @@ def blended_rows(
         for first in range(0, len(xs), batch):
             tiles = [image[y : y + size, x : x + size] for x in xs[first : first + batch]]
             x_in = torch.from_numpy(((np.stack(tiles).astype(np.float32) - mean) / std).transpose(0, 3, 1, 2))
-            logits.extend(run(x_in.contiguous()).float().cpu().numpy())
+            with torch.no_grad():
+                logits.extend(run(x_in.contiguous()).float().cpu().numpy())
         if acc is None:
             acc = np.zeros((logits[0].shape[0], size, width), dtype=np.float32)
             weight = np.zeros((size, width), dtype=np.float32)
