@@ -18,6 +18,9 @@ def train_model(
     batch_size: int = 8,
     input_size: int = 256,
     iters_per_epoch: int = 0,
+    tile: int = 0,
+    tile_overlap: float = 0.25,
+    tile_scale: float = 1.0,
     seed: int = 0,
     init_backbone: Input[Model] = None,
     init_model: Input[Model] = None,
@@ -32,7 +35,8 @@ def train_model(
     """METHOD: supervised, supcon, or mean_teacher (needs UNLABELED_URI, a folder of images).
     INIT_BACKBONE (optional): DetCon-pretrained backbone weights to start from.
     PROCESSES: 0 = one per GPU of the pod (several: torchrun, DDP). CHECKPOINT_ROOT (the pipeline
-    root): checkpoints live under it, so a retry in a fresh pod resumes."""
+    root): checkpoints live under it, so a retry in a fresh pod resumes. TILE: large images, tiles
+    of this side at native resolution (0: whole images, -1: auto); the model carries its tiling."""
     from segflow import storage
     from segflow.launch import run_stage
     from segflow.stages import log_metrics_to
@@ -50,6 +54,9 @@ def train_model(
         init_backbone=init_backbone.path if init_backbone is not None else "",
         init_model=init_model.path if init_model is not None else init_model_uri,
         iters_per_epoch=iters_per_epoch,
+        tile=tile,
+        tile_overlap=tile_overlap,
+        tile_scale=tile_scale,
         resume=True,  # a retried task continues from its last checkpoint
         overwrite=True,  # the output path is this task's own
         checkpoint_dir=storage.task_checkpoints(checkpoint_root, run_key, task_name),
@@ -64,6 +71,7 @@ def train_model(
             "best_val_mDice": result["best_val_mDice"],
             "best_epoch": result["best_epoch"],
             "dataset_fingerprint": result["dataset_fingerprint"],
+            **({"tiling": result["tiling"]} if result.get("tiling") else {}),
         }
     )
     log_metrics_to(metrics, result["metrics"])

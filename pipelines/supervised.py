@@ -2,6 +2,7 @@
 
 segflow run pipelines/supervised.py --local                      # demo defaults
 segflow run pipelines/supervised.py --local -p method=supcon
+segflow run pipelines/supervised.py --local -p tile=256          # large images: native-resolution tiles
 segflow compile pipelines/supervised.py --output supervised.yaml
 """
 
@@ -23,6 +24,8 @@ def supervised(
     batch_size: int = 8,
     input_size: int = 96,
     iters_per_epoch: int = 0,
+    tile: int = 0,
+    tile_overlap: float = 0.25,
     val_fraction: float = 0.2,
     export_precision: str = "fp32",
     seed: int = 0,
@@ -46,5 +49,7 @@ def supervised(
             batch_size=batch_size,
             input_size=input_size,
             iters_per_epoch=iters_per_epoch,
+            tile=tile,
+            tile_overlap=tile_overlap,
             seed=seed,
         )

@@ -160,9 +160,12 @@ def test_supervised_pipeline_runs_locally(tmp_path, segflow_home):
     data = synthesize(tmp_path / "target", "target", num_images=12, size=64, seed=2)
     result = orchestration.run_local(
         REPO / "pipelines" / "supervised.py",
-        {"data_uri": str(data), "epochs": 2, "input_size": 64, "batch_size": 4},
+        {"data_uri": str(data), "epochs": 2, "input_size": 64, "batch_size": 4, "tile": 32},
     )
     evaluation = result["job_dir"] / "evaluate-model" / "evaluation"
+    tiling = {"size": 32, "overlap": 0.25, "scale": 1.0}  # chosen in the pipeline, carried to the IR
+    assert json.loads((result["job_dir"] / "train-model" / "model" / "config.json").read_text())["tiling"] == tiling
+    assert json.loads((result["job_dir"] / "export-model" / "ir" / "config.json").read_text())["tiling"] == tiling
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert 0 <= metrics["mDice"] <= 1 and (evaluation / "predictions.png").exists()
     assert (result["job_dir"] / "train-model" / "model" / "model.safetensors").exists()

@@ -22,7 +22,7 @@ import torch
 from segflow.data.datasets import Normalization
 from segflow.errors import SegflowError
 
-MIN_TILE, MAX_TILE = 64, 2048
+MIN_TILE, MAX_TILE = 32, 2048
 OBJECT_TILE_RATIO = 0.03  # OTX's adaptive tiling: a typical object covers about 3% of a tile
 
 
