@@ -33,7 +33,7 @@ from segflow.errors import SegflowError
 from segflow.evaluate import comparison, drift
 from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluation
 from segflow.export.openvino_ir import ExportConfig, export
-from segflow.export.predict import PredictConfig, predict
+from segflow.export.predict import PredictConfig, input_files, predict
 from segflow.models import artifact as model_artifact
 from segflow.selfsl.detcon import PretrainConfig, train_detcon
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, default_mask_dir, make_pseudo_masks
@@ -417,9 +417,8 @@ def predict_stage(cfg: PredictConfig) -> dict:
     with (
         storage.staged_output(cfg.out, cfg.overwrite, inputs={"--model": cfg.model, "--input": cfg.input}) as out,
         storage.local_input(cfg.model, "--model") as model_dir,
-        storage.local_input(cfg.input, "--input", sealed=False) as source,  # the user's images
     ):
-        return predict(cfg, model_dir, source, out)
+        return predict(cfg, model_dir, input_files(cfg.input), out)  # S3 images: one at a time
 
 
 def _write(path: str, text: str) -> None:

@@ -202,3 +202,24 @@ def test_training_set_is_tiles_of_the_full_images(tiled):
     item = dataset[0]
     assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (64, 64)
     assert dataset.focus is not None and dataset.focus.shape[0] == 7
+
+
+def test_predict_reads_images_from_s3_one_at_a_time(tiled, s3, tmp_path):
+    """Images under an S3 prefix are predicted like the same local folder: same masks, same names."""
+    from segflow.storage import s3 as s3_lib
+
+    root = tiled["root"]
+    images = sorted((tiled["raw"] / "images").glob("*.png"))[:3]
+    for path in images:
+        s3_lib.put_file(path, f"s3://{s3}/incoming/day1/{path.name}")
+    summary = run_predict(
+        PredictConfig(model=str(root / "model"), input=f"s3://{s3}/incoming", out=str(tmp_path / "p"))
+    )
+    assert summary["predicted"] == 3
+    for path in images:
+        run_predict(PredictConfig(model=str(root / "model"), input=str(path), out=str(tmp_path / path.stem)))
+        remote = np.asarray(Image.open(tmp_path / "p" / "masks" / "day1" / path.name))
+        local = np.asarray(Image.open(tmp_path / path.stem / "masks" / path.name))
+        assert np.array_equal(remote, local)
+    with pytest.raises(SegflowError, match="does not exist"):
+        run_predict(PredictConfig(model=str(root / "model"), input=f"s3://{s3}/nothing", out=str(tmp_path / "q")))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -41,6 +41,7 @@ from segflow.models.ir import IRSegmentor
 from segflow.models.tiling import segment_image
 from segflow.palette import palette
 from segflow.progress import progress
+from segflow.storage import InputFiles, is_s3
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,17 @@ class PredictConfig:
     overwrite: bool = False
     ids: str = "train"  # train: the model's class indices; dataset: the training data's own label ids
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused unread (decompression bombs)
+
+
+def input_files(source: str) -> InputFiles:
+    """The images of ``--input``: a local folder or file, or an S3 prefix or object (each image
+    downloaded only while it is predicted)."""
+    if is_s3(source):
+        return InputFiles.on_s3(source, IMAGE_SUFFIXES)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SegflowError(f"--input {path} does not exist: check the path.")
+    return InputFiles.local(path, _inputs(path))
 
 
 def _inputs(path: Path) -> list[Path]:
@@ -104,16 +116,16 @@ def _imwrite(path: Path, array: np.ndarray) -> None:
         raise SegflowError(f"{path}: cannot be written (is the disk full?).")
 
 
-def output_names(source: Path, files: list[Path]) -> list[str]:
+def output_names(files: InputFiles) -> list[str]:
     """A stable, unique output name per input (its relative path without the extension)."""
-    names = [p.stem if source.is_file() else p.relative_to(source).with_suffix("").as_posix() for p in files]
-    by_name: dict[str, list[Path]] = {}
-    for name, path in zip(names, files, strict=True):
-        by_name.setdefault(name, []).append(path)
-    clashes = [f"{', '.join(p.name for p in paths)} -> {name}.png" for name, paths in by_name.items() if len(paths) > 1]
+    names = [str(PurePosixPath(name).with_suffix("")) for name in files.names]
+    by_name: dict[str, list[str]] = {}
+    for name, original in zip(names, files.names, strict=True):
+        by_name.setdefault(name, []).append(PurePosixPath(original).name)
+    clashes = [f"{', '.join(paths)} -> {name}.png" for name, paths in by_name.items() if len(paths) > 1]
     if clashes:
         raise SegflowError(
-            f"--input {source}: {len(clashes)} group(s) of images would get the same output name; rename them "
+            f"--input {files.source}: {len(clashes)} group(s) of images would get the same output name; rename them "
             "(or predict them separately):",
             problems=clashes,
         )
@@ -126,26 +138,27 @@ def probabilities(logits: np.ndarray | torch.Tensor, size: tuple[int, int]) -> n
     return outputs.probabilities(t[None] if t.ndim == 3 else t, size)[0].numpy()
 
 
-def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) -> dict:
-    """Masks (and overlays, entropy maps) of every image in ``source`` (a folder or one file), into ``out_dir``."""
+def predict(cfg: PredictConfig, model_dir: Path, files: InputFiles, out_dir: Path) -> dict:
+    """Masks (and overlays, entropy maps) of every image in ``files`` (:func:`input_files`), into ``out_dir``."""
     model, config = model_artifact.load(model_dir, "cpu")
     colours = palette(len(config["labels"]))
     if cfg.ids not in ("train", "dataset"):
         raise SegflowError(f"--ids must be train or dataset (got {cfg.ids!r}).")
     classes = list(range(len(config["labels"])))
     ids = np.asarray((config.get("dataset_ids") or classes) if cfg.ids == "dataset" else classes, dtype=np.int64)
-    files = _inputs(source)
-    stems = output_names(source, files)
+    stems = output_names(files)
     skipped: list[dict] = []
     done = 0
 
     tiled = config.get("tiling") is not None
 
-    def prepare(path: Path):
+    def prepare(index: int):
         try:
-            image = read_rgb(path, cfg.max_image_pixels)
+            with files.read(index) as path:
+                image = read_rgb(path, cfg.max_image_pixels)
         except SegflowError as exc:
-            skipped.append({"image": str(path), "reason": str(exc).split(": ", 1)[-1]})
+            where = str(files.paths[index]) if files.paths else f"s3://{files.keys[index]}"
+            skipped.append({"image": where, "reason": str(exc).split(": ", 1)[-1]})
             return None, None
         return image, None if tiled else model_input(image, config)
 
@@ -155,8 +168,8 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
         _write(out_dir, stem, image, mask, uncertainty, colours, ids)
 
     if tiled:  # tile by tile, in bounded memory, the same for an IR and a PyTorch model
-        for path, stem in progress(zip(files, stems, strict=True), len(files), "predicting"):
-            image, _ = prepare(path)
+        for index, stem in progress(enumerate(stems), len(stems), "predicting"):
+            image, _ = prepare(index)
             if image is None:
                 continue
             mask, uncertainty = segment_image(model, image, config, cfg.entropy)
@@ -175,8 +188,8 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
             write(stem, image, probabilities(logits, image.shape[:2]))
 
         queue.set_callback(finished)
-        for job, (path, stem) in enumerate(progress(zip(files, stems, strict=True), len(files), "predicting")):
-            image, x = prepare(path)
+        for job, stem in progress(enumerate(stems), len(stems), "predicting"):
+            image, x = prepare(job)
             if image is None:
                 continue
             if model.static:
@@ -187,8 +200,8 @@ def predict(cfg: PredictConfig, model_dir: Path, source: Path, out_dir: Path) ->
         queue.wait_all()
     else:
         with torch.no_grad():
-            for path, stem in progress(zip(files, stems, strict=True), len(files), "predicting"):
-                image, x = prepare(path)
+            for index, stem in progress(enumerate(stems), len(stems), "predicting"):
+                image, x = prepare(index)
                 if image is None:
                     continue
                 logits = model(x).logits.numpy()

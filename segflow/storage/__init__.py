@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from segflow.errors import SegflowError
@@ -155,6 +156,50 @@ def local_input(uri: str | Path, what: str = "input", sealed: bool = True) -> It
     if not path.exists():
         raise SegflowError(f"{what} {path} does not exist: check the path.")
     yield path
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """Files to read one at a time: local paths used in place, or S3 objects each downloaded only
+    while it is read (large images from S3 never all sit on local disk at once).
+
+    ``names``: each file's path below the source folder (its name when the source is one file)."""
+
+    source: str
+    names: list[str]
+    paths: list[Path] | None = None  # local
+    keys: list[str] | None = None  # S3: bucket / key of each
+
+    @classmethod
+    def local(cls, source: Path, paths: list[Path]) -> InputFiles:
+        names = [p.name if source.is_file() else p.relative_to(source).as_posix() for p in paths]
+        return cls(str(source), names, paths=paths)
+
+    @classmethod
+    def on_s3(cls, uri: str, suffixes: set[str]) -> InputFiles:
+        """Every object below ``uri`` with one of ``suffixes`` (or ``uri`` itself, one object)."""
+        bucket, prefix = s3.split_uri(uri)
+        keys = s3.list_matching(bucket, prefix, uri)
+        keys = [k for k in keys if PurePosixPath(k).suffix.lower() in suffixes]
+        if not keys:
+            raise SegflowError(f"{uri} holds no images ({', '.join(sorted(suffixes))}).")
+        names = [k[len(prefix) + 1 :] if len(keys) > 1 or k != prefix else PurePosixPath(k).name for k in keys]
+        return cls(uri, names, keys=[f"{bucket}/{k}" for k in keys])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @contextlib.contextmanager
+    def read(self, index: int) -> Iterator[Path]:
+        """A local path holding file ``index``; a downloaded copy is removed afterwards."""
+        if self.paths is not None:
+            yield self.paths[index]
+            return
+        bucket, _, key = self.keys[index].partition("/")
+        with tempfile.TemporaryDirectory(prefix="segflow-file-") as tmp:
+            target = Path(tmp) / PurePosixPath(key).name
+            s3.download_object(bucket, key, target)
+            yield target
 
 
 Inputs = dict[str, "str | Path"]  # what the input is called (a flag, "IMAGES") -> where it is

@@ -140,6 +140,28 @@ def list_objects(bucket: str, prefix: str) -> list[dict]:
     return sorted(found, key=lambda o: o["Key"])
 
 
+def list_matching(bucket: str, prefix: str, uri: str) -> list[str]:
+    """The keys below the folder ``prefix``, or ``[prefix]`` when it names one object."""
+    try:
+        keys = [k for k in list_keys(bucket, prefix) if not k.endswith("/")]
+        if not keys and prefix:
+            client().head_object(Bucket=bucket, Key=prefix)
+            keys = [prefix]
+    except _boto_errors() as exc:
+        if _code(exc) in ("404", "NoSuchKey"):
+            raise SegflowError(f"{uri} does not exist: no objects under that prefix.") from None
+        raise _friendly(exc, uri, "read") from None
+    return keys
+
+
+def download_object(bucket: str, key: str, target: Path) -> None:
+    """One object to the local file ``target``."""
+    try:
+        client().download_file(bucket, key, str(target), Config=transfer_config())
+    except _boto_errors() as exc:
+        raise _friendly(exc, f"s3://{bucket}/{key}", "download") from None
+
+
 def list_keys(bucket: str, prefix: str) -> list[str]:
     """All keys under ``prefix/`` (the folder), sorted."""
     return [o["Key"] for o in list_objects(bucket, f"{prefix}/" if prefix else "")]
