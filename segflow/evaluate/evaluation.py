@@ -98,7 +98,7 @@ def run_evaluation(
         "subset": cfg.subset,
         "images": len(dataset),
         "pixels": scores["pixels"],
-        "model": {"architecture": config["architecture"], "source": str(cfg.model)},
+        "model": {"architecture": config["architecture"], "source": str(cfg.model), "tiling": config.get("tiling")},
         "dataset_fingerprint": manifest["fingerprint"],
     }
     # The headline figures, the same names in MLflow and KFP: mDice, mIoU, pixel accuracy, Dice per class.
