@@ -99,8 +99,9 @@ def _write(
         (stage / folder / stem).parent.mkdir(parents=True, exist_ok=True)
     if not image.flags.writeable:  # Pillow's arrays are read-only; large images come writable
         image = image.copy()
-    for top in range(0, mask.shape[0], 1024):  # in bands of rows, each in place
-        band = slice(top, top + 1024)
+    rows = max(1, 2**22 // mask.shape[1])  # in bands of about 4 MP, each in place
+    for top in range(0, mask.shape[0], rows):
+        band = slice(top, top + rows)
         image[band] = overlay(image[band], mask[band], colours)
     wide = ids.max(initial=0) > 255  # dataset ids beyond 8 bits (e.g. 16-bit label maps)
     written = ids.astype(np.uint16)[mask] if wide else np.take(ids.astype(np.uint8), mask, out=mask)

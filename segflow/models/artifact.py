@@ -2,7 +2,8 @@
 
     MODEL_DIR/     (segflow train)
       model.safetensors   state dict of the Segmentor (no pickle)
-      config.json         architecture, labels, input size, normalisation, dataset fingerprint
+      config.json         architecture, labels, input size, normalisation, dataset fingerprint,
+                          and a tiled model's tiling (segflow.models.tiling)
       training.json       how it was trained and the metrics that chose it
     BACKBONE_DIR/  (segflow pretrain)
       backbone.safetensors  config.json (format segflow.backbone/2)

@@ -119,7 +119,8 @@ def blended_rows(
     run: Run, image: np.ndarray, tiling: Tiling, mean: np.ndarray, std: np.ndarray, batch: int = 4
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, C x h x W blended logits) for consecutive bands of ``image`` (already at tiling
-    scale and at least one tile in each dimension), each band finished: no later tile touches it."""
+    scale and at least one tile in each dimension), each band finished: no later tile touches it.
+    A band is a view of the rolling buffer, valid until the next band is asked for."""
     height, width = image.shape[:2]
     size, ramp = tiling.size, tiling.ramp
     ys, xs = tile_starts(height, size, tiling.stride), tile_starts(width, size, tiling.stride)
@@ -127,21 +128,21 @@ def blended_rows(
     acc = weight = None  # the band [ys[row], ys[row] + size) of weighted logits and weights
     for row, y in enumerate(ys):
         y_window = blend_window(size, ramp, row > 0, row < len(ys) - 1)
-        logits = []
         for first in range(0, len(xs), batch):
             tiles = [image[y : y + size, x : x + size] for x in xs[first : first + batch]]
             x_in = torch.from_numpy(((np.stack(tiles).astype(np.float32) - mean) / std).transpose(0, 3, 1, 2))
             with torch.no_grad():
-                logits.extend(run(x_in.contiguous()).float().cpu().numpy())
-        if acc is None:
-            acc = np.zeros((logits[0].shape[0], size, width), dtype=np.float32)
-            weight = np.zeros((size, width), dtype=np.float32)
-        for x, tile_logits, x_window in zip(xs, logits, x_windows, strict=True):
-            w = y_window[:, None] * x_window[None, :]
-            acc[:, :, x : x + size] += tile_logits * w
-            weight[:, x : x + size] += w
+                logits = run(x_in.contiguous()).float().cpu().numpy()
+            if acc is None:
+                acc = np.zeros((logits.shape[1], size, width), dtype=np.float32)
+                weight = np.zeros((size, width), dtype=np.float32)
+            for x, tile_logits, x_window in zip(xs[first : first + batch], logits, x_windows[first:], strict=False):
+                w = y_window[:, None] * x_window[None, :]
+                acc[:, :, x : x + size] += tile_logits * w
+                weight[:, x : x + size] += w
         done = (ys[row + 1] - y) if row + 1 < len(ys) else size
-        yield y, acc[:, :done] / weight[:done]
+        np.divide(acc[:, :done], weight[:done], out=acc[:, :done])
+        yield y, acc[:, :done]
         # Shift the finished rows out, in place, and clear the freed tail for the next tile row.
         acc[:, : size - done] = acc[:, done:]
         acc[:, size - done :] = 0
@@ -176,9 +177,12 @@ def segment_tiled(
         band = band[:, : max(0, min(band.shape[1], sh - y)), :sw]
         if band.shape[1] == 0:
             continue
-        labels[y : y + band.shape[1]] = band.argmax(0)
-        if uncertainty is not None:
-            uncertainty[y : y + band.shape[1]] = _entropy(band)
+        rows = slice(y, y + band.shape[1])
+        for left in range(0, sw, 2048):  # in column blocks: small temporaries on very wide images
+            cols = slice(left, left + 2048)
+            labels[rows, cols] = band[:, :, cols].argmax(0)
+            if uncertainty is not None:
+                uncertainty[rows, cols] = _entropy(band[:, :, cols])
     if (sh, sw) != (height, width):
         labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
         if uncertainty is not None:
