@@ -53,9 +53,10 @@ from PIL import Image
 from segflow.data.importer import ImportConfig
 from segflow.data.synth import dataset_meta, family, make_sample
 from segflow.evaluate.evaluation import EvalConfig
+from segflow.export.openvino_ir import ExportConfig
 from segflow.models import artifact as model_artifact
 from segflow.models.tiling import Tiling, segment_image, segment_tiled, tile_starts
-from segflow.stages import evaluate_stage, import_stage, train_stage
+from segflow.stages import evaluate_stage, export_stage, import_stage, train_stage
 from segflow.train.config import TrainConfig
 
 SUBSETS = {"train": (12, 300), "val": (3, 301), "test": (4, 302)}  # count, seed
@@ -242,6 +243,23 @@ def predict_memory(models: dict[str, Path], sizes: list[int], work: Path, grid_i
     return rows
 
 
+def predict_runs(args, work: Path, data: dict) -> list[dict]:
+    """`segflow predict` on N x N mosaics with the first seed's models: ``tiled``, ``tiled_ir``
+    (its FP32 IR, exported here once) and ``resize``, as ``--predict-models`` lists."""
+    seed = args.seeds[0]
+    models = {
+        "tiled": work / f"tiled_s{seed}",
+        "tiled_ir": work / f"tiled_ir_s{seed}",
+        "resize": work / f"resize_s{seed}",
+    }
+    if "tiled_ir" in args.predict_models and not (models["tiled_ir"] / "model.xml").exists():
+        export = ExportConfig(model=str(models["tiled"]), out=str(models["tiled_ir"]), calibration=str(data["data"]))
+        export_stage(export, track=False)
+    big = mosaic(0, SUBSETS["test"][1], args.grid, args.cell, args.family)[0]
+    chosen = {name: models[name] for name in args.predict_models}
+    return predict_memory(chosen, args.predict_sizes, work, big)
+
+
 def mean_std(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.1f} ± {sd:.1f}"
@@ -259,6 +277,8 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=None, help="an imported dataset instead of the mosaics")
     parser.add_argument("--test-subset", default="val", help="the subset scored (the mosaics' test set: val)")
     parser.add_argument("--predict-sizes", type=int, nargs="*", default=[])
+    parser.add_argument("--predict-models", nargs="+", default=["tiled", "resize"], help="tiled, tiled_ir, resize")
+    parser.add_argument("--predict-only", action="store_true", help="no training: the models already in --work")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -277,6 +297,11 @@ def main() -> None:
     print(f"small classes (area-weighted median object area, px): {[(c, median_area[c]) for c in small]}", flush=True)
     results: dict = {"settings": vars(args) | {"work": str(work), "out": str(args.out)}, "small_classes": small}
     results["median_object_area"] = median_area
+    if args.predict_only:  # the models of an earlier run in --work, first seed
+        result = {"settings": vars(args) | {"work": str(work)}, "predict": predict_runs(args, work, data)}
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return
     runs: dict[str, list[dict]] = {"resize": [], "tiled": []}
     for seed in args.seeds:
         for method in runs:
@@ -286,9 +311,7 @@ def main() -> None:
     results["seams"] = seam_check(Path(runs["tiled"][0]["model"]), data["test"], args.test_subset)
     print("seams", results["seams"], flush=True)
     if args.predict_sizes:
-        big = mosaic(0, SUBSETS["test"][1], args.grid, args.cell, args.family)[0]
-        models = {"tiled": Path(runs["tiled"][0]["model"]), "resize": Path(runs["resize"][0]["model"])}
-        results["predict"] = predict_memory(models, args.predict_sizes, work, big)
+        results["predict"] = predict_runs(args, work, data)
     print("\n| model | mIoU | small-class mIoU | " + " | ".join(f"{c} IoU" for c in labels) + " |")
     print("|---|---|---|" + "---|" * len(labels))
     for method, rows in runs.items():
