@@ -99,17 +99,23 @@ def _write(
         (stage / folder / stem).parent.mkdir(parents=True, exist_ok=True)
     if not image.flags.writeable:  # Pillow's arrays are read-only; large images come writable
         image = image.copy()
-    rows = max(1, 2**22 // mask.shape[1])  # in bands of about 4 MP, each in place
+    wide = ids.max(initial=0) > 255  # dataset ids beyond 8 bits (e.g. 16-bit label maps)
+    table = ids.astype(np.uint16 if wide else np.uint8)
+    written = np.empty(mask.shape, np.uint16) if wide else mask
+    grey = np.empty(mask.shape, np.uint8) if entropy is not None else None
+    # In bands of about 4 MP: numpy's indexing and float maths make full-size temporaries (int64
+    # indices, float32 pixels) that would cost several GB on a 16k image.
+    rows = max(1, 2**22 // mask.shape[1])
     for top in range(0, mask.shape[0], rows):
         band = slice(top, top + rows)
         image[band] = overlay(image[band], mask[band], colours)
-    wide = ids.max(initial=0) > 255  # dataset ids beyond 8 bits (e.g. 16-bit label maps)
-    written = ids.astype(np.uint16)[mask] if wide else np.take(ids.astype(np.uint8), mask, out=mask)
+        written[band] = table[mask[band]]
+        if grey is not None:
+            grey[band] = (255 * np.clip(entropy[band].astype(np.float32), 0, 1)).astype(np.uint8)
     _imwrite(stage / "masks" / f"{stem}.png", written)
     _imwrite(stage / "overlays" / f"{stem}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR, dst=image))
-    if entropy is not None:
-        scaled = np.clip(entropy, 0, 1).astype(np.float32) * 255
-        _imwrite(stage / "entropy" / f"{stem}.png", scaled.astype(np.uint8))
+    if grey is not None:
+        _imwrite(stage / "entropy" / f"{stem}.png", grey)
 
 
 def _imwrite(path: Path, array: np.ndarray) -> None:
