@@ -39,7 +39,7 @@ def image_error(exc: Exception) -> str:
     return re.sub(r"'[^']*/[^']*'", "the file", text) or type(exc).__name__
 
 
-_CV2_DECODE_PIXELS = 32_000_000  # above this, decode with OpenCV: straight to RGB, no second copy
+_CV2_DECODE_PIXELS = 32_000_000  # above this, decode with OpenCV into one array (Pillow keeps two)
 _pil_limit = threading.Lock()
 
 
@@ -63,10 +63,12 @@ def read_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
                 )
             if width * height <= _CV2_DECODE_PIXELS:
                 return np.asarray(img.convert("RGB"))
-        decoded = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if decoded is None:
+        # Straight into one array of the final size, in RGB: a plain imread would hold two copies.
+        pixels = np.empty((height, width, 3), np.uint8)
+        decoded = cv2.imread(str(path), pixels, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+        if decoded is None or decoded.shape != pixels.shape:
             raise OSError("OpenCV cannot decode it")
-        return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB, dst=decoded)
+        return decoded
     except SegflowError:
         raise
     except Exception as exc:

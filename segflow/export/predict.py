@@ -92,8 +92,8 @@ def _write(
     ids: np.ndarray,
 ) -> None:
     """Write one image's outputs. ``mask``: class indices (H x W uint8, overwritten with the
-    written ids); ``image`` is overwritten with the overlay: no full-size copies, which matters for
-    large images. ``ids``: the value written for each class."""
+    written ids); ``image`` (RGB) is overwritten with the overlay in BGR: no full-size copies,
+    which matters for large images. ``ids``: the value written for each class."""
     folders = ("masks", "overlays") + (("entropy",) if entropy is not None else ())
     for folder in folders:
         (stage / folder / stem).parent.mkdir(parents=True, exist_ok=True)
@@ -103,17 +103,17 @@ def _write(
     table = ids.astype(np.uint16 if wide else np.uint8)
     written = np.empty(mask.shape, np.uint16) if wide else mask
     grey = np.empty(mask.shape, np.uint8) if entropy is not None else None
-    # In bands of about 4 MP: numpy's indexing and float maths make full-size temporaries (int64
-    # indices, float32 pixels) that would cost several GB on a 16k image.
-    rows = max(1, 2**22 // mask.shape[1])
+    # In bands of about 1 MP: numpy's indexing and float maths (and OpenCV's colour conversion) make
+    # full-size temporaries (int64 indices, float32 pixels) that would cost GBs on a 16k image.
+    rows = max(1, 2**20 // mask.shape[1])
     for top in range(0, mask.shape[0], rows):
         band = slice(top, top + rows)
-        image[band] = overlay(image[band], mask[band], colours)
+        image[band] = overlay(image[band], mask[band], colours)[..., ::-1]  # BGR, for OpenCV
         written[band] = table[mask[band]]
         if grey is not None:
             grey[band] = (255 * np.clip(entropy[band].astype(np.float32), 0, 1)).astype(np.uint8)
     _imwrite(stage / "masks" / f"{stem}.png", written)
-    _imwrite(stage / "overlays" / f"{stem}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR, dst=image))
+    _imwrite(stage / "overlays" / f"{stem}.png", image)
     if grey is not None:
         _imwrite(stage / "entropy" / f"{stem}.png", grey)
 
