@@ -325,7 +325,7 @@ def main() -> None:
     overall = [t["mIoU"] - r["mIoU"] for t, r in zip(runs["tiled"], runs["resize"], strict=True)]
     print(f"\ntiled - resize: small classes {mean_std(gain)}, overall {mean_std(overall)} mIoU points")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -116,13 +116,15 @@ Run = Callable[[torch.Tensor], torch.Tensor]  # N x 3 x s x s normalised input -
 
 
 def blended_rows(
-    run: Run, image: np.ndarray, tiling: Tiling, mean: np.ndarray, std: np.ndarray, batch: int = 4
+    run: Run, image: np.ndarray, tiling: Tiling, mean: np.ndarray, std: np.ndarray, batch: int = 0
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, C x h x W blended logits) for consecutive bands of ``image`` (already at tiling
     scale and at least one tile in each dimension), each band finished: no later tile touches it.
-    A band is a view of the rolling buffer, valid until the next band is asked for."""
+    A band is a view of the rolling buffer, valid until the next band is asked for. ``batch``:
+    tiles per forward pass; 0: about 0.25 MP of input (4 tiles of 256 px, 28 of 96 px)."""
     height, width = image.shape[:2]
     size, ramp = tiling.size, tiling.ramp
+    batch = batch or min(32, max(1, 2**18 // size**2))
     ys, xs = tile_starts(height, size, tiling.stride), tile_starts(width, size, tiling.stride)
     x_windows = [blend_window(size, ramp, i > 0, i < len(xs) - 1) for i in range(len(xs))]
     acc = weight = None  # the band [ys[row], ys[row] + size) of weighted logits and weights
@@ -157,7 +159,7 @@ def segment_tiled(
     mean: np.ndarray,
     std: np.ndarray,
     entropy: bool = False,
-    batch: int = 4,
+    batch: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels (H x W uint8) and, with ``entropy``, normalised entropy (H x W float16) of an RGB
     image, by tiled inference at the tiling's scale; both at the image's own size."""
