@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
     work = args.work or Path(tempfile.mkdtemp(prefix="tiling_"))
     work.mkdir(parents=True, exist_ok=True)
     if args.dataset is not None:
