@@ -42,9 +42,7 @@ def score(
         confusion.update(upsample(logits, masks.shape[-2:]).argmax(1), masks)
         if keep is not None:
             keep(batch, logits.cpu())
-    scores = confusion.scores()
-    scores["confusion_matrix"] = confusion.matrix.tolist()
-    return scores
+    return _scores(confusion)
 
 
 def score_images(
@@ -67,6 +65,10 @@ def score_images(
         confusion.update(torch.from_numpy(labels), torch.from_numpy(truth))
         if wanted:
             keep(index, labels, entropy.astype(np.float32))
+    return _scores(confusion)
+
+
+def _scores(confusion: ConfusionMatrix) -> dict:
     scores = confusion.scores()
     scores["confusion_matrix"] = confusion.matrix.tolist()
     return scores

@@ -164,8 +164,7 @@ def predict(cfg: PredictConfig, model_dir: Path, files: InputFiles, out_dir: Pat
             with files.read(index) as path:
                 image = read_rgb(path, cfg.max_image_pixels)
         except SegflowError as exc:
-            where = str(files.paths[index]) if files.paths else f"s3://{files.keys[index]}"
-            skipped.append({"image": where, "reason": str(exc).split(": ", 1)[-1]})
+            skipped.append({"image": files.location(index), "reason": str(exc).split(": ", 1)[-1]})
             return None, None
         return image, None if tiled else model_input(image, config)
 

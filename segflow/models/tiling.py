@@ -21,6 +21,7 @@ import torch
 
 from segflow.data.datasets import Normalization
 from segflow.errors import SegflowError
+from segflow.models.outputs import entropy_map, probabilities, upsample
 
 MIN_TILE, MAX_TILE = 32, 2048
 OBJECT_TILE_RATIO = 0.03  # OTX's adaptive tiling: a typical object covers about 3% of a tile
@@ -194,10 +195,7 @@ def segment_tiled(
 
 def _entropy(logits: np.ndarray) -> np.ndarray:
     """Normalised entropy (0-1) of C x h x w logits."""
-    shifted = logits - logits.max(0, keepdims=True)
-    probs = np.exp(shifted)
-    probs /= probs.sum(0, keepdims=True)
-    return -(probs * np.log(np.maximum(probs, 1e-8))).sum(0) / math.log(logits.shape[0])
+    return entropy_map(probabilities(torch.from_numpy(logits)[None]))[0].numpy()
 
 
 # --- choosing a tile size from the data ---------------------------------------------------------
@@ -240,10 +238,7 @@ def segment_image(
     norm = Normalization(**config["normalization"])
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        logits = model(x.to(device)).logits
-        if tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
-            logits = torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits
+        return upsample(model(x.to(device)).logits, x.shape[-2:])
 
     with torch.no_grad():
         return segment_tiled(run, image, tiling, norm.mean, norm.std, entropy)

@@ -189,6 +189,10 @@ class InputFiles:
     def __len__(self) -> int:
         return len(self.names)
 
+    def location(self, index: int) -> str:
+        """Where file ``index`` is, for messages: its local path or its s3:// URI."""
+        return str(self.paths[index]) if self.paths is not None else f"s3://{self.keys[index]}"
+
     @contextlib.contextmanager
     def read(self, index: int) -> Iterator[Path]:
         """A local path holding file ``index``; a downloaded copy is removed afterwards."""
