@@ -55,42 +55,27 @@ def torch_speed(model, size: int, runs: int) -> tuple[float, float]:
     return 1000 * statistics.median(times), throughput
 
 
-def ov_config(ir_dir: Path, threads: int) -> dict:
-    """What segflow's IR runtime sets: f32 execution for FP32/FP16 IRs, the plugin's choice for INT8."""
+def ir_precision(ir_dir: Path) -> str:
     import openvino as ov
 
-    common = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
-    precision = ov.Core().read_model(ir_dir / "model.xml").get_rt_info(["model_info", "precision"]).astype(str)
-    if "int8" in precision:
-        common.pop("INFERENCE_PRECISION_HINT")
-    return common
+    return json.loads(ov.Core().read_model(ir_dir / "model.xml").get_rt_info(["model_info", "precision"]).astype(str))
+
+
+def ov_config(ir_dir: Path, threads: int) -> dict:
+    """What segflow's IR runtime sets: f32 execution for FP32/FP16 IRs, the plugin's choice for INT8."""
+    from segflow.export.speed import compile_properties
+
+    return compile_properties(ir_precision(ir_dir), threads)
 
 
 def ov_speed(ir_dir: Path, size: int, runs: int, threads: int) -> tuple[float, float]:
     import openvino as ov
 
-    core = ov.Core()
-    model = core.read_model(ir_dir / "model.xml")
-    common = ov_config(ir_dir, threads)
-    latency_model = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **common})
-    request = latency_model.create_infer_request()
-    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    request.infer({0: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        request.infer({0: x})
-        times.append(time.perf_counter() - start)
-    throughput_model = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", **common})
-    queue = ov.AsyncInferQueue(throughput_model, 0)
-    for _ in range(2):
-        queue.start_async({0: x})
-    queue.wait_all()
-    start = time.perf_counter()
-    for _ in range(32):
-        queue.start_async({0: x})
-    queue.wait_all()
-    return 1000 * statistics.median(times), 32 / (time.perf_counter() - start)
+    from segflow.export.speed import measure
+
+    model = ov.Core().read_model(ir_dir / "model.xml")
+    speed = measure(model, size, ir_precision(ir_dir), runs=runs, threads=threads)
+    return speed.latency_ms, speed.throughput
 
 
 def profile(ir_dir: Path, size: int, threads: int, runs: int = 10) -> dict[str, float]:

@@ -14,17 +14,25 @@ def export_model(
     metrics: Output[Metrics],
     precision: str = "fp32",
     max_drop: float = 1.0,
+    int8_scheme: str = "auto",
     run_key: str = "",
     run_name: str = "",
     experiment: str = "",
 ):
-    """PRECISION: fp32, fp16 or int8 (calibrated on DATASET). Fails when the IR disagrees with PyTorch."""
+    """PRECISION: fp32, fp16 or int8 (calibrated on DATASET; INT8_SCHEME as `segflow export`). Fails when
+    the IR disagrees with PyTorch."""
     from segflow.export.openvino_ir import ExportConfig
     from segflow.stages import export_stage, log_metrics_to
     from segflow.tracking import RunContext
 
     cfg = ExportConfig(
-        model=model.path, out=ir.path, precision=precision, calibration=dataset.path, max_drop=max_drop, overwrite=True
+        model=model.path,
+        out=ir.path,
+        precision=precision,
+        calibration=dataset.path,
+        max_drop=max_drop,
+        int8_scheme=int8_scheme,
+        overwrite=True,
     )
     report = export_stage(cfg, RunContext(run_key, run_name, experiment))
     ir.metadata.update(
@@ -32,6 +40,8 @@ def export_model(
             "framework": "openvino",
             "precision": precision,
             "latency_ms": report["latency_ms"],
+            "throughput_vs_fp32": report.get("throughput_vs_fp32"),
+            "int8_scheme": report.get("int8_scheme"),
             "mDice": report.get("ir_mDice"),
             "torch_mDice": report.get("torch_mDice"),
             "max_abs_logit_diff": report.get("max_abs_logit_diff"),

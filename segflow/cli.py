@@ -461,8 +461,14 @@ def export_cmd(
         bool, typer.Option("--accuracy-control", help="INT8: keep the drop within --max-drop.")
     ] = False,
     int8_scheme: Annotated[
-        str, typer.Option(help="INT8: which tensors to quantise: convs-fp32-head, convs, dense-fp32-head or all.")
-    ] = "convs-fp32-head",
+        str,
+        typer.Option(
+            help="INT8: auto (qat when within --max-drop, else convs-fp32-head), qat (quantisation-aware "
+            "fine-tuning), or a post-training placement: convs-fp32-head, convs, dense-fp32-head, all."
+        ),
+    ] = "auto",
+    qat_steps: Annotated[int, typer.Option(help="INT8 qat: fine-tuning steps on the calibration train images.")] = 300,
+    qat_lr: Annotated[float, typer.Option(help="INT8 qat: learning rate (Adam).")] = 3e-4,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run and pyfunc model.")] = True,
 ) -> None:

@@ -390,6 +390,8 @@ def export_stage(cfg: ExportConfig, run: tracking.RunContext | None = None, trac
         log.result(report, "export_report.json")
         report["model_uri"], report["model_id"] = log.model(out)
         scores = {"export_latency_ms": report["latency_ms"]}
+        if "throughput_vs_fp32" in report:
+            scores["export_throughput_vs_fp32"] = report["throughput_vs_fp32"]
         if cfg.precision == "int8" and "mDice_drop_points" in report:
             scores["int8_drop"] = report["mDice_drop_points"]
         log.headline(run, scores, model_id=report["model_id"])

@@ -57,10 +57,35 @@ def test_fp16_and_int8_keep_mdice_within_the_allowed_drop(trained, tmp_path, pre
             calibration=str(trained["data"]),
             max_drop=3.0,
             accuracy_control=control,
+            int8_scheme="convs-fp32-head",
         )
     )
     assert report["passed"] and report["mDice_drop_points"] <= 3.0
     assert (tmp_path / precision / "model.bin").stat().st_size > 0
+    # what the precision buys, measured beside the FP32 IR in the same process
+    assert report["fp32_throughput"] > 0 and report["throughput_vs_fp32"] > 0
+    assert report["metrics"]["latency_vs_fp32"] == report["latency_vs_fp32"]
+    assert report.get("int8_scheme") == ("convs-fp32-head" if precision == "int8" else None)
+
+
+def test_int8_auto_takes_qat_within_max_drop_else_the_accurate_placement(trained, tmp_path):
+    """auto tries quantisation-aware fine-tuning first and keeps it when its parity drop is within
+    --max-drop; a fine-tuning that wrecks the model (a learning rate of 1) is measured, refused,
+    and the accurate post-training placement written instead."""
+    import openvino as ov
+
+    common = {"model": str(trained["model"]), "precision": "int8", "calibration": str(trained["data"]), "qat_steps": 2}
+    report = run_export(ExportConfig(out=str(tmp_path / "qat"), max_drop=100.0, **common))
+    assert report["int8_scheme"] == "qat" and list(report["int8_candidates_drop"]) == ["qat"]
+    assert report["int8_candidates_drop"]["qat"] == pytest.approx(report["mDice_drop_points"], abs=1e-3)
+    ir = ov.Core().read_model(tmp_path / "qat" / "model.xml")
+    assert sum(op.get_type_name() == "FakeQuantize" for op in ir.get_ops()) > 50  # quantised everywhere
+
+    report = run_export(ExportConfig(out=str(tmp_path / "fallback"), max_drop=3.0, qat_lr=1.0, **common))
+    assert report["int8_scheme"] == "convs-fp32-head" and report["passed"]
+    assert report["int8_candidates_drop"]["qat"] > 3.0 >= report["int8_candidates_drop"]["convs-fp32-head"]
+    saved = json.loads((tmp_path / "fallback" / "export_report.json").read_text())
+    assert saved["int8_scheme"] == "convs-fp32-head" and saved["int8_candidates_drop"] == report["int8_candidates_drop"]
 
 
 def test_disagreeing_ir_fails_and_leaves_nothing(trained, tmp_path):
@@ -87,6 +112,10 @@ def test_bad_export_settings(trained, tmp_path):
         run_export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int8"))
     with pytest.raises(SegflowError, match="--precision"):
         run_export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), precision="int4"))
+    with pytest.raises(SegflowError, match="--int8-scheme must be one of auto, qat"):
+        run_export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), int8_scheme="fast"))
+    with pytest.raises(SegflowError, match="--qat-steps"):
+        run_export(ExportConfig(model=str(trained["model"]), out=str(tmp_path / "x"), qat_lr=0.0))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegflowError, match="not a segflow model"):
         run_export(ExportConfig(model=str(tmp_path / "empty"), out=str(tmp_path / "x")))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +28,10 @@ from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset
 from segflow.errors import SegflowError
 from segflow.evaluate.scoring import score
+from segflow.export import qat, speed
 from segflow.models import SegOutput
 from segflow.models import artifact as model_artifact
-from segflow.models.ir import IRSegmentor
+from segflow.models.ir import IR_XML, IRSegmentor
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -47,7 +48,11 @@ INT8_SCHEMES = {
     "convs-fp32-head": {"types": _NOT_CONV_INPUTS, "head": True},  # and the classifier's in float
     "dense-fp32-head": {"types": [*_NOT_CONV_INPUTS, "GroupConvolution"], "head": True},  # no depthwise
 }
-DEFAULT_INT8_SCHEME = "convs-fp32-head"
+ACCURATE_INT8_SCHEME = "convs-fp32-head"  # post-training, the most accurate placement measured
+QAT_SCHEME = "qat"  # NNCF's default placement, then quantisation-aware fine-tuning (export/qat.py)
+AUTO_SCHEME = "auto"  # QAT when it keeps within --max-drop on the parity images, else the accurate PTQ
+SCHEMES = (AUTO_SCHEME, QAT_SCHEME, *INT8_SCHEMES)
+DEFAULT_INT8_SCHEME = AUTO_SCHEME
 
 
 def ignored_scope(ov_model, scheme: str):
@@ -79,7 +84,9 @@ class ExportConfig:
     tolerance: float = 1e-3  # FP32: max |logit difference| relative to the largest logit
     parity_images: int = 32
     calibration_images: int = 300
-    int8_scheme: str = DEFAULT_INT8_SCHEME  # which tensors INT8 quantises (INT8_SCHEMES)
+    int8_scheme: str = DEFAULT_INT8_SCHEME  # how INT8 is made (SCHEMES)
+    qat_steps: int = 300  # quantisation-aware fine-tuning steps on the calibration data's train images
+    qat_lr: float = 3e-4
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -92,8 +99,10 @@ class ExportConfig:
             raise SegflowError("--input-size must be a multiple of 32.")
         if self.max_drop < 0:
             raise SegflowError("--max-drop must be 0 or more (mDice points).")
-        if self.int8_scheme not in INT8_SCHEMES:
-            raise SegflowError(f"--int8-scheme must be one of {', '.join(INT8_SCHEMES)} (got {self.int8_scheme!r}).")
+        if self.int8_scheme not in SCHEMES:
+            raise SegflowError(f"--int8-scheme must be one of {', '.join(SCHEMES)} (got {self.int8_scheme!r}).")
+        if self.qat_steps < 0 or self.qat_lr <= 0:
+            raise SegflowError("--qat-steps must be 0 or more and --qat-lr above 0.")
 
 
 class _Logits(nn.Module):
@@ -112,10 +121,13 @@ def convert(model: nn.Module, size: int, dynamic: bool):
 
     shape = ov.PartialShape([-1, 3, -1, -1] if dynamic else [1, 3, size, size])
     example = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # NNCF's fake quantisers read their level counts as Python numbers: constants, as meant.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # Traced here, without torch's re-trace check (a third of the export time): the parity
         # check against PyTorch after conversion is the test that counts.
-        traced = torch.jit.trace(_Logits(model.eval()), example, strict=False, check_trace=False)
+        net = model.eval() if isinstance(model, _Logits) else _Logits(model.eval())  # QAT wraps it already
+        traced = torch.jit.trace(net, example, strict=False, check_trace=False)
         return ov.convert_model(traced, example_input=example, input=[shape])
 
 
@@ -130,31 +142,55 @@ def _scores(model, batches, num_classes: int) -> tuple[dict, list[np.ndarray]]:
     return scores, logits
 
 
-def latency_ms(ir: IRSegmentor, size: int, runs: int = 20) -> float:
-    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-    ir.infer(x)
-    start = time.perf_counter()
-    for _ in range(runs):
-        ir.infer(x)
-    return 1000 * (time.perf_counter() - start) / runs
+def measured_speed(ir_dir: Path, fp32_model, size: int, precision: str) -> dict:
+    """The written IR's latency and throughput, and for FP16 / INT8 the FP32 IR's beside them
+    (same process, one after the other) with the ratios: what the precision buys on this CPU."""
+    import openvino as ov
+
+    own = speed.measure(ov.Core().read_model(ir_dir / IR_XML), size, precision)
+    report = {"latency_ms": round(own.latency_ms, 3), "throughput": round(own.throughput, 3)}
+    if precision != "fp32":
+        fp32 = speed.measure(fp32_model, size, "fp32")
+        report |= {
+            "fp32_latency_ms": round(fp32.latency_ms, 3),
+            "fp32_throughput": round(fp32.throughput, 3),
+            "latency_vs_fp32": round(fp32.latency_ms / own.latency_ms, 3),  # above 1: faster than FP32
+            "throughput_vs_fp32": round(own.throughput / fp32.throughput, 3),
+        }
+    return report
+
+
+def _calibration_images(calibration: SegmentationDataset, cfg: ExportConfig) -> list[torch.Tensor]:
+    return [calibration[i]["image"][None] for i in range(min(len(calibration), cfg.calibration_images))]
+
+
+def _mdice(compiled, items, num_classes: int) -> float:
+    """mDice of a compiled OpenVINO model over dataset items (one image at a time)."""
+
+    def run(images: torch.Tensor) -> SegOutput:
+        return SegOutput(logits=torch.from_numpy(compiled(images.numpy())[0]))
+
+    batches = ({"image": item["image"][None], "mask": item["mask"][None]} for item in items)
+    return _scores(run, batches, num_classes)[0]["mDice"]
 
 
 def quantize(
     ov_model,
     calibration: SegmentationDataset,
     cfg: ExportConfig,
+    scheme: str,
     validation: SegmentationDataset | None,
     num_classes: int,
 ):
-    """NNCF post-training INT8 quantisation, with accuracy control when asked."""
+    """NNCF post-training INT8 quantisation with ``scheme``'s placement, with accuracy control when asked."""
     import nncf
 
-    items = [calibration[i]["image"][None].numpy() for i in range(min(len(calibration), cfg.calibration_images))]
+    items = [image.numpy() for image in _calibration_images(calibration, cfg)]
     calib = nncf.Dataset(items)
     common = {
         "subset_size": len(items),
         "preset": nncf.QuantizationPreset.MIXED,
-        "ignored_scope": ignored_scope(ov_model, cfg.int8_scheme),
+        "ignored_scope": ignored_scope(ov_model, scheme),
     }
     if not cfg.accuracy_control or validation is None:
         return nncf.quantize(ov_model, calib, **common)
@@ -162,11 +198,7 @@ def quantize(
     val_items = [validation[i] for i in range(min(len(validation), cfg.parity_images))]
 
     def validate(compiled, data) -> tuple[float, None]:
-        def run(images: torch.Tensor) -> SegOutput:
-            return SegOutput(logits=torch.from_numpy(compiled(images.numpy())[0]))
-
-        batches = ({"image": item["image"][None], "mask": item["mask"][None]} for item in data)
-        return _scores(run, batches, num_classes)[0]["mDice"], None
+        return _mdice(compiled, data, num_classes), None
 
     return nncf.quantize_with_accuracy_control(
         ov_model,
@@ -177,6 +209,48 @@ def quantize(
         drop_type=nncf.DropType.ABSOLUTE,
         **common,
     )
+
+
+def quantize_aware(model_dir: Path, calibration: SegmentationDataset, train_images: SegmentationDataset,
+                   cfg: ExportConfig, size: int):  # fmt: skip
+    """INT8 everywhere NNCF places it, fine-tuned on ``train_images`` (export/qat.py); an openvino.Model."""
+    model, _ = model_artifact.load(model_dir, "cpu")  # a fresh copy to quantise; the caller's stays float
+    teacher, _ = model_artifact.load(model_dir, "cpu")
+    quantized = qat.quantize_torch(_Logits(model), _calibration_images(calibration, cfg))
+    settings = qat.QATConfig(steps=cfg.qat_steps, lr=cfg.qat_lr)
+    quantized = qat.fine_tune(quantized, train_images, settings, teacher=_Logits(teacher).eval())
+    return convert(quantized, size, cfg.dynamic)
+
+
+def to_int8(fp32_model, model_dir: Path, data: dict, cfg: ExportConfig, size: int, num_classes: int,
+            torch_mdice: float | None):  # fmt: skip
+    """The INT8 model ``cfg.int8_scheme`` asks for, and what was tried. ``auto`` takes QAT's model
+    when its mDice on the parity images is within ``cfg.max_drop`` of PyTorch's, else the accurate
+    post-training placement; without parity images it cannot tell, and takes the accurate one."""
+    import openvino as ov
+
+    if cfg.int8_scheme != AUTO_SCHEME:
+        schemes = [cfg.int8_scheme]
+    elif torch_mdice is None:
+        log.warning("no parity images to judge quantisation-aware INT8: using %s", ACCURATE_INT8_SCHEME)
+        schemes = [ACCURATE_INT8_SCHEME]
+    else:
+        schemes = [QAT_SCHEME, ACCURATE_INT8_SCHEME]
+    drops: dict[str, float] = {}
+    for scheme in schemes:
+        log.info("INT8 scheme %s", scheme)
+        if scheme == QAT_SCHEME:
+            candidate = quantize_aware(model_dir, data["calibration"], data["train"], cfg, size)
+        else:
+            candidate = quantize(fp32_model, data["calibration"], cfg, scheme, data["parity"], num_classes)
+        if len(schemes) == 1:
+            break
+        compiled = ov.Core().compile_model(candidate, "CPU", speed.compile_properties("int8"))
+        drops[scheme] = round(100 * (torch_mdice - _mdice(compiled, data["parity"], num_classes)), 3)
+        if drops[scheme] <= cfg.max_drop:
+            break
+        log.info("INT8 scheme %s lost %.2f mDice points, more than --max-drop %s", scheme, drops[scheme], cfg.max_drop)
+    return candidate, {"int8_scheme": scheme, **({"int8_candidates_drop": drops} if drops else {})}
 
 
 def export(cfg: ExportConfig, model_dir: Path, data_dir: Path | None, out_dir: Path) -> dict:
@@ -192,7 +266,7 @@ def export(cfg: ExportConfig, model_dir: Path, data_dir: Path | None, out_dir: P
     size = cfg.input_size or config["input_size"]
     norm = Normalization(**config["normalization"])
     labels = config["labels"]
-    parity = calibration = None
+    parity = calibration = train_images = None
     if data_dir is not None:
         manifest = manifest_lib.read(data_dir, verify=True)
         if manifest["labels"] != labels:
@@ -202,34 +276,33 @@ def export(cfg: ExportConfig, model_dir: Path, data_dir: Path | None, out_dir: P
         parity = SegmentationDataset(
             data_dir, subset, size, norm, train=False, names=names[: cfg.parity_images], square=True
         )
-        train_names = sorted(manifest["subsets"].get("train", {}).get("items", names))
+        train_subset = "train" if "train" in manifest["subsets"] else subset
+        train_names = sorted(manifest["subsets"][train_subset]["items"])
         calibration = SegmentationDataset(
-            data_dir,
-            "train" if "train" in manifest["subsets"] else subset,
-            size,
-            norm,
-            train=False,
-            names=train_names[: cfg.calibration_images],
-            square=True,
+            data_dir, train_subset, size, norm, train=False, names=train_names[: cfg.calibration_images], square=True
         )
+        # QAT's fine-tuning samples: the training recipe's crops (native-resolution tiles for a tiled model).
+        tile_scale = (config.get("tiling") or {}).get("scale", 0.0)
+        train_images = SegmentationDataset(data_dir, train_subset, size, norm, train=True, tile_scale=tile_scale)
 
-    ov_model = convert(model, size, cfg.dynamic)
+    checked = parity is not None and len(parity) > 0
+    if checked:
+        loader = _square_batches(parity)
+        torch_scores, torch_logits = _scores(model, loader, len(labels))
+    fp32_model = ov_model = convert(model, size, cfg.dynamic)
+    report: dict = {"precision": cfg.precision}
     if cfg.precision == "int8":
-        log.info("quantising to INT8 on %d calibration images", min(len(calibration), cfg.calibration_images))
-        ov_model = quantize(ov_model, calibration, cfg, parity, len(labels))
+        data = {"calibration": calibration, "train": train_images, "parity": parity}
+        ov_model, chosen = to_int8(
+            fp32_model, model_dir, data, cfg, size, len(labels), torch_scores["mDice"] if checked else None
+        )
+        report.update(chosen)
     model_artifact.save_ir(out_dir, ov_model, config, cfg.precision)
     ir = IRSegmentor(out_dir)
 
-    report = {
-        "precision": cfg.precision,
-        **({"int8_scheme": cfg.int8_scheme} if cfg.precision == "int8" else {}),
-        "input": "dynamic" if cfg.dynamic else [1, 3, size, size],
-        "architecture": config["architecture"],
-        "latency_ms": round(latency_ms(ir, size), 3),
-    }
-    if parity is not None and len(parity) > 0:
-        loader = _square_batches(parity)
-        torch_scores, torch_logits = _scores(model, loader, len(labels))
+    report.update({"input": "dynamic" if cfg.dynamic else [1, 3, size, size], "architecture": config["architecture"]})
+    report.update(measured_speed(out_dir, fp32_model, size, cfg.precision))
+    if checked:
         ir_scores, ir_logits = _scores(ir, loader, len(labels))
         diff = max(float(np.abs(a - b).max()) for a, b in zip(torch_logits, ir_logits, strict=True))
         scale = max(float(np.abs(a).max()) for a in torch_logits)
@@ -269,6 +342,9 @@ def export(cfg: ExportConfig, model_dir: Path, data_dir: Path | None, out_dir: P
         k: report[k]
         for k in (
             "latency_ms",
+            "throughput",
+            "throughput_vs_fp32",
+            "latency_vs_fp32",
             "ir_mDice",
             "torch_mDice",
             "mDice_drop_points",
