@@ -86,6 +86,7 @@ def test_int8_auto_takes_qat_within_max_drop_else_the_accurate_placement(trained
     assert report["int8_candidates_drop"]["qat"] > 3.0 >= report["int8_candidates_drop"]["convs-fp32-head"]
     saved = json.loads((tmp_path / "fallback" / "export_report.json").read_text())
     assert saved["int8_scheme"] == "convs-fp32-head" and saved["int8_candidates_drop"] == report["int8_candidates_drop"]
+    assert set(saved["int8_seconds"]) == {"qat", "convs-fp32-head"}
 
 
 def test_disagreeing_ir_fails_and_leaves_nothing(trained, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,12 +238,15 @@ def to_int8(fp32_model, model_dir: Path, data: dict, cfg: ExportConfig, size: in
     else:
         schemes = [QAT_SCHEME, ACCURATE_INT8_SCHEME]
     drops: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     for scheme in schemes:
         log.info("INT8 scheme %s", scheme)
+        started = time.monotonic()
         if scheme == QAT_SCHEME:
             candidate = quantize_aware(model_dir, data["calibration"], data["train"], cfg, size)
         else:
             candidate = quantize(fp32_model, data["calibration"], cfg, scheme, data["parity"], num_classes)
+        seconds[scheme] = round(time.monotonic() - started, 1)
         if len(schemes) == 1:
             break
         compiled = ov.Core().compile_model(candidate, "CPU", speed.compile_properties("int8"))
@@ -250,7 +254,8 @@ def to_int8(fp32_model, model_dir: Path, data: dict, cfg: ExportConfig, size: in
         if drops[scheme] <= cfg.max_drop:
             break
         log.info("INT8 scheme %s lost %.2f mDice points, more than --max-drop %s", scheme, drops[scheme], cfg.max_drop)
-    return candidate, {"int8_scheme": scheme, **({"int8_candidates_drop": drops} if drops else {})}
+    chosen = {"int8_scheme": scheme, "int8_seconds": seconds}
+    return candidate, chosen | ({"int8_candidates_drop": drops} if drops else {})
 
 
 def export(cfg: ExportConfig, model_dir: Path, data_dir: Path | None, out_dir: Path) -> dict:
