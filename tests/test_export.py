@@ -74,7 +74,8 @@ def test_int8_auto_takes_qat_within_max_drop_else_the_accurate_placement(trained
     and the accurate post-training placement written instead."""
     import openvino as ov
 
-    common = {"model": str(trained["model"]), "precision": "int8", "calibration": str(trained["data"]), "qat_steps": 2}
+    common = {"model": str(trained["model"]), "precision": "int8", "calibration": str(trained["data"]), "qat_steps": 2,
+              "calibration_images": 8}  # fmt: skip
     report = run_export(ExportConfig(out=str(tmp_path / "qat"), max_drop=100.0, **common))
     assert report["int8_scheme"] == "qat" and list(report["int8_candidates_drop"]) == ["qat"]
     assert report["int8_candidates_drop"]["qat"] == pytest.approx(report["mDice_drop_points"], abs=1e-3)
