@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# NNCF compiles its fake-quantisation kernels (INT8 export's QAT) on first use: once here instead.
-	NNCF_EXTENSION_LOAD_TIMEOUT=0 $(BIN)/python -c "import nncf.torch; nncf.torch.force_build_cpu_extensions()"
+	NNCF_EXTENSION_LOAD_TIMEOUT=0 $(BIN)/python -c "import nncf.torch, nncf.torch.quantization.extensions; nncf.torch.force_build_cpu_extensions()"
 	touch $@
 
 # The demo: synthetic target-domain scenes (64 labelled, 96 unlabelled) and source-domain scenes
