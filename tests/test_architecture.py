@@ -135,14 +135,8 @@ def test_no_import_cycles_between_files():
     assert cycles == [], "\n".join(cycles)
 
 
-# INT8 export's quantisation-aware fine-tuning: a few hundred steps on a fake-quantised copy, with
-# no epochs, validation, checkpoints or processes; the one step loop outside the engine.
-OUTSIDE_THE_ENGINE = {"segflow/export/qat.py"}
-
-
 def test_one_training_loop():
-    """Every kind of training goes through segflow/train/engine.py: one epoch loop, one backward
-    (quantisation-aware fine-tuning excepted, by name)."""
+    """Every kind of training goes through segflow/train/engine.py: one epoch loop, one backward."""
     loops, backwards = [], []
     for path in (REPO / "segflow").rglob("*.py"):
         text = path.read_text()
@@ -150,7 +144,7 @@ def test_one_training_loop():
         loops += [rel for line in text.splitlines() if re.search(r"def pretrain|for epoch", line)]
         backwards += [rel for line in text.splitlines() if ".backward(" in line]
     assert loops == ["segflow/train/engine.py"], loops
-    assert set(backwards) == {"segflow/train/engine.py", *OUTSIDE_THE_ENGINE}, backwards
+    assert set(backwards) == {"segflow/train/engine.py"}, backwards
 
 
 def test_components_and_pipelines_need_no_sys_path_edits():

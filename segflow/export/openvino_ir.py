@@ -161,10 +161,6 @@ def measured_speed(ir_dir: Path, fp32_model, size: int, precision: str) -> dict:
     return report
 
 
-def _calibration_images(calibration: SegmentationDataset, cfg: ExportConfig) -> list[torch.Tensor]:
-    return [calibration[i]["image"][None] for i in range(min(len(calibration), cfg.calibration_images))]
-
-
 def _mdice(compiled, items, num_classes: int) -> float:
     """mDice of a compiled OpenVINO model over dataset items (one image at a time)."""
 
@@ -177,7 +173,7 @@ def _mdice(compiled, items, num_classes: int) -> float:
 
 def quantize(
     ov_model,
-    calibration: SegmentationDataset,
+    calibration: list[torch.Tensor],
     cfg: ExportConfig,
     scheme: str,
     validation: SegmentationDataset | None,
@@ -186,7 +182,7 @@ def quantize(
     """NNCF post-training INT8 quantisation with ``scheme``'s placement, with accuracy control when asked."""
     import nncf
 
-    items = [image.numpy() for image in _calibration_images(calibration, cfg)]
+    items = [image.numpy() for image in calibration]
     calib = nncf.Dataset(items)
     common = {
         "subset_size": len(items),
@@ -212,12 +208,12 @@ def quantize(
     )
 
 
-def quantize_aware(model_dir: Path, calibration: SegmentationDataset, train_images: SegmentationDataset,
+def quantize_aware(model_dir: Path, calibration: list[torch.Tensor], train_images: SegmentationDataset,
                    cfg: ExportConfig, size: int):  # fmt: skip
     """INT8 everywhere NNCF places it, fine-tuned on ``train_images`` (export/qat.py); an openvino.Model."""
     model, _ = model_artifact.load(model_dir, "cpu")  # a fresh copy to quantise; the caller's stays float
     teacher, _ = model_artifact.load(model_dir, "cpu")
-    quantized = qat.quantize_torch(_Logits(model), _calibration_images(calibration, cfg))
+    quantized = qat.quantize_torch(_Logits(model), calibration)
     settings = qat.QATConfig(steps=cfg.qat_steps, lr=cfg.qat_lr)
     quantized = qat.fine_tune(quantized, train_images, settings, teacher=_Logits(teacher).eval())
     return convert(quantized, size, cfg.dynamic)
@@ -297,7 +293,9 @@ def export(cfg: ExportConfig, model_dir: Path, data_dir: Path | None, out_dir: P
     fp32_model = ov_model = convert(model, size, cfg.dynamic)
     report: dict = {"precision": cfg.precision}
     if cfg.precision == "int8":
-        data = {"calibration": calibration, "train": train_images, "parity": parity}
+        # Decoded once: both schemes of auto calibrate on the same images.
+        images = [calibration[i]["image"][None] for i in range(len(calibration))]
+        data = {"calibration": images, "train": train_images, "parity": parity}
         ov_model, chosen = to_int8(
             fp32_model, model_dir, data, cfg, size, len(labels), torch_scores["mDice"] if checked else None
         )

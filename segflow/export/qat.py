@@ -11,14 +11,16 @@ lets the fast placement keep most of its accuracy instead. Distillation from the
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from segflow.data.datasets import SegmentationDataset
+from segflow.train.engine import LoopConfig, Objective, Recipe, Step, Training, fit
 from segflow.train.objectives import cross_entropy
 
 
@@ -45,47 +47,54 @@ def quantize_torch(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Modu
     )
 
 
-def _freeze_batch_norm(model: nn.Module) -> None:
-    # Batch statistics of a few small batches would drift the running means the trained model
-    # relies on; QAT fine-tunes the weights and the quantisers' ranges only.
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
 def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per-pixel KL divergence of the student's class distribution from the teacher's, averaged."""
     return F.kl_div(F.log_softmax(student.float(), 1), F.log_softmax(teacher.float(), 1), log_target=True,
                     reduction="none").sum(1).mean()  # fmt: skip
 
 
-def fine_tune(
-    model: nn.Module, images: SegmentationDataset, cfg: QATConfig, teacher: nn.Module | None = None
-) -> nn.Module:
-    """Train the fake-quantised ``model`` (logits out) for ``cfg.steps`` on ``images`` (train mode):
-    cross-entropy on the labels, plus distillation from ``teacher`` (the float model, logits out)
-    when given, so the INT8 model learns to answer as the float one does."""
+class QATObjective(Objective):
+    """The engine's plug for quantisation-aware fine-tuning: cross-entropy on the labels plus
+    distillation from the float model (logits out), so the INT8 model learns to answer as the
+    float one does. The model is the fake-quantised copy, which outputs plain logits."""
+
+    name = "qat"
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher = teacher.eval()
+        self.model: nn.Module | None = None
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.teacher.to(device)
+
+    def frozen(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher}
+
+    def train(self) -> None:
+        # Batch statistics of a few small batches would drift the running means the trained model
+        # relies on; QAT fine-tunes the weights and the quantisers' ranges only.
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+    def loss(self, net: nn.Module, batch: dict, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = net(batch["image"])
+        with torch.no_grad():
+            target = self.teacher(batch["image"])
+        ce, kd = cross_entropy(logits, batch["mask"]), distillation(logits, target)
+        return ce + kd, {"ce": ce.item(), "kd": kd.item()}
+
+
+def fine_tune(model: nn.Module, images: SegmentationDataset, cfg: QATConfig, teacher: nn.Module) -> nn.Module:
+    """Train the fake-quantised ``model`` (logits out) for ``cfg.steps`` on ``images`` on the one
+    training engine (one epoch of exactly that many steps, checkpoints in a folder removed after)."""
     if cfg.steps <= 0:
         return model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(images, batch_size=cfg.batch_size, shuffle=True, drop_last=len(images) >= cfg.batch_size,
-                        generator=generator)  # fmt: skip
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    model.train()
-    _freeze_batch_norm(model)
-    step = 0
-    while step < cfg.steps:
-        for batch in loader:
-            logits = model(batch["image"])
-            loss = cross_entropy(logits, batch["mask"])
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(batch["image"])
-                loss = loss + distillation(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step >= cfg.steps:
-                break
-    return model.eval()
+    loop = LoopConfig(epochs=1, batch_size=cfg.batch_size, seed=cfg.seed, iters_per_epoch=cfg.steps,
+                      exact_iters=True, amp="off", channels_last="off", loader_workers=0)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="segflow-qat-") as folder:
+        run = Training(build_model=lambda: model, objective=QATObjective(teacher), data=images, loop=loop,
+                       recipe=Recipe(lr=cfg.lr), checkpoints=Path(folder) / "checkpoints")  # fmt: skip
+        fit(run)
+    return model.cpu().eval()

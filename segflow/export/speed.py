@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,9 +14,6 @@ import numpy as np
 class Speed:
     latency_ms: float  # median of single-image requests (PERFORMANCE_HINT LATENCY)
     throughput: float  # images per second through an async queue (PERFORMANCE_HINT THROUGHPUT)
-
-    def to_json(self) -> dict:
-        return {k: round(v, 3) for k, v in asdict(self).items()}
 
 
 def compile_properties(precision: str, threads: int = 0) -> dict:

@@ -77,7 +77,14 @@ def model_config(
 def save_weights(path: Path, state: dict[str, torch.Tensor], fmt: str) -> None:
     """A state dict as safetensors (contiguous CPU tensors), tagged with its format. Non-finite
     weights are never written: a model that holds them predicts garbage (or nothing) everywhere."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors, storages = {}, set()
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        # safetensors refuses tensors that share memory (tied weights, NNCF's shared quantisers):
+        # each key gets its own copy, and load_state_dict fills every key again.
+        storage = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
     check_finite(tensors, str(path))
     save_file(tensors, str(path), metadata={"format": fmt})
 
