@@ -49,3 +49,16 @@ def test_interleave_is_the_channel_shuffle_of_the_concatenation():
     a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     shuffled = torch.cat([a, b], dim=1).view(2, 2, 3, 4, 5).transpose(1, 2).reshape(2, 6, 4, 5)
     assert torch.equal(interleave(a, b), shuffled)
+
+
+def test_weights_that_share_memory_are_saved_and_read_back(tmp_path):
+    """Tied tensors (NNCF's shared quantisers in QAT) are stored as one copy per key."""
+    from safetensors.torch import load_file
+
+    from segflow.models.artifact import save_weights
+
+    shared = torch.arange(6.0)
+    state = {"a": shared, "b": shared, "c": shared[:3]}
+    save_weights(tmp_path / "w.safetensors", state, "test/1")
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert set(back) == {"a", "b", "c"} and torch.equal(back["b"], shared) and torch.equal(back["c"], shared[:3])
