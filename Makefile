@@ -14,8 +14,7 @@ DEMO_DATA := $(CURDIR)/runs/demo/data
 
 setup: $(STAMP)
 
-# components/ installs as segflow_components (package-dir), and setuptools says so on every editable
-# install ("Editable installation"): the one warning filtered here.
+# setuptools warns on every editable install ("Editable installation"): the one warning filtered.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"

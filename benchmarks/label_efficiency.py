@@ -39,7 +39,7 @@ from segflow.data.synth import synthesize
 from segflow.evaluate.evaluation import EvalConfig
 from segflow.selfsl.detcon import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams
-from segflow.stages import detcon_stage, evaluate_stage, import_stage, train_stage
+from segflow.stages import evaluate_stage, import_stage, pretrain_stage, train_stage
 from segflow.train.config import TrainConfig, method_settings
 
 
@@ -72,7 +72,7 @@ def pretrained_backbone(data: dict[str, Path], work: Path, seed: int, epochs: in
     the labelled count. Default settings are `segflow pretrain`'s (auto); ``otx``: OTX's fixed ones."""
     out = work / f"detcon-{seed}-{epochs}{'-otx' if otx else ''}"
     if not out.exists():
-        detcon_stage(
+        pretrain_stage(
             PretrainConfig(
                 images=str(data["unlabeled"]),
                 out=str(out),

@@ -42,7 +42,7 @@ from segflow.adapt.selection import CRITERIA, picks
 from segflow.data.importer import ImportConfig
 from segflow.evaluate.evaluation import EvalConfig
 from segflow.selfsl.detcon import PretrainConfig
-from segflow.stages import adapt_stage, detcon_stage, ensemble_stage, evaluate_stage, import_stage, train_stage
+from segflow.stages import adapt_stage, ensemble_stage, evaluate_stage, import_stage, pretrain_stage, train_stage
 from segflow.train.config import TrainConfig, method_settings
 
 SOURCE_HINT = (
@@ -155,7 +155,7 @@ def detcon(data: dict, work: Path, seed: int, args) -> Path:
         cfg = PretrainConfig(images=str(data["unlabeled"]), out=str(out), model="lite_hrnet_s",
                              epochs=args.pretrain_epochs, batch_size=16, seed=seed,
                              masks=str(work / "detcon_masks"), overwrite=True)  # fmt: skip
-        detcon_stage(cfg, track=False)
+        pretrain_stage(cfg, track=False)
     return out
 
 

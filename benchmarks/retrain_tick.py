@@ -27,8 +27,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="segflow-tick-") as tmp:
         os.environ["SEGFLOW_HOME"] = str(Path(tmp) / "home")
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        from segflow import orchestration
         from segflow.data.synth import synthesize
+        from segflow_kfp import orchestration
 
         data = synthesize(Path(tmp) / "landing", "target", args.images, args.size, seed=11)
         params = {"data_uri": str(data), "registered_model": "bench", "epochs": args.epochs, "input_size": args.size}

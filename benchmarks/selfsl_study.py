@@ -29,7 +29,7 @@ from label_efficiency import build_data, mean_std, run_one
 from segflow.data.datasets import image_files
 from segflow.selfsl.detcon import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, median_side, size_rule
-from segflow.stages import detcon_stage
+from segflow.stages import pretrain_stage
 
 
 def scaled_rule(images: Path, k: float) -> FelzenszwalbParams:
@@ -41,7 +41,7 @@ def pretrain_variant(data: dict, work: Path, seed: int, epochs: int, k: float, n
     """DetCon with masks at K times the size rule and ``settings``; returns the backbone and
     segments per image."""
     out = work / f"detcon-{name}-{seed}"
-    result = detcon_stage(
+    result = pretrain_stage(
         PretrainConfig(
             images=str(data["unlabeled"]),
             out=str(out),

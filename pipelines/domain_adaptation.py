@@ -15,13 +15,13 @@ input_size=512, epochs=100, iterations=20000 and eval_every=1000.
 
 from kfp import dsl
 
-from segflow_components.adapt import adapt_model, choose_best, ensemble_models
-from segflow_components.data_import import import_data
-from segflow_components.evaluate import evaluate_model
-from segflow_components.flows import evaluate_export_register
-from segflow_components.platform import on_cluster, resumable
-from segflow_components.tracking import tracked
-from segflow_components.train import train_model
+from segflow_kfp.adapt import adapt_model, choose_best, ensemble_models
+from segflow_kfp.data_import import import_data
+from segflow_kfp.evaluate import evaluate_model
+from segflow_kfp.flows import evaluate_export_register
+from segflow_kfp.platform import on_cluster, resumable
+from segflow_kfp.tracking import tracked
+from segflow_kfp.train import train_model
 
 # The branches: (method, levels). MinEnt and AdvEnt also form the ensemble (see ensemble_models).
 BRANCHES = [

@@ -6,9 +6,9 @@ segflow compile pipelines/prepare_data.py --output prepare_data.yaml
 
 from kfp import dsl
 
-from segflow_components.data_import import import_data
-from segflow_components.platform import on_cluster
-from segflow_components.tracking import tracked
+from segflow_kfp.data_import import import_data
+from segflow_kfp.platform import on_cluster
+from segflow_kfp.tracking import tracked
 
 
 @dsl.pipeline(name="prepare-data", description="Import and validate source and target datasets.")

@@ -18,12 +18,12 @@ from kfp import dsl
 from kfp.dsl import Dataset, Model
 
 from segflow.lifecycle import Decision
-from segflow_components.adapt import adapt_model
-from segflow_components.data_import import import_data
-from segflow_components.flows import evaluate_export_register, train_evaluate_export_register
-from segflow_components.lifecycle import check_for_new_data
-from segflow_components.platform import on_cluster, resumable
-from segflow_components.tracking import tracked
+from segflow_kfp.adapt import adapt_model
+from segflow_kfp.data_import import import_data
+from segflow_kfp.flows import evaluate_export_register, train_evaluate_export_register
+from segflow_kfp.lifecycle import check_data
+from segflow_kfp.platform import on_cluster, resumable
+from segflow_kfp.tracking import tracked
 
 
 @dsl.pipeline(name="retrain", description="Fine-tune the champion on new data; promote the better model.")
@@ -47,7 +47,7 @@ def retrain(
 ):
     track, exit_handler = tracked(experiment, "retrain", locals())
     with exit_handler:
-        check = check_for_new_data(
+        check = check_data(
             data_uri=data_uri, registered_model=registered_model, drift_threshold=drift_threshold, **track
         )
         on_cluster(check, cpu="1", memory="2G", cache=False)

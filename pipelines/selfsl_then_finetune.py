@@ -16,11 +16,11 @@ fine-tune longer and larger (more pretrain_epochs; input_size=512, epochs=300).
 
 from kfp import dsl
 
-from segflow_components.data_import import import_data
-from segflow_components.flows import train_evaluate_export_register
-from segflow_components.platform import on_cluster, resumable
-from segflow_components.selfsl import pretrain_backbone, pseudo_masks
-from segflow_components.tracking import tracked
+from segflow_kfp.data_import import import_data
+from segflow_kfp.flows import train_evaluate_export_register
+from segflow_kfp.platform import on_cluster, resumable
+from segflow_kfp.selfsl import pretrain_backbone, pseudo_masks
+from segflow_kfp.tracking import tracked
 
 
 @dsl.pipeline(name="selfsl-then-finetune", description="DetCon self-supervised pretraining, then fine-tuning.")

@@ -8,10 +8,10 @@ segflow compile pipelines/supervised.py --output supervised.yaml
 
 from kfp import dsl
 
-from segflow_components.data_import import import_data
-from segflow_components.flows import train_evaluate_export_register
-from segflow_components.platform import on_cluster
-from segflow_components.tracking import tracked
+from segflow_kfp.data_import import import_data
+from segflow_kfp.flows import train_evaluate_export_register
+from segflow_kfp.platform import on_cluster
+from segflow_kfp.tracking import tracked
 
 
 @dsl.pipeline(name="supervised", description="Import, train (supervised / SupCon / Mean Teacher), evaluate, export.")

@@ -1,11 +1,11 @@
-"""``segflow``: one subcommand per stage, plus run / compile for pipelines.
+"""``segflow``: one subcommand per stage (the pipeline commands run / compile / submit / schedule /
+params are added by ``segflow_kfp.cli``, the KFP layer).
 
 User errors (``SegflowError``) print one clear message and exit with code 2, no traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -18,7 +18,7 @@ import typer
 
 from segflow.data import MAX_IMAGE_PIXELS
 from segflow.errors import SegflowError
-from segflow.redact import redact, redact_logging
+from segflow.redact import redact_logging
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -266,7 +266,7 @@ def _felzenszwalb_said(made: dict) -> str:
 
 
 @app.command("pretrain")
-def detcon_cmd(
+def pretrain_cmd(
     images: Annotated[str, typer.Option(help="Folder of unlabelled images (local or s3://).")],
     out: Annotated[str, typer.Option(help="Folder to create for the backbone weights.")],
     model: Annotated[str, typer.Option(help="lite_hrnet_s, lite_hrnet_18 or lite_hrnet_x.")] = "lite_hrnet_s",
@@ -296,7 +296,7 @@ def detcon_cmd(
     """
     options = dict(locals())  # the command's options, before any other name
     from segflow.selfsl.detcon import PretrainConfig
-    from segflow.stages import detcon_stage
+    from segflow.stages import pretrain_stage
 
     cfg = from_options(
         PretrainConfig,
@@ -306,7 +306,7 @@ def detcon_cmd(
         lr=auto_number(lr, "--lr"),
         felzenszwalb=felzenszwalb_options(scale, sigma, min_size),
     )
-    result = detcon_stage(cfg, track=track)
+    result = pretrain_stage(cfg, track=track)
     metrics, chosen = result["metrics"], result["chosen"]
     if result["pseudo_masks"]:
         typer.echo(
@@ -395,6 +395,37 @@ def ensemble_cmd(
     typer.echo(f"ensemble of {len(result['members'])} models -> {out}")
 
 
+@app.command("choose")
+def choose_cmd(
+    candidate: Annotated[
+        list[str],
+        typer.Option("--candidate", help="NAME=MODEL,EVALUATION: a model folder and its `segflow evaluate` folder."),
+    ],
+    out: Annotated[str, typer.Option(help="Model folder to create: a copy of the best candidate.")],
+    metric: Annotated[str, typer.Option(help="mDice or mIoU, on the subset the evaluations scored.")] = "mDice",
+    report: Annotated[str | None, typer.Option(help="Also write the comparison as Markdown here.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log an MLflow run.")] = True,
+) -> None:
+    """The best of several evaluated models (as the adaptation pipeline picks among source-only, the
+    methods and the ensemble): copied to OUT; the comparison table and chart go to MLflow."""
+    from segflow.stages import choose_stage
+
+    candidates: dict[str, tuple[str, str]] = {}
+    for text in candidate:
+        name, _, paths = text.partition("=")
+        model, _, evaluation = paths.rpartition(",")
+        if not (name and model and evaluation):
+            raise SegflowError(f"--candidate {text!r}: write NAME=MODEL,EVALUATION (a model folder, its evaluation).")
+        if name in candidates:
+            raise SegflowError(f"--candidate names must differ: {name!r} is given twice.")
+        candidates[name] = (model, evaluation)
+    result = choose_stage(candidates, out, metric, markdown_out=report, track=track, overwrite=overwrite)
+    for row in result["candidates"]:
+        typer.echo(f"{row['candidate']:>16s}  {metric} {100 * row[metric]:.2f}")
+    typer.echo(f"best: {result['best']} -> {out}")
+
+
 @app.command("register")
 def register_cmd(
     name: Annotated[str, typer.Option(help="Registered model name in MLflow.")],
@@ -420,9 +451,9 @@ def check_data_cmd(
 ) -> None:
     """What a retraining tick would do with DATA: same, new, shifted, unlabelled or adapted
     (segflow.lifecycle), with the drift score of unlabelled images against the champion's."""
-    from segflow.stages import check_new_data_stage
+    from segflow.stages import check_data_stage
 
-    result = check_new_data_stage(data, registered_model, threshold=threshold)
+    result = check_data_stage(data, registered_model, threshold=threshold)
     typer.echo(f"{result['decision']}: {result['note']}")
 
 
@@ -598,206 +629,6 @@ def models_compare(
         typer.echo(f"{label}: {decision}: {version.tags.get(registry.REASON, '')}")
 
 
-@app.command("run")
-def run(
-    pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],
-    local: Annotated[bool, typer.Option("--local", help="Run on this machine with kfp.local.")] = False,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE, repeatable.")] = None,
-) -> None:
-    """Run a pipeline. With --local: kfp.local's subprocess runner, MLflow tracking under $SEGFLOW_HOME."""
-    from segflow import orchestration, tracking
-
-    if not local:
-        raise SegflowError(
-            "only --local runs are started by `segflow run`. For a cluster: `segflow compile PIPELINE "
-            "--output p.yaml`, then `kfp run create -e EXPERIMENT -r NAME -f p.yaml`."
-        )
-    params = orchestration.parse_params(orchestration.load_pipeline(pipeline), param or [])
-    typer.echo(f"running {pipeline.name} locally (one line per task as it finishes)")
-    result = orchestration.run_local(pipeline, params, show=sys.stdout)
-    seconds = sum(t["seconds"] for t in result["tasks"].values())
-    typer.echo(f"pipeline {pipeline.name} finished: {len(result['tasks'])} tasks, {seconds:.0f} s of task time")
-    typer.echo(f"  outputs:  {result['job_dir'] or result['pipeline_root']}  (one folder per task)")
-    for name, value in result["outputs"].items():
-        typer.echo(f"  output {name}: {getattr(value, 'uri', value)}")
-    typer.echo(f"  full log: {result['log']}")
-    store = redact(tracking.tracking_uri())
-    typer.echo(f"  MLflow:   parent run {result['mlflow_run_id'] or '(none)'} in {store}")
-    typer.echo(f"  browse:   mlflow ui --backend-store-uri {store}")
-
-
-# Where compiled tasks run (segflow.cluster.ClusterConfig): shared by compile, submit and schedule.
-ClusterFile = Annotated[
-    Path | None, typer.Option("--cluster-config", help="YAML file of the settings below (flags win).")
-]
-GpuSelector = Annotated[
-    list[str] | None, typer.Option("--gpu-node-selector", help="KEY=VALUE node label of the GPU pool (repeatable).")
-]
-GpuToleration = Annotated[
-    list[str] | None, typer.Option("--gpu-toleration", help="KEY[=VALUE]:EFFECT taint the GPU stages tolerate.")
-]
-Gpus = Annotated[int | None, typer.Option("--gpus", help="GPUs per GPU pod (>1: torchrun in the pod).")]
-Image = Annotated[str, typer.Option("--image", help="Image of the CPU stages.")]
-GpuImage = Annotated[str, typer.Option("--gpu-image", help="Image of the GPU stages (pretrain, train, adapt).")]
-CpuRequest = Annotated[str, typer.Option(help="CPU request of CPU stages, e.g. 2 or 500m.")]
-MemoryRequest = Annotated[str, typer.Option(help="Memory request of CPU stages, e.g. 8G.")]
-GpuCpuRequest = Annotated[str, typer.Option(help="CPU request of GPU stages.")]
-GpuMemoryRequest = Annotated[str, typer.Option(help="Memory request of GPU stages.")]
-Retries = Annotated[int | None, typer.Option("--retries", help="Retries of every task (exponential backoff).")]
-
-
-def cluster_settings(
-    cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, cpu_request, memory_request,
-    gpu_cpu_request, gpu_memory_request, retries,
-):  # fmt: skip
-    from segflow import cluster
-
-    return cluster.load(
-        cluster_config,
-        gpu_node_selector=gpu_node_selector,
-        gpu_tolerations=gpu_toleration,
-        gpus=gpus,
-        image=image,
-        gpu_image=gpu_image,
-        cpu_request=cpu_request,
-        memory_request=memory_request,
-        gpu_cpu_request=gpu_cpu_request,
-        gpu_memory_request=gpu_memory_request,
-        retries=retries,
-    )
-
-
-@app.command("compile")
-def compile_(
-    pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="YAML file to write.")],
-    cluster_config: ClusterFile = None,
-    gpu_node_selector: GpuSelector = None,
-    gpu_toleration: GpuToleration = None,
-    gpus: Gpus = None,
-    image: Image = "",
-    gpu_image: GpuImage = "",
-    cpu_request: CpuRequest = "",
-    memory_request: MemoryRequest = "",
-    gpu_cpu_request: GpuCpuRequest = "",
-    gpu_memory_request: GpuMemoryRequest = "",
-    retries: Retries = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists.")] = False,
-) -> None:
-    """Compile a pipeline to KFP IR YAML (what `kfp run create -f` takes), placed for a cluster."""
-    from segflow import orchestration
-
-    placement = cluster_settings(
-        cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, cpu_request, memory_request,
-        gpu_cpu_request, gpu_memory_request, retries,
-    )  # fmt: skip
-    typer.echo(f"wrote {orchestration.compile_pipeline(pipeline, output, placement, overwrite)}")
-
-
-Host = Annotated[str, typer.Option("--host", help="KFP API URL, e.g. https://kubeflow.example.com/pipeline.")]
-Token = Annotated[
-    str,
-    typer.Option("--existing-token", envvar="KF_PIPELINES_TOKEN", help="Bearer token (else kfp's own credentials)."),
-]
-Namespace = Annotated[str, typer.Option("--namespace", help="Kubeflow profile namespace (multi-user).")]
-Params = Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE, repeatable.")]
-Experiment = Annotated[str, typer.Option("--experiment", help="KFP experiment.")]
-
-
-@app.command("submit")
-def submit_cmd(
-    pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")],
-    host: Host,
-    experiment: Experiment = "segflow",
-    run_name: Annotated[str, typer.Option("--run-name", help="Default: PIPELINE-DATE-TIME.")] = "",
-    param: Params = None,
-    existing_token: Token = "",
-    namespace: Namespace = "",
-    cluster_config: ClusterFile = None,
-    gpu_node_selector: GpuSelector = None,
-    gpu_toleration: GpuToleration = None,
-    gpus: Gpus = None,
-    image: Image = "",
-    gpu_image: GpuImage = "",
-    cpu_request: CpuRequest = "",
-    memory_request: MemoryRequest = "",
-    gpu_cpu_request: GpuCpuRequest = "",
-    gpu_memory_request: GpuMemoryRequest = "",
-    retries: Retries = None,
-) -> None:
-    """Compile a pipeline (placed for the cluster, as `compile` does) and start a run of it on a
-    Kubeflow Pipelines server; prints the run's URL."""
-    from segflow import orchestration, submit
-
-    placement = cluster_settings(
-        cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, cpu_request, memory_request,
-        gpu_cpu_request, gpu_memory_request, retries,
-    )  # fmt: skip
-    arguments = orchestration.parse_params(orchestration.load_pipeline(pipeline), param or [])
-    server = submit.Server(host, existing_token, namespace)
-    run = submit.submit(pipeline, server, arguments, experiment, run_name, placement)
-    typer.echo(f"run {run['run_name']} ({run['run_id']}) created in experiment {experiment}")
-    typer.echo(redact(run["url"]))
-
-
-@app.command("schedule")
-def schedule_cmd(
-    pipeline: Annotated[Path | None, typer.Argument(help="A file in pipelines/ (not with --list / --delete).")] = None,
-    host: Host = "",
-    cron: Annotated[str, typer.Option("--cron", help='6 fields, seconds first: "0 0 3 * * *" = 03:00 daily.')] = "",
-    name: Annotated[str, typer.Option("--name", help="Recurring run name.")] = "",
-    experiment: Experiment = "segflow",
-    param: Params = None,
-    list_: Annotated[bool, typer.Option("--list", help="List recurring runs.")] = False,
-    delete: Annotated[str, typer.Option("--delete", help="Delete the recurring run with this ID.")] = "",
-    existing_token: Token = "",
-    namespace: Namespace = "",
-    cluster_config: ClusterFile = None,
-    gpu_node_selector: GpuSelector = None,
-    gpu_toleration: GpuToleration = None,
-    gpus: Gpus = None,
-    image: Image = "",
-    gpu_image: GpuImage = "",
-    retries: Retries = None,
-) -> None:
-    """A recurring run on a Kubeflow Pipelines server (max concurrency 1, no catch-up), or
-    --list / --delete ID of the existing ones."""
-    from segflow import orchestration, submit
-
-    if not host:
-        raise SegflowError("--host is required: the KFP API URL, e.g. https://kubeflow.example.com/pipeline.")
-    server = submit.Server(host, existing_token, namespace)
-    if list_:
-        for job in submit.list_schedules(server):
-            typer.echo(f"{job['id']}  {job['name']}  {job['cron']}  {job['status']}")
-        return
-    if delete:
-        submit.delete_schedule(server, delete)
-        typer.echo(f"deleted recurring run {delete}")
-        return
-    if pipeline is None or not cron:
-        raise SegflowError("schedule PIPELINE --cron '0 0 3 * * *' --host URL; or --list, or --delete ID.")
-    submit.check_cron(cron)
-    placement = cluster_settings(
-        cluster_config, gpu_node_selector, gpu_toleration, gpus, image, gpu_image, "", "", "", "", retries
-    )
-    arguments = orchestration.parse_params(orchestration.load_pipeline(pipeline), param or [])
-    job = submit.schedule(pipeline, server, cron, arguments, experiment, name, placement)
-    typer.echo(f"recurring run {job['name']} ({job['id']}): {job['cron']}, one at a time, no catch-up")
-
-
-@app.command("params")
-def params(pipeline: Annotated[Path, typer.Argument(help="A file in pipelines/.")]) -> None:
-    """List a pipeline's parameters and their defaults."""
-    from segflow import orchestration
-
-    inputs = orchestration.pipeline_inputs(orchestration.load_pipeline(pipeline))
-    for name, (kind, default) in sorted(inputs.items()):
-        if kind == "NUMBER_INTEGER" and default is not None:
-            default = int(default)  # protobuf keeps every number as a double
-        typer.echo(f"{name} ({kind.lower()}) = {json.dumps(default)}")
-
-
 VARIADIC = ("--models",)  # options that take several values: `--models M1 M2` as well as `--models M1 --models M2`
 
 
@@ -817,7 +648,14 @@ def expand_variadic(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``segflow`` command (``argv``: for calling it in-process, as the tests do)."""
+    """The library's commands alone (``argv``: for calling it in-process). The installed ``segflow``
+    command is :func:`segflow_kfp.cli.main`: these plus the pipeline commands."""
+    run_app(app, argv)
+
+
+def run_app(command: typer.Typer, argv: list[str] | None = None) -> None:
+    """Run a typer app as the ``segflow`` command: user errors print one line and exit 2, SIGTERM
+    unwinds every ``with``."""
     argv = expand_variadic(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     redact_logging()  # no password in a URI reaches the terminal or a pipeline log
@@ -825,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     previous = _on_sigterm_unwind()
     try:
-        app(args=argv, prog_name="segflow")
+        command(args=argv, prog_name="segflow")
     except Terminated:
         typer.echo("terminated: the output was not published, and its staging folder and lock were removed", err=True)
         sys.exit(143)

@@ -17,9 +17,10 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from segflow import storage
 from segflow.errors import SegflowError
 from segflow.redact import redact_logging
 
@@ -32,7 +33,7 @@ def _stages() -> dict:
 
     return {
         "train": (TrainConfig, stages.train_stage),
-        "pretrain": (PretrainConfig, stages.detcon_stage),
+        "pretrain": (PretrainConfig, stages.pretrain_stage),
         "adapt": (AdaptConfig, stages.adapt_stage),
     }
 
@@ -53,6 +54,23 @@ def run_stage(stage: str, cfg, run=None, processes: int = 0, track: bool = True)
     if processes == 1:
         return _stages()[stage][1](cfg, run, track=track)
     return run_distributed(stage, cfg, run, processes, track)
+
+
+def task_key(stage: str, cfg, task_name: str) -> str:
+    """The name a task's checkpoints are kept under. The branches of a ParallelFor share one task
+    name, so adaptation adds its method and levels."""
+    return f"{task_name}-{cfg.method}-{cfg.levels}" if stage == "adapt" else task_name
+
+
+def run_task(stage: str, cfg, run, processes: int = 0, checkpoint_root: str = "", task_name: str = "") -> dict:
+    """A training stage as one pipeline task. The task's output path is its own (overwritten); its
+    checkpoints live under the pipeline root (``checkpoint_root``), keyed by run and task, so a
+    retry in a fresh pod resumes from them; they are removed once the output is published."""
+    checkpoints = storage.task_checkpoints(checkpoint_root, run.run_key if run else "", task_key(stage, cfg, task_name))
+    cfg = replace(cfg, resume=True, overwrite=True, checkpoint_dir=checkpoints)
+    result = run_stage(stage, cfg, run, processes)
+    storage.remove_task_checkpoints(checkpoints)
+    return result
 
 
 def run_distributed(stage: str, cfg, run=None, nproc: int = 2, track: bool = True) -> dict:

@@ -213,7 +213,7 @@ def _masks_chosen(made: dict) -> dict:
     return chosen | {"felzenszwalb_rule": made["params_chosen_by"], "segments_per_image": made["segments_per_image"]}
 
 
-def detcon_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+def pretrain_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
     """DetCon pretraining (pseudo masks first, when missing); per-epoch loss to MLflow."""
     cfg.validate()
     main = is_main_process()
@@ -297,13 +297,14 @@ def choose_stage(
     markdown_out: str | None = None,
     run: tracking.RunContext | None = None,
     track: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """The best of several models by an evaluation ``metric``: ``candidates`` maps a name to
     (model folder, its evaluation folder). The best model is copied to ``out``; the comparison
     (table and bar chart) goes to the pipeline's parent MLflow run, where all runs compare."""
     with (
         tracking.stage_log("choose", {"metric": metric, "candidates": sorted(candidates)}, run, enabled=track) as log,
-        storage.staged_output(out, overwrite=True) as folder,
+        storage.staged_output(out, overwrite) as folder,
         contextlib.ExitStack() as inputs,
     ):
         rows = []
@@ -532,7 +533,7 @@ def _adapted_to(client, name: str, fingerprint: str) -> int | None:
     return None
 
 
-def check_new_data_stage(
+def check_data_stage(
     data_uri: str, registered_model: str, run: tracking.RunContext | None = None, threshold: float | None = None
 ) -> dict:
     """Is ``data_uri`` new? Its fingerprint against the one the champion was trained on; for new,

@@ -125,9 +125,9 @@ def run_train(cfg) -> dict:
 
 
 def run_pretrain(cfg) -> dict:
-    from segflow.stages import detcon_stage
+    from segflow.stages import pretrain_stage
 
-    return detcon_stage(cfg, track=False)
+    return pretrain_stage(cfg, track=False)
 
 
 def run_evaluate(cfg) -> dict:
@@ -191,11 +191,11 @@ def tiny_ir(tiny, tmp_path_factory) -> dict:
 
 def run_cli(*args) -> tuple[int, str, str]:
     """`segflow ARGS` in this process: (exit code, stdout, stderr). Faster than a subprocess,
-    and the same code path as the installed command (segflow.cli.main)."""
+    and the same code path as the installed command (segflow_kfp.cli.main)."""
     import contextlib
     import io
 
-    from segflow import cli
+    from segflow_kfp import cli
 
     out, err = io.StringIO(), io.StringIO()
     code = 0

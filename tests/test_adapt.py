@@ -380,3 +380,29 @@ def test_picks_name_each_criterion_s_snapshot_beside_the_oracle():
         "oracle": 1, "confidence": 2, "consistency": 1, "agreement": 0, "source": 0
     }  # fmt: skip
     assert chosen["confidence"]["score"] == 0.25
+
+
+def test_choose_copies_the_best_evaluated_candidate(tiny, tmp_path):
+    """`segflow choose`: the candidate whose evaluation scores highest is copied to --out; the same
+    name twice is refused; an existing --out needs --overwrite."""
+    scores = {}
+    for subset in ("val", "train"):
+        out = tmp_path / f"eval-{subset}"
+        evaluate_stage(EvalConfig(model=str(tiny["model"]), data=str(tiny["data"]), out=str(out), subset=subset))
+        scores[subset] = json.loads((out / "metrics.json").read_text())["mIoU"]
+    assert scores["val"] != scores["train"]
+    args = ["choose", "--out", tmp_path / "best", "--metric", "mIoU", "--no-track", "--report", tmp_path / "r.md"]
+    for subset in ("val", "train"):
+        args += ["--candidate", f"{subset}={tiny['model']},{tmp_path / f'eval-{subset}'}"]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    best = max(scores, key=scores.get)
+    assert f"best: {best}" in out and (tmp_path / "best" / "model.safetensors").exists()
+    assert f"| **{best}** |" in (tmp_path / "r.md").read_text()
+    code, _, err = run_cli(*args)
+    assert code == 2 and "--overwrite" in err
+    twice = ["choose", "--out", tmp_path / "b2", "--no-track"] + 2 * ["--candidate", f"a={tiny['model']},{tmp_path}"]
+    code, _, err = run_cli(*twice)
+    assert code == 2 and "given twice" in err and not (tmp_path / "b2").exists()
+    code, _, err = run_cli("choose", "--out", tmp_path / "b3", "--candidate", str(tiny["model"]))
+    assert code == 2 and "NAME=MODEL,EVALUATION" in err and not (tmp_path / "b3").exists()

@@ -1,10 +1,12 @@
-"""The shape of the library: arrows point down, and there is one training loop.
+"""The shape of the code: arrows point down, and there is one training loop.
 
-Layers, bottom to top (a module may import its own layer's leaf modules and anything below):
+Three tiers, bottom to top: the library (``segflow``, no kfp), the KFP layer (``segflow_kfp``:
+components, local orchestration, compile / submit, cluster placement, the full ``segflow`` command)
+and the pipelines (``pipelines/``, wiring only). Inside the library, bottom to top (a module may
+import its own layer's leaf modules and anything below):
 
     errors, redact, progress, parallel, configs,     leaves (redact: credentials out of printed URIs)
     palette, lifecycle,                              lifecycle: the retraining policy, pure functions
-    cluster
     storage
     data
     models
@@ -15,19 +17,18 @@ Layers, bottom to top (a module may import its own layer's leaf modules and anyt
     tracking, registry                                registry: champion / challenger in MLflow's model registry
     stages
     launch                                            a stage in several processes (torchrun)
-    orchestration, submit, cli                        submit: runs and schedules on a KFP server
+    cli                                               the stage commands
 """
 
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 from conftest import REPO
 
 LAYERS = [
-    {"errors", "redact", "progress", "parallel", "configs", "palette", "lifecycle", "cluster"},
+    {"errors", "redact", "progress", "parallel", "configs", "palette", "lifecycle"},
     {"storage"},
     {"data"},
     {"models"},
@@ -38,7 +39,7 @@ LAYERS = [
     {"tracking", "registry"},
     {"stages"},
     {"launch"},
-    {"orchestration", "submit", "cli"},
+    {"cli"},
 ]
 RANK = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 
@@ -93,13 +94,26 @@ def test_no_import_cycles():
     assert [u for u in graph if reaches(u, u, {u})] == []
 
 
+def imported_names(path: Path) -> list[str]:
+    """Every absolute import in a file, lazy ones included (``from pkg import name`` gives both
+    ``pkg`` and ``pkg.name``)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
 def module_imports() -> dict[str, set[str]]:
-    """Module -> the segflow modules it imports (``from pkg import name`` counts as the module
-    ``pkg.name`` when there is one), lazy imports included."""
+    """Module -> the modules of the library and the KFP layer it imports (``from pkg import name``
+    counts as the module ``pkg.name`` when there is one), lazy imports included."""
     modules = {}
-    for path in sorted((REPO / "segflow").rglob("*.py")):
-        rel = path.relative_to(REPO).with_suffix("")
-        modules[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = path
+    for package in ("segflow", "segflow_kfp"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            rel = path.relative_to(REPO).with_suffix("")
+            modules[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = path
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -114,9 +128,26 @@ def module_imports() -> dict[str, set[str]]:
     return graph
 
 
+def tier_of(name: str) -> int | None:
+    top = name.split(".")[0]
+    return {"segflow": 0, "kfp": 1, "segflow_kfp": 1, "pipelines": 2}.get(top)
+
+
+def test_no_tier_imports_a_tier_above_it():
+    """The library imports neither kfp nor the KFP layer; neither imports a pipeline."""
+    files = [*(REPO / "segflow").rglob("*.py"), *(REPO / "segflow_kfp").rglob("*.py")]
+    assert len(files) > 60
+    upward = []
+    for path in files:
+        here = tier_of(str(path.relative_to(REPO)).replace("/", "."))
+        upward += [f"{path.relative_to(REPO)} imports {n}" for n in imported_names(path) if (tier_of(n) or 0) > here]
+    assert upward == [], "\n".join(sorted(set(upward)))
+
+
 def test_no_import_cycles_between_files():
     graph = module_imports()
-    assert len(graph) > 40 and "segflow.data.manifest" in graph["segflow.data.importer"]  # the graph is real
+    assert len(graph) > 60 and "segflow.data.manifest" in graph["segflow.data.importer"]  # the graph is real
+    assert "segflow_kfp.orchestration" in graph["segflow_kfp.cli"]
 
     def cycle_from(start: str) -> list[str]:
         stack = [(start, [start])]
@@ -135,18 +166,27 @@ def test_no_import_cycles_between_files():
     assert cycles == [], "\n".join(cycles)
 
 
+def training_loops(path: Path) -> list[str]:
+    """The loops in a file that call ``.backward()`` or an optimiser's ``.step()``: training loops."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.For, ast.While)):
+            calls = [c for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)]
+            if any(c.func.attr == "backward" or "optimizer" in ast.unparse(c.func) for c in calls):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
 def test_one_training_loop():
-    """Every kind of training goes through segflow/train/engine.py: one epoch loop, one backward."""
-    loops, backwards = [], []
-    for path in (REPO / "segflow").rglob("*.py"):
-        text = path.read_text()
-        rel = str(path.relative_to(REPO))
-        loops += [rel for line in text.splitlines() if re.search(r"def pretrain|for epoch", line)]
-        backwards += [rel for line in text.splitlines() if ".backward(" in line]
-    assert loops == ["segflow/train/engine.py"], loops
-    assert set(backwards) == {"segflow/train/engine.py"}, backwards
+    """Every kind of training goes through segflow/train/engine.py: one loop that steps optimisers,
+    one backward, in the library and the KFP layer alike."""
+    files = [*(REPO / "segflow").rglob("*.py"), *(REPO / "segflow_kfp").rglob("*.py")]
+    loops = [loop for path in files for loop in training_loops(path)]
+    backwards = {str(path.relative_to(REPO)) for path in files if ".backward(" in path.read_text()}
+    assert loops and {loop.split(":")[0] for loop in loops} == {"segflow/train/engine.py"}, loops
+    assert backwards == {"segflow/train/engine.py"}, backwards
 
 
 def test_components_and_pipelines_need_no_sys_path_edits():
-    for path in [*Path(REPO / "components").glob("*.py"), *Path(REPO / "pipelines").glob("*.py")]:
+    for path in [*Path(REPO / "segflow_kfp").glob("*.py"), *Path(REPO / "pipelines").glob("*.py")]:
         assert "sys.path" not in path.read_text(), path

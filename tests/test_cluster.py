@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from segflow import cluster
 from segflow.errors import SegflowError
+from segflow_kfp import cluster
 
 GPU_STAGES = {"pretrain-backbone", "train-model", "train-source-only", "adapt-model"}
 GKE = [

@@ -3,7 +3,7 @@
 Every case ends in exit code 2 with a message that names the file or setting, or is handled
 correctly; nothing outside the output is written, and nothing already stored is lost. S3 cases
 run against moto's server over HTTP on 127.0.0.1 (and the 503-answering proxy in
-test_storage.py); commands run through `segflow.cli.main`, in this process.
+test_storage.py); commands run through `segflow_kfp.cli.main`, in this process.
 """
 
 from __future__ import annotations

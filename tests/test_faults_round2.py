@@ -1,7 +1,7 @@
 """The fault suite, second round: one test (or more) per numbered case of the reliability issue.
 
 No input destroyed, no password printed, no NaN model published, no hang, exit 2 with one clear
-message everywhere. Commands run through `segflow.cli.main` in this process, except where a
+message everywhere. Commands run through `segflow_kfp.cli.main` in this process, except where a
 signal or a second process is the point. S3 cases run against moto's server on 127.0.0.1.
 """
 
@@ -118,7 +118,7 @@ def test_compile_and_preview_never_replace_a_file_silently(tmp_path):
 
     # Two compiles of one output at once (two processes): each writes its own temporary file, or
     # the second is told another writer has it; the result is whole either way.
-    command = [sys.executable, "-m", "segflow.cli", "compile", pipeline, "-o", out, "--overwrite"]
+    command = [sys.executable, "-m", "segflow_kfp.cli", "compile", pipeline, "-o", out, "--overwrite"]
     procs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(proc.wait(timeout=120), proc.stderr.read()) for proc in procs]
     assert any(code == 0 for code, _ in results), results

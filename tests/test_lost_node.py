@@ -24,7 +24,7 @@ from segflow.storage import s3 as s3_lib
 TASK = """
 import sys
 from kfp import dsl
-from segflow_components.train import train_model
+from segflow_kfp.train import train_model
 
 data, out, root = sys.argv[1:4]
 train_model.python_func(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 TASK = """
 import sys
 from kfp import dsl
-from segflow_components.train import train_model
+from segflow_kfp.train import train_model
 
 data, out, root = sys.argv[1:4]
 train_model.python_func(

@@ -22,7 +22,7 @@ def test_chart_metadata_and_values_parse():
     assert {"mlflow.yaml", "secrets.yaml", "kfp-launcher.yaml"} <= templates
     # The secret names the components read must be the ones the chart creates.
     secrets = (REPO / "charts/segflow/templates/secrets.yaml").read_text()
-    platform = (REPO / "components/platform.py").read_text()
+    platform = (REPO / "segflow_kfp/platform.py").read_text()
     read = re.findall(r'"(segflow-[a-z0-9]+)"', platform)
     assert sorted(read) == ["segflow-mlflow", "segflow-s3"], read
     for name in read:
@@ -57,18 +57,24 @@ def test_cpu_and_cuda_images_come_from_the_same_pins_and_run_as_non_root():
     assert install and all("-c constraints.txt" in line for line in install)
     assert "TORCH_INDEX" in install[0]  # the only difference between the CPU and the CUDA image
     assert re.search(r"^USER 10001$", dockerfile, re.M)
-    for folder in ("segflow", "components"):  # pyproject.toml installs both
+    for folder in ("segflow", "segflow_kfp"):  # pyproject.toml installs both
         assert re.search(rf"^COPY {folder} ", dockerfile, re.M), folder
 
 
 def test_every_package_is_installed():
-    """A new subpackage must be listed in pyproject.toml, or installs (the image) would lack it."""
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {
-        ".".join(p.parent.relative_to(REPO).parts).replace("components", "segflow_components", 1)
-        for p in [*REPO.glob("segflow/**/__init__.py"), REPO / "components" / "__init__.py"]
+    """setuptools finds the packages under the two names pyproject.toml includes; a folder of code
+    without __init__.py would be left out of installs (the image), so there must be none."""
+    import setuptools
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = set(setuptools.find_packages(str(REPO), include=include))
+    folders = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for root in ("segflow", "segflow_kfp")
+        for p in REPO.glob(f"{root}/**/*.py")
     }
-    assert listed == found
+    assert {"segflow", "segflow.train", "segflow_kfp"} <= found
+    assert folders == found, f"code folders without __init__.py: {sorted(folders - found)}"
 
 
 def test_declared_dependencies_match_imports():
@@ -80,7 +86,7 @@ def test_declared_dependencies_match_imports():
         for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     }
     imported: set[str] = set()
-    for path in [*REPO.glob("segflow/**/*.py"), *REPO.glob("components/*.py"), *REPO.glob("pipelines/*.py")]:
+    for path in [*REPO.glob("segflow/**/*.py"), *REPO.glob("segflow_kfp/*.py"), *REPO.glob("pipelines/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
@@ -97,7 +103,7 @@ def test_declared_dependencies_match_imports():
 
     third_party = {
         distribution.get(m, m).lower().replace("_", "-")
-        for m in imported - set(sys.stdlib_module_names) - {"segflow", "segflow_components", "__future__"}
+        for m in imported - set(sys.stdlib_module_names) - {"segflow", "segflow_kfp", "__future__"}
     }
     # kfp-kubernetes installs into the kfp namespace (`from kfp import kubernetes`).
     assert third_party - declared == set()

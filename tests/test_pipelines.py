@@ -14,10 +14,11 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from segflow import orchestration, tracking
+from segflow import tracking
 from segflow.data import manifest as manifest_lib
 from segflow.data.synth import synthesize
 from segflow.errors import SegflowError
+from segflow_kfp import orchestration
 
 PIPELINES = sorted((REPO / "pipelines").glob("*.py"))
 

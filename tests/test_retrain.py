@@ -21,9 +21,10 @@ import mlflow
 import pytest
 from conftest import REPO, run_cli
 
-from segflow import orchestration, registry, tracking
+from segflow import registry, tracking
 from segflow.data.synth import synthesize
 from segflow.lifecycle import Decision
+from segflow_kfp import orchestration
 
 PIPELINE = REPO / "pipelines" / "retrain.py"
 

@@ -78,9 +78,9 @@ def test_schedule_list_and_delete(kfp_server, tmp_path):
     package = job["pipeline_spec"]["pipeline_spec"]
     assert package["pipelineInfo"]["name"] == "retrain"
     handler = package["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert "check-for-new-data" in handler
+    assert "check-data" in handler
     condition = next(t for name, t in handler.items() if name.startswith("condition-"))
-    assert "check-for-new-data" in yaml.safe_dump(condition["triggerPolicy"])
+    assert "check-data" in yaml.safe_dump(condition["triggerPolicy"])
     (job_id,) = kfp_server.recurring
 
     code, out, _ = run_cli("schedule", "--list", "--host", kfp_server.url)

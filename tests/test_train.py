@@ -300,3 +300,21 @@ def test_evaluation_refuses_other_labels(dataset, tmp_path):
     with pytest.raises(SegflowError, match="labels"):
         run_evaluate(EvalConfig(model=str(tmp_path / "m"), data=str(tmp_path / "other_ds"), out=str(tmp_path / "e")))
     assert not (tmp_path / "e").exists()
+
+
+def test_a_pipeline_task_overwrites_its_output_and_removes_its_checkpoints_once_published(tiny, tmp_path):
+    """segflow.launch.run_task: the policy every training component shares."""
+    from segflow.adapt.config import AdaptConfig
+    from segflow.launch import run_task, task_key
+    from segflow.tracking import RunContext
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier try")
+    task = cfg(tiny["data"], out, epochs=1, iters_per_epoch=2)
+    result = run_task("train", task, RunContext("run-1", "", ""), 1, str(tmp_path / "root"), "train-model")
+    assert result["best_epoch"] == 1 and (out / "model.safetensors").exists() and not (out / "stale.txt").exists()
+    assert (tmp_path / "root").exists() and not (tmp_path / "root/checkpoints/run-1/train-model").exists()
+    branch = AdaptConfig(source="s", target="t", init="i", out="o", method="dacs", levels="single")
+    assert task_key("adapt", branch, "adapt-model") == "adapt-model-dacs-single"
+    assert task_key("train", task, "train-model") == "train-model"

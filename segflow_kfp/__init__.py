@@ -1,4 +1,4 @@
-"""KFP components, one per stage, installed with segflow as ``segflow_components``.
+"""KFP components, one per stage, installed with segflow as ``segflow_kfp``.
 
 Each component takes typed artifacts and parameters, calls one ``segflow.stages`` function, and
 returns artifacts, metadata and the stage's metrics. The work itself lives in ``segflow``.

@@ -5,7 +5,7 @@ from typing import Optional
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from segflow_components import SEGFLOW_GPU_IMAGE, SEGFLOW_IMAGE
+from segflow_kfp import SEGFLOW_GPU_IMAGE, SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_GPU_IMAGE, install_kfp_package=False)
@@ -39,9 +39,8 @@ def adapt_model(
     the snapshot (val mDice) and are never trained on; SELECT as for `segflow adapt --select`.
     INPUT_SIZE 0: the INIT model's. PROCESSES and CHECKPOINT_ROOT: as for
     train_model."""
-    from segflow import storage
     from segflow.adapt.config import AdaptConfig
-    from segflow.launch import run_stage
+    from segflow.launch import run_task
     from segflow.lifecycle import candidate_name
     from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
@@ -64,13 +63,9 @@ def adapt_model(
         mix_weighting=mix_weighting,
         select=select,
         seed=seed,
-        resume=True,  # a retried task continues from its last checkpoint
-        overwrite=True,  # the output path is this task's own
-        # The branches of a ParallelFor share one task name; the method and levels tell them apart.
-        checkpoint_dir=storage.task_checkpoints(checkpoint_root, run_key, f"{task_name}-{method}-{levels}"),
     )
-    result = run_stage("adapt", cfg, RunContext(run_key, run_name, experiment), processes)
-    storage.remove_task_checkpoints(cfg.checkpoint_dir)  # the output is published: they are spent
+    run = RunContext(run_key, run_name, experiment)
+    result = run_task("adapt", cfg, run, processes, checkpoint_root, task_name)
     name = candidate_name(result["method"], levels)
     model.metadata.update({"candidate": name, "method": result["method"], "selection": result["selection"]})
     log_metrics_to(metrics, result["metrics"])
@@ -122,7 +117,12 @@ def choose_best(
         candidates[model.metadata["candidate"]] = (model.path, evaluation.path)
     candidates[ensemble.metadata.get("candidate", "ensemble")] = (ensemble.path, ensemble_evaluation.path)
     result = choose_stage(
-        candidates, best.path, metric, markdown_out=report.path, run=RunContext(run_key, run_name, experiment)
+        candidates,
+        best.path,
+        metric,
+        markdown_out=report.path,
+        run=RunContext(run_key, run_name, experiment),
+        overwrite=True,  # the output path is this task's own
     )
     best.metadata.update({"candidate": result["best"], "metric": metric})
     log_metrics_to(metrics, result["metrics"])

@@ -2,11 +2,11 @@
 
 from kfp import dsl
 
-from segflow_components import SEGFLOW_IMAGE
+from segflow_kfp import SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
-def check_for_new_data(
+def check_data(
     data_uri: str,
     registered_model: str,
     fingerprint: dsl.OutputPath(str),
@@ -27,10 +27,10 @@ def check_for_new_data(
     name in a dsl.If condition, so the other two are output files."""
     from pathlib import Path
 
-    from segflow.stages import check_new_data_stage
+    from segflow.stages import check_data_stage
     from segflow.tracking import RunContext
 
-    result = check_new_data_stage(
+    result = check_data_stage(
         data_uri, registered_model, RunContext(run_key, run_name, experiment), threshold=drift_threshold
     )
     Path(fingerprint).write_text(result["fingerprint"])

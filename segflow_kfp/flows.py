@@ -8,11 +8,11 @@ a cluster.
 
 from kfp.dsl import PipelineTask
 
-from segflow_components.evaluate import evaluate_model
-from segflow_components.export import export_model
-from segflow_components.platform import on_cluster, resumable
-from segflow_components.registry import register_model
-from segflow_components.train import train_model
+from segflow_kfp.evaluate import evaluate_model
+from segflow_kfp.export import export_model
+from segflow_kfp.platform import on_cluster, resumable
+from segflow_kfp.registry import register_model
+from segflow_kfp.train import train_model
 
 
 def train_evaluate_export_register(

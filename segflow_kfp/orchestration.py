@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from segflow import tracking
-from segflow.cluster import LOCAL, ClusterConfig
 from segflow.errors import SegflowError
 from segflow.redact import RedactingFilter
+from segflow_kfp.cluster import LOCAL, ClusterConfig
 
 _CASTS = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN": None, "LIST": json.loads}
 
@@ -29,7 +29,7 @@ _CASTS = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "BOOLEAN
 def load_pipeline(path: str | Path, cluster: ClusterConfig | None = None):
     """Import a pipeline file and return the one ``@dsl.pipeline`` it defines, its tasks placed
     with ``cluster`` (images, GPU pools, retries; default: ``ClusterConfig()``'s)."""
-    from segflow_components.platform import placement
+    from segflow_kfp.platform import placement
 
     with placement(cluster or ClusterConfig()):
         return _load(path)

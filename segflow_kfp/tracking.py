@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from segflow_components import SEGFLOW_IMAGE
+from segflow_kfp import SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
@@ -53,7 +53,7 @@ def tracked(experiment: str, pipeline: str = "", params: dict | None = None) -> 
 
         track, exit_handler = tracked(experiment, "supervised", locals())
     """
-    from segflow_components.platform import on_cluster
+    from segflow_kfp.platform import on_cluster
 
     track = run_context(experiment)
     finish = finish_tracking(

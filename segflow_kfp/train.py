@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from segflow_components import SEGFLOW_GPU_IMAGE
+from segflow_kfp import SEGFLOW_GPU_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_GPU_IMAGE, install_kfp_package=False)
@@ -37,8 +37,7 @@ def train_model(
     PROCESSES: 0 = one per GPU of the pod (several: torchrun, DDP). CHECKPOINT_ROOT (the pipeline
     root): checkpoints live under it, so a retry in a fresh pod resumes. TILE: large images, tiles
     of this side at native resolution (0: whole images, -1: auto); the model carries its tiling."""
-    from segflow import storage
-    from segflow.launch import run_stage
+    from segflow.launch import run_task
     from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
     from segflow.train.config import TrainConfig, method_settings
@@ -57,13 +56,10 @@ def train_model(
         tile=tile,
         tile_overlap=tile_overlap,
         tile_scale=tile_scale,
-        resume=True,  # a retried task continues from its last checkpoint
-        overwrite=True,  # the output path is this task's own
-        checkpoint_dir=storage.task_checkpoints(checkpoint_root, run_key, task_name),
         **method_settings(method, unlabeled_uri),
     )
-    result = run_stage("train", cfg, RunContext(run_key, run_name, experiment), processes)
-    storage.remove_task_checkpoints(cfg.checkpoint_dir)  # the output is published: they are spent
+    run = RunContext(run_key, run_name, experiment)
+    result = run_task("train", cfg, run, processes, checkpoint_root, task_name)
     model.metadata.update(
         {
             "architecture": model_name,

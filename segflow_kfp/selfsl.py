@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from segflow_components import SEGFLOW_GPU_IMAGE, SEGFLOW_IMAGE
+from segflow_kfp import SEGFLOW_GPU_IMAGE, SEGFLOW_IMAGE
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
@@ -53,8 +53,7 @@ def pretrain_backbone(
     """DetCon-B pretraining of the backbone on the images and their pseudo masks. INPUT_SIZE and
     LR 0: chosen from the images and the step budget (segflow.selfsl.detcon.auto_settings).
     PROCESSES and CHECKPOINT_ROOT: as for train_model."""
-    from segflow import storage
-    from segflow.launch import run_stage
+    from segflow.launch import run_task
     from segflow.selfsl.detcon import PretrainConfig
     from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
@@ -70,11 +69,8 @@ def pretrain_backbone(
         lr=lr,
         iters_per_epoch=iters_per_epoch,
         seed=seed,
-        resume=True,  # a retried task continues from its last checkpoint
-        overwrite=True,  # the output path is this task's own
-        checkpoint_dir=storage.task_checkpoints(checkpoint_root, run_key, task_name),
     )
-    result = run_stage("pretrain", cfg, RunContext(run_key, run_name, experiment), processes)
-    storage.remove_task_checkpoints(cfg.checkpoint_dir)  # the output is published: they are spent
+    run = RunContext(run_key, run_name, experiment)
+    result = run_task("pretrain", cfg, run, processes, checkpoint_root, task_name)
     backbone.metadata.update({"architecture": model_name, **result["metrics"]})
     log_metrics_to(metrics, result["metrics"])

@@ -1,7 +1,7 @@
 """Kubernetes settings of every task: credentials from secrets, resources, retries, caching, and
 for GPU stages the GPU request, node selector and tolerations.
 
-Placement comes from a :class:`segflow.cluster.ClusterConfig` that ``segflow compile`` (or
+Placement comes from a :class:`segflow_kfp.cluster.ClusterConfig` that ``segflow compile`` (or
 ``submit``) makes current while the pipeline file is built (:func:`placement`). kfp-kubernetes
 settings are ignored by the local runner, so pipelines apply them unconditionally.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
-from segflow.cluster import LOCAL, ClusterConfig
+from segflow_kfp.cluster import LOCAL, ClusterConfig
 
 # Created by charts/segflow (values.yaml: mlflow.*, s3.*).
 MLFLOW_SECRET = "segflow-mlflow"

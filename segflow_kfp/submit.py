@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from segflow import orchestration
-from segflow.cluster import ClusterConfig
 from segflow.errors import SegflowError
+from segflow_kfp import orchestration
+from segflow_kfp.cluster import ClusterConfig
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 
