@@ -244,11 +244,13 @@ def throughput(args) -> dict[str, float]:
     from segflow.adapt.objectives import make_objective
     from segflow.data.datasets import Normalization
     from segflow.models import create_model
-    from segflow.train.engine import MAIN, Dist, Objective, Part, Recipe, Step, Stream, autocast_for, train_step
+    from segflow.train.distributed import Dist, autocast_for
+    from segflow.train.loop import train_step
+    from segflow.train.objective import MAIN, Objective, Part, Recipe, Step, Stream
 
     torch.set_num_threads(args.threads)
     size, batch = args.size, 8
-    dist = Dist()
+    dist = Dist().start()
     autocast, scaler = autocast_for(args.amp, dist.device)
     device = dist.device
     source = {

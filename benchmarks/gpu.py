@@ -32,7 +32,7 @@ from loader_wait import measure, print_rows
 from train_throughput import MODELS, engine_shipped
 
 from segflow.parallel import cpu_count
-from segflow.train.engine import loader_workers
+from segflow.train.loop import loader_workers
 
 
 def training(models: list[str], size: int, batch: int, steps: int, cuda: bool) -> dict:

@@ -70,10 +70,12 @@ def engine_shipped(name: str, size: int = 256, batch: int = 8, steps: int = 5, a
     import torch
 
     from segflow.models import create_model
-    from segflow.train.engine import MAIN, Dist, Objective, Part, Recipe, Step, autocast_for, train_step
+    from segflow.train.distributed import Dist, autocast_for
+    from segflow.train.loop import train_step
+    from segflow.train.objective import MAIN, Objective, Part, Recipe, Step
 
     torch.manual_seed(0)
-    dist = Dist()
+    dist = Dist().start()
     model = create_model(name, 3).to(dist.device)
     autocast, scaler = autocast_for(amp, dist.device)
     part = Part(MAIN, list(model.parameters()), Recipe(optimizer="adam", lr=1e-3, clip_norm=40.0))

@@ -107,7 +107,7 @@ def main(spec_path: str, result_path: str) -> None:
     """One process of a torchrun launch."""
     from segflow.configs import from_dict
     from segflow.tracking import RunContext
-    from segflow.train.engine import is_main_process
+    from segflow.train.distributed import is_main_process
 
     _log_to_stderr()
     spec = json.loads(Path(spec_path).read_text())

@@ -38,7 +38,7 @@ from segflow.models import artifact as model_artifact
 from segflow.selfsl.detcon import PretrainConfig, train_detcon
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, default_mask_dir, make_pseudo_masks
 from segflow.train.config import TrainConfig
-from segflow.train.engine import Dist, is_main_process
+from segflow.train.distributed import Dist, is_main_process
 from segflow.train.segmentation import train_segmenter
 
 
@@ -147,7 +147,7 @@ def _checkpoints(out: str, explicit: str, resume: bool, main: bool) -> storage.C
     checkpoints = storage.Checkpoints(out, explicit)
     if resume and main:
         checkpoints.pull()
-    Dist().barrier()
+    Dist().start().barrier()
     return checkpoints
 
 
@@ -224,7 +224,7 @@ def pretrain_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, 
     ):
         # One process makes the masks and the others (torchrun) wait for them, unless every process
         # has its own download of s3:// images, beside which each makes its own.
-        dist = Dist()
+        dist = Dist().start()
         own_copy = storage.is_s3(cfg.images)
         masks, made = detcon_masks(cfg, images) if main or own_copy else (detcon_masks_dir(cfg, images), {})
         dist.barrier()

@@ -178,13 +178,13 @@ def training_loops(path: Path) -> list[str]:
 
 
 def test_one_training_loop():
-    """Every kind of training goes through segflow/train/engine.py: one loop that steps optimisers,
+    """Every kind of training goes through segflow/train/loop.py: one loop that steps optimisers,
     one backward, in the library and the KFP layer alike."""
     files = [*(REPO / "segflow").rglob("*.py"), *(REPO / "segflow_kfp").rglob("*.py")]
     loops = [loop for path in files for loop in training_loops(path)]
     backwards = {str(path.relative_to(REPO)) for path in files if ".backward(" in path.read_text()}
-    assert loops and {loop.split(":")[0] for loop in loops} == {"segflow/train/engine.py"}, loops
-    assert backwards == {"segflow/train/engine.py"}, backwards
+    assert loops and {loop.split(":")[0] for loop in loops} == {"segflow/train/loop.py"}, loops
+    assert backwards == {"segflow/train/loop.py"}, backwards
 
 
 def test_components_and_pipelines_need_no_sys_path_edits():

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from segflow.errors import SegflowError
-from segflow.train.engine import CheckpointSaver, EpochSampler, Objective, Part, Recipe
+from segflow.train.checkpoint import CheckpointSaver
+from segflow.train.loop import EpochSampler
+from segflow.train.objective import Objective, Part, Recipe
 
 
 def part(**recipe) -> Part:
@@ -129,14 +131,40 @@ def test_checkpoint_errors_say_what_to_do(tmp_path):
 
 
 def test_loader_workers_auto_is_none_on_cpu_and_the_spare_cores_beside_a_gpu(monkeypatch):
-    from segflow.train import engine
+    from segflow.train import loop
 
-    monkeypatch.setattr(engine, "cpu_count", lambda: 16)
+    monkeypatch.setattr(loop, "cpu_count", lambda: 16)
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert engine.loader_workers(-1, cpu) == 0  # the cores run the model
-    assert engine.loader_workers(-1, gpu) == 4 and engine.loader_workers(-1, gpu, processes=8) == 1
-    monkeypatch.setattr(engine, "cpu_count", lambda: 1)
-    assert engine.loader_workers(-1, gpu) == 0
-    assert engine.loader_workers(3, cpu) == 3 and engine.loader_workers(0, gpu) == 0  # asked for: kept
+    assert loop.loader_workers(-1, cpu) == 0  # the cores run the model
+    assert loop.loader_workers(-1, gpu) == 4 and loop.loader_workers(-1, gpu, processes=8) == 1
+    monkeypatch.setattr(loop, "cpu_count", lambda: 1)
+    assert loop.loader_workers(-1, gpu) == 0
+    assert loop.loader_workers(3, cpu) == 3 and loop.loader_workers(0, gpu) == 0  # asked for: kept
     with pytest.raises(SegflowError, match="--loader-workers must be -1"):
-        engine.loader_workers(-2, cpu)
+        loop.loader_workers(-2, cpu)
+
+
+def test_reading_the_launch_changes_nothing(monkeypatch):
+    """Dist() only reads torchrun's variables; start() joins the launch (here: a world of 1)."""
+    from segflow.train.distributed import Dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    dist = Dist()
+    assert dist.world == 2 and not dist.main and not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert Dist().start().main and not torch.distributed.is_initialized()
+
+
+def test_loop_state_resumes_from_a_checkpoint_as_it_was_saved(tmp_path):
+    from dataclasses import asdict
+
+    from segflow.train.loop import LoopState
+
+    saver = CheckpointSaver(tmp_path / "ckpt", one_process())
+    model, p = trained()
+    state = LoopState(epoch=2, iteration=40, best=0.5, best_epoch=1, history=[{"epoch": 0, "train_loss": 1.5}])
+    state.identity = {"data": "abc"}
+    saver.save(model, [p], Objective(), asdict(state))
+    assert LoopState(**saver.restore(saver.read(), model, [p], Objective())) == state

@@ -183,7 +183,7 @@ class FixedLogits(torch.nn.Module):
 def test_mean_teacher_learns_only_where_the_teacher_is_sure():
     """The student gets gradient from an unlabelled pixel only when the teacher's confidence there
     reaches the threshold; during the warm-up, from none."""
-    from segflow.train.engine import Step, Stream
+    from segflow.train.objective import Step, Stream
     from segflow.train.objectives import MeanTeacher
 
     classes, size = 4, 6

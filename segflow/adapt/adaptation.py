@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader, Subset
 from segflow.adapt import selection
 from segflow.adapt.config import AdaptConfig
 from segflow.adapt.objectives import make_objective
-from segflow.configs import flatten
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset, UnlabeledImages, image_files
 from segflow.errors import SegflowError
 from segflow.evaluate.scoring import eval_loader, score
 from segflow.models import artifact as model_artifact
-from segflow.train.engine import Stream, Training, fit
+from segflow.train.loop import fit, training_for
+from segflow.train.objective import Stream
 
 log = logging.getLogger(__name__)
 WITH_LABELS = "highest target val mDice"
@@ -119,17 +119,17 @@ def adapt(
             "config": asdict(cfg),
         }
 
-    identity = {k: v for k, v in flatten(cfg).items() if k not in ("source", "target", "init")}
-    identity.update(source=source["fingerprint"], target=summary_extra["target_fingerprint"] or str(cfg.target))
-    run = Training(
+    run = training_for(
+        cfg,
+        paths=("source", "target", "init"),
+        fingerprints={
+            "source": source["fingerprint"],
+            "target": summary_extra["target_fingerprint"] or str(cfg.target),
+        },
         build_model=build,
         objective=objective,
         data=source_ds,
-        loop=cfg.loop(),
-        recipe=cfg.recipe(),
         checkpoints=checkpoints,
-        identity=identity,
-        may_change=AdaptConfig.RESUME_MAY_CHANGE,
         validate=validate,
         score=criterion,
         publish=publish,

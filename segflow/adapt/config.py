@@ -26,7 +26,8 @@ from segflow.configs import check_numbers
 from segflow.errors import SegflowError
 from segflow.models import check_input_size, check_name
 from segflow.train.config import check_loop
-from segflow.train.engine import LoopConfig, Recipe
+from segflow.train.loop import LoopConfig
+from segflow.train.objective import Recipe
 
 METHODS = ("adaptsegnet", "minent", "advent", "dacs", "source")
 # The adversarial weight on the main output by method, each the best of a sweep on the synthetic

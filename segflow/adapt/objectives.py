@@ -34,7 +34,7 @@ from segflow.data.datasets import Normalization, to_image, to_tensor
 from segflow.data.transforms import mixed_view
 from segflow.models.discriminator import OutputDiscriminator
 from segflow.models.outputs import entropy_map, probabilities, pseudo_labels, self_information
-from segflow.train.engine import Objective, Part, Step, Stream, ema_update, frozen_copy
+from segflow.train.objective import Objective, Part, Step, Stream, ema_update, frozen_copy
 
 SOURCE, TARGET = 0.0, 1.0  # the discriminators' labels
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segflow.data.datasets import SegmentationDataset
-from segflow.train.engine import LoopConfig, Objective, Recipe, Step, Training, fit
+from segflow.train.loop import LoopConfig, Training, fit
+from segflow.train.objective import Objective, Recipe, Step
 from segflow.train.objectives import cross_entropy
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from segflow.configs import check_numbers, flatten, json_safe
+from segflow.configs import check_numbers, json_safe
 from segflow.data import IGNORE_INDEX
 from segflow.data.datasets import Normalization, image_files, read_rgb, to_tensor
 from segflow.data.transforms import contrastive_pair
@@ -43,7 +43,8 @@ from segflow.models.lite_hrnet import SPECS, LiteHRNet
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, mask_path_for, median_side
 from segflow.train.config import check_loop
 from segflow.train.contrastive import ContrastBranch, ContrastObjective
-from segflow.train.engine import LoopConfig, Recipe, Training, fit
+from segflow.train.loop import LoopConfig, fit, training_for
+from segflow.train.objective import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +236,13 @@ def train_detcon(
         }
         model_artifact.save_backbone(out_dir, model.backbone, config)
 
-    run = Training(
+    run = training_for(
+        cfg,
         build_model=lambda: DetConNet(cfg.model),
         objective=DetCon(cfg, sum(SPECS[cfg.model].out_channels)),
         data=dataset,
         loop=loop,
-        recipe=cfg.recipe(),
         checkpoints=checkpoints,
-        identity=flatten(cfg),
-        may_change=PretrainConfig.RESUME_MAY_CHANGE,
         publish=publish,
     )
     summary = fit(run, on_epoch)

@@ -95,3 +95,13 @@ def walk_files(root: str | Path, suffixes: set[str] | None = None) -> list[Path]
                 elif suffixes is None or os.path.splitext(entry.name)[1].lower() in suffixes:
                     found.append(path)
     return sorted(found)
+
+
+def is_s3(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def home() -> Path:
+    """Where local state lives: pipeline outputs, MLflow's SQLite store, checkpoints of s3:// outputs
+    (``$SEGFLOW_HOME``, default ``./runs``)."""
+    return Path(os.environ.get("SEGFLOW_HOME", "runs")).expanduser().absolute()

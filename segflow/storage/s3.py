@@ -140,6 +140,18 @@ def list_objects(bucket: str, prefix: str) -> list[dict]:
     return sorted(found, key=lambda o: o["Key"])
 
 
+def listing(uri: str) -> list[list]:
+    """[key under the prefix, size, ETag] of every object under ``uri``: what the data is, from one
+    listing, without a download."""
+    bucket, prefix = split_uri(uri.rstrip("/"))
+    base = f"{prefix}/" if prefix else ""
+    try:
+        objects = list_objects(bucket, base)
+    except _boto_errors() as exc:
+        raise _friendly(exc, uri, "list") from None
+    return [[o["Key"][len(base) :], o["Size"], o.get("ETag", "")] for o in objects]
+
+
 def list_matching(bucket: str, prefix: str, uri: str) -> list[str]:
     """The keys below the folder ``prefix``, or ``[prefix]`` when it names one object."""
     try:

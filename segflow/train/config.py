@@ -12,7 +12,8 @@ from segflow.configs import check_numbers
 from segflow.errors import SegflowError
 from segflow.models import check_input_size, check_name
 from segflow.models.tiling import Tiling
-from segflow.train.engine import LoopConfig, Recipe
+from segflow.train.loop import LoopConfig
+from segflow.train.objective import Recipe
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segflow.train.engine import Objective, ema_update, frozen_copy
+from segflow.train.objective import Objective, ema_update, frozen_copy
 
 
 def mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:

@@ -22,7 +22,7 @@ from segflow.data import IGNORE_INDEX
 from segflow.models.outputs import pseudo_labels
 from segflow.train.config import MeanTeacherConfig, SupConConfig
 from segflow.train.contrastive import ContrastBranch, ContrastObjective
-from segflow.train.engine import Objective, Stream, ema_update, frozen_copy
+from segflow.train.objective import Objective, Stream, ema_update, frozen_copy
 
 Supervised = Objective
 

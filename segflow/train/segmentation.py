@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segflow.configs import flatten
 from segflow.data import manifest as manifest_lib
 from segflow.data.datasets import Normalization, SegmentationDataset, UnlabeledImages
 from segflow.errors import SegflowError
@@ -29,7 +28,8 @@ from segflow.models import artifact as model_artifact
 from segflow.models.lite_hrnet import SPECS
 from segflow.models.tiling import Tiling, auto_tiling
 from segflow.train.config import TrainConfig
-from segflow.train.engine import Objective, Stream, Training, fit
+from segflow.train.loop import fit, training_for
+from segflow.train.objective import Objective, Stream
 from segflow.train.objectives import MeanTeacher, SupCon
 
 log = logging.getLogger(__name__)
@@ -156,17 +156,14 @@ def train_segmenter(
             "dataset_fingerprint": manifest["fingerprint"],
         }
 
-    identity = {k: v for k, v in flatten(cfg).items() if k != "data"}
-    identity["dataset_fingerprint"] = manifest["fingerprint"]
-    run = Training(
+    run = training_for(
+        cfg,
+        paths=("data",),
+        fingerprints={"dataset_fingerprint": manifest["fingerprint"]},
         build_model=build,
         objective=objective,
         data=train_ds,
-        loop=cfg.loop(),
-        recipe=cfg.recipe(),
         checkpoints=checkpoints,
-        identity=identity,
-        may_change=TrainConfig.RESUME_MAY_CHANGE,
         validate=validate,
         publish=publish,
     )
