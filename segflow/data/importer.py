@@ -18,58 +18,41 @@ A failure lists every problem found, names the files, and leaves no OUT behind.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from segflow.configs import check_numbers
-from segflow.data import IGNORE_INDEX
 from segflow.data import manifest as manifest_lib
-from segflow.data.datasets import image_error
-from segflow.data.labels import LabelTable, MaskProblem, build_table, mask_values, read_meta, to_training_ids
+from segflow.data.item_check import ItemJob, check_items
+from segflow.data.labels import build_table
 from segflow.data.layouts import (
     PAIRED_FOLDERS,
     SEGNET_CAMVID,
-    PairedItem,
     apply_subset_lists,
     is_segnet_camvid,
-    pair,
     paired_folders,
     read_labels,
     segnet_camvid,
 )
-from segflow.data.manifest import ItemResult
-from segflow.errors import SegflowError
-from segflow.parallel import map_all
-from segflow.storage import confined, walk_files
-
-CSS = "common_semantic_segmentation"
-CSS_SUBSETS = "common_semantic_segmentation_with_subset_dirs"
-SEGMENTATION_FORMATS = (
+from segflow.data.sources import (
     CSS,
     CSS_SUBSETS,
-    "voc_segmentation",
-    "voc",
-    "cityscapes",
-    "ade20k2017",
-    "ade20k2020",
-    "camvid",
-    "mapillary_vistas",
-    "kitti_segmentation",
-    "synthia_rand",
-    "synthia_sf",
-    "synthia_al",
-    "coco_stuff",
-    "mvtec_segmentation",
+    SEGMENTATION_FORMATS,
+    Source,
+    background_class,
+    check_source,
+    detect_format,
+    label_names,
+    load_datumaro,
+    load_paired,
+    with_masks,
 )
-# Formats whose masks are per object (instances); Datumaro converts them to semantic layouts.
-INSTANCE_FORMATS = ("coco", "coco_instances", "coco_panoptic", "label_me", "mots", "mots_png", "cvat", "datumaro")
+from segflow.errors import SegflowError
+
 _SUBSET_ALIASES = {
     "train": "train",
     "training": "train",
@@ -79,10 +62,7 @@ _SUBSET_ALIASES = {
     "test": "test",
     "testing": "test",
 }
-_COPYABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-_EXIF_ORIENTATION = 0x0112
-# Serial below this many items: forking workers costs more than it saves.
-_MIN_PARALLEL_ITEMS = 48
+
 
 log = logging.getLogger(__name__)
 
@@ -152,22 +132,6 @@ class ImportConfig:
                 )
 
 
-@dataclass(frozen=True)
-class _Job:
-    """Everything a worker needs; inherited by forked workers instead of pickled."""
-
-    items: list  # PairedItem, or Datumaro's DatasetItem for the formats Datumaro reads
-    placement: list[tuple[str, str]]  # (subset, output name) per item
-    table: LabelTable
-    out: Path
-    root: Path
-    fill: int = IGNORE_INDEX  # Datumaro position of the class of pixels no mask covers (MVTec's "good")
-    lossy: int | None = None  # JPEG masks: snap to the nearest label within this distance
-
-
-_JOB: _Job | None = None
-
-
 def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None = None) -> dict:
     """Import the raw dataset in ``src`` into the empty folder ``out``; return the report (also
     written to OUT/report.json). ``masks``: plain paired folders (``src`` holds the images).
@@ -179,8 +143,8 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     labels = list(table.names)
     placement = assign_subsets(source.items, cfg.val_fraction, cfg.seed)
     lossy = None if cfg.lossy_masks < 0 else cfg.lossy_masks
-    job = _Job(source.items, placement, table=table, out=out, root=src, fill=source.fill, lossy=lossy)
-    results = _run_items(job, cfg.workers)
+    job = ItemJob(source.items, placement, table=table, out=out, root=src, fill=source.fill, lossy=lossy)
+    results = check_items(job, cfg.workers)
     problems = [p for r in results for p in r.problems]
     if problems:
         raise SegflowError(
@@ -217,20 +181,6 @@ def import_dataset(cfg: ImportConfig, src: Path, out: Path, masks: Path | None =
     return report
 
 
-# --- reading the source -----------------------------------------------------------------------
-
-
-@dataclass
-class Source:
-    """What a dataset holds, before any item is checked."""
-
-    format: str
-    items: list  # PairedItem, or Datumaro's DatasetItem
-    table: LabelTable
-    fill: int = IGNORE_INDEX  # Datumaro position of the class of pixels no mask covers
-    warnings: list[str] = field(default_factory=list)  # images left out, and why
-
-
 def read_source(cfg: ImportConfig, src: Path, masks: Path | None) -> Source:
     """The items and label table of ``src``: plain paired folders when ``masks`` is given, else
     the layout ``cfg.format`` names or detection finds. Layouts of paired files are read by
@@ -263,7 +213,7 @@ def _datumaro_source(cfg: ImportConfig, src: Path, fmt: str) -> Source:
     by_position = dict(enumerate(label_names(dataset, src, fmt)))  # Datumaro's label ids are positions
     table = build_table(by_position, {}, cfg.ignore_labels, f"{src} ({fmt})")
     fill = background_class(dataset, fmt, src)
-    items, unmasked = _with_masks(list(dataset), fill)
+    items, unmasked = with_masks(list(dataset), fill)
     if unmasked and not items:
         raise SegflowError(
             f"{cfg.source}: none of the {len(unmasked)} images read as {fmt} has a segmentation mask. Is it a "
@@ -276,185 +226,6 @@ def _datumaro_source(cfg: ImportConfig, src: Path, fmt: str) -> Source:
             f"(formats such as VOC annotate a part of their images only), e.g. {', '.join(unmasked[:3])}"
         )
     return source
-
-
-# --- reading with Datumaro --------------------------------------------------------------------
-
-
-def detect_format(src: Path) -> str:
-    """Name the format of ``src``: SegNet's CamVid release and Common Semantic Segmentation are
-    recognised first (segflow reads both itself), then Datumaro is asked."""
-    if is_segnet_camvid(src):
-        return SEGNET_CAMVID
-    # images/ and masks/ make this layout; a dataset_meta.json alone does not (ADE20K, SYNTHIA and
-    # any Datumaro export with --save-dataset-meta have one too).
-    if (src / "images").is_dir() and (src / "masks").is_dir():
-        return CSS
-    subset_dirs = [d for d in src.iterdir() if d.is_dir() and (d / "images").is_dir() and (d / "masks").is_dir()]
-    if subset_dirs:
-        return CSS_SUBSETS
-    import datumaro as dm
-    from datumaro.components.errors import MultipleFormatsMatchError, NoMatchingFormatsError
-
-    try:
-        detected = dm.Dataset.detect(str(src))
-    except NoMatchingFormatsError:
-        raise SegflowError(
-            f"{src} is not a dataset Datumaro recognises. For Common Semantic Segmentation it needs "
-            "dataset_meta.json, images/ and masks/; for other layouts pass --format, one of: "
-            + ", ".join(SEGMENTATION_FORMATS)
-        ) from None
-    except MultipleFormatsMatchError as exc:
-        # e.g. VOC matches both its semantic and its instance flavour: take the semantic one.
-        preferred = [f for f in SEGMENTATION_FORMATS if f in exc.formats]
-        if preferred:
-            return preferred[0]
-        raise SegflowError(
-            f"{src} matches several formats ({', '.join(sorted(exc.formats))}): pass --format to choose one."
-        ) from None
-    if detected in INSTANCE_FORMATS:
-        raise SegflowError(
-            f"{src} looks like a {detected!r} dataset to Datumaro: instance annotations (polygons and masks per "
-            "object), which segflow does not import as semantic masks. Convert it with Datumaro first, e.g. "
-            f"`datum convert -if {detected} -i {src} -f voc_segmentation -o VOC -- --save-media`, then import VOC "
-            "(for COCO-Stuff, pass --format coco_stuff)."
-        )
-    if detected not in SEGMENTATION_FORMATS:
-        raise SegflowError(
-            f"{src} looks like a {detected!r} dataset to Datumaro, which holds no segmentation masks. "
-            "If it is a segmentation dataset, pass --format, one of: " + ", ".join(SEGMENTATION_FORMATS)
-        )
-    return detected
-
-
-def background_class(dataset, fmt: str, src: Path) -> int:
-    """MVTec's masks mark defects only: the pixels they do not cover, and the images without a
-    mask, are the defect-free class ("good", or the one class that never has a mask). Other
-    formats: 255, uncovered pixels are ignored."""
-    from datumaro.components.annotation import AnnotationType
-
-    if not fmt.startswith("mvtec"):
-        return IGNORE_INDEX
-    names = label_names(dataset, src, fmt)
-    if "good" in names:
-        return names.index("good")
-    masked = {a.label for item in dataset for a in item.annotations if a.type == AnnotationType.mask}
-    labelled = {a.label for item in dataset for a in item.annotations if a.type == AnnotationType.label}
-    unmasked = sorted(labelled - masked)
-    if len(unmasked) != 1:
-        raise SegflowError(
-            f"{src}: cannot tell MVTec's defect-free class (no label named 'good', and {len(unmasked)} labels "
-            "never have a mask): rename its folder to good."
-        )
-    return int(unmasked[0])
-
-
-def _with_masks(items: list, fill: int = IGNORE_INDEX) -> tuple[list, list[str]]:
-    """Datumaro's items that carry a segmentation mask (any item when uncovered pixels have a
-    class), and the ids of those that do not."""
-    from datumaro.components.annotation import AnnotationType
-
-    kept, unmasked = [], []
-    for item in items:
-        has_mask = fill != IGNORE_INDEX or any(a.type == AnnotationType.mask for a in item.annotations)
-        (kept if has_mask else unmasked).append(item if has_mask else str(item.id))
-    return kept, unmasked
-
-
-def check_source(src: Path) -> None:
-    if src.is_file():
-        raise SegflowError(f"{src} is a file: point SRC at the dataset's folder.")
-    if not any(src.iterdir()):
-        raise SegflowError(f"{src} is an empty folder: there is no dataset to import.")
-    walk_files(src)  # refuses symbolic link loops and links out of the dataset before anything walks it
-
-
-def load_paired(
-    src: Path, fmt: str, ignore_labels: tuple[str, ...], options: dict | None = None
-) -> tuple[list[PairedItem], LabelTable]:
-    """Common Semantic Segmentation (flat, or one folder per subset), read by segflow: the items
-    (image and mask paired by name) and the label table of ``dataset_meta.json``. Datumaro's own
-    reader numbers the labels by their order in the file and takes colour masks' ids as they come,
-    so this layout is read here, by id (segflow.data.labels). ``options``: image_prefix and
-    mask_prefix (Datumaro's names for them), e.g. ``image_`` and ``gt_``."""
-    options = dict(options or {})
-    prefixes = {k: str(options.pop(k, "")) for k in ("image_prefix", "mask_prefix")}
-    if options:
-        raise SegflowError(f"--option {sorted(options)}: {fmt} takes image_prefix and mask_prefix only.")
-    roots = [src] if fmt == CSS else sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-    items: list[PairedItem] = []
-    table = None
-    for root in roots:
-        items += css_items(root, "" if fmt == CSS else root.name, **prefixes)
-        root_table = read_meta(root / "dataset_meta.json", tuple(ignore_labels))
-        if table is not None and (root_table.names, root_table.dataset_ids) != (table.names, table.dataset_ids):
-            raise SegflowError(
-                f"{root / 'dataset_meta.json'} names other labels than {roots[0] / 'dataset_meta.json'}: "
-                "every subset of a dataset must share one label map."
-            )
-        table = root_table
-    if table is None:
-        raise SegflowError(f"{src}: no subset folders with dataset_meta.json, images/ and masks/.")
-    return items, table
-
-
-def load_datumaro(src: Path, fmt: str, options: dict | None = None):
-    """Import ``src`` with Datumaro (``options``: its importer's keyword arguments); return
-    (dataset, format name)."""
-    import datumaro as dm
-
-    logging.getLogger("datumaro").setLevel(logging.ERROR)
-    try:
-        dataset = dm.Dataset.import_from(str(src), fmt, **(options or {}))
-        len(dataset)  # Datumaro imports lazily: force it here, where errors can be explained
-    except SegflowError:
-        raise
-    except Exception as exc:
-        raise SegflowError(f"{src}: Datumaro could not read the dataset as {fmt}: {_reasons(exc)}") from None
-    return dataset, fmt
-
-
-def _reasons(exc: BaseException) -> str:
-    """The exception and what caused it, innermost last: Datumaro wraps the real reason
-    ("Failed to import dataset 'camvid'" says nothing by itself)."""
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen and len(chain) < 4:
-        seen.add(id(exc))
-        chain.append(f"{type(exc).__name__}: {str(exc)[:300]}")
-        exc = exc.__cause__ or exc.__context__
-    return " <- ".join(chain)
-
-
-def label_names(dataset, src: Path, fmt: str) -> list[str]:
-    from datumaro.components.annotation import AnnotationType
-
-    categories = dataset.categories().get(AnnotationType.label)
-    names = [c.name for c in categories] if categories else []
-    if not names:
-        raise SegflowError(
-            f"{src}: the dataset declares no labels when read as {fmt!r}. Is it a segmentation dataset? "
-            "Pass --format, one of: " + ", ".join(SEGMENTATION_FORMATS)
-        )
-    if len(names) >= IGNORE_INDEX:
-        raise SegflowError(f"{src}: {len(names)} labels; at most {IGNORE_INDEX - 1} fit in 8-bit masks.")
-    return names
-
-
-def css_items(root: Path, subset: str, image_prefix: str = "", mask_prefix: str = "") -> list[PairedItem]:
-    """The pairs of one Common Semantic Segmentation folder, every layout problem at once."""
-    meta = root / "dataset_meta.json"
-    if not meta.exists():
-        raise SegflowError(
-            f"{meta} is missing. Common Semantic Segmentation needs it to name the labels, e.g. "
-            '{"label_map": {"0": "background", "1": "car"}}.'
-        )
-    items = pair(root / "images", root / "masks", subset, "", image_prefix, mask_prefix)
-    if not items:
-        raise SegflowError(f"{root}: the dataset is empty (no images in {root / 'images'}).")
-    return items
-
-
-# --- subsets --------------------------------------------------------------------------------
 
 
 def assign_subsets(items: list, val_fraction: float, seed: int) -> list[tuple[str, str]]:
@@ -479,215 +250,6 @@ def assign_subsets(items: list, val_fraction: float, seed: int) -> list[tuple[st
         taken.add((subset, name))
         placement.append((subset, name))
     return placement
-
-
-# --- per-item work (runs in worker processes) -----------------------------------------------
-
-
-def _run_items(job: _Job, workers: int) -> list[ItemResult]:
-    global _JOB
-    for subset in {s for s, _ in job.placement}:
-        (job.out / subset / "images").mkdir(parents=True, exist_ok=True)
-        (job.out / subset / "masks").mkdir(parents=True, exist_ok=True)
-    _JOB = job  # forked workers inherit it with the Datumaro items (and their lazy loaders)
-    try:
-        return map_all(
-            _process_item, range(len(job.items)), workers, "checking items", min_parallel=_MIN_PARALLEL_ITEMS
-        )
-    finally:
-        _JOB = None
-
-
-def _display(path: str | None, job: _Job, fallback: str) -> str:
-    if not path:
-        return fallback
-    try:
-        return str(Path(path).relative_to(job.root))
-    except ValueError:
-        return str(path)
-
-
-def _process_item(index: int) -> ItemResult:
-    job = _JOB
-    assert job is not None
-    item = job.items[index]
-    subset, name = job.placement[index]
-    result = ItemResult(subset=subset, name=name)
-    media_path = getattr(item.media, "path", "") if item.media is not None else ""
-    where = _display(media_path, job, f"item {item.id!r} (subset {item.subset!r})")
-    result.source_path = where
-    try:
-        image, raw, ext, result.oriented = _read_image(item, media_path)
-    except _ItemProblem as exc:
-        result.problems.append(f"{where}: {exc}")
-        return result
-
-    try:
-        if isinstance(item, PairedItem):
-            mask, copy_source = _paired_mask(item.mask, image.shape[:2], job.table, job.lossy)
-        else:
-            positions = _compose_mask(item, image.shape[:2], job.table, job.fill)
-            mask, copy_source = to_training_ids(positions, job.table), False
-    except (_ItemProblem, MaskProblem) as exc:
-        mask_path = item.mask if isinstance(item, PairedItem) else None
-        result.problems.append(f"{_display(str(mask_path), job, where) if mask_path else where}: {exc}")
-        return result
-
-    if raw is None:  # re-encode: not a plain RGB PNG/JPEG file
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        raw, ext = buffer.getvalue(), ".png"
-    image_rel = f"{subset}/images/{name}{ext}"
-    mask_rel = f"{subset}/masks/{name}.png"
-    try:
-        # Item ids come from the dataset: never let one escape OUT. OUT is our own fresh staging
-        # folder, which holds no symbolic links, so the name check suffices (no per-file resolve).
-        for rel in (image_rel, mask_rel):
-            confined(job.out, rel, f"dataset item {item.id!r} ({rel})", links=False)
-    except SegflowError as exc:
-        result.problems.append(str(exc))
-        return result
-    if copy_source:
-        mask_bytes = item.mask.read_bytes()  # already a single-channel PNG of these very training ids
-    else:
-        buffer = io.BytesIO()
-        Image.fromarray(mask, mode="L").save(buffer, format="PNG", compress_level=1)
-        mask_bytes = buffer.getvalue()
-    (job.out / image_rel).write_bytes(raw)
-    (job.out / mask_rel).write_bytes(mask_bytes)
-
-    result.image_sha256 = hashlib.sha256(raw).hexdigest()
-    result.files = {image_rel: result.image_sha256, mask_rel: hashlib.sha256(mask_bytes).hexdigest()}
-    result.height, result.width = mask.shape
-    result.label_pixels = np.bincount(mask.ravel(), minlength=256).astype(np.int64)
-    # Normalisation statistics from every 4th row and column: 1/16 of the work, and over hundreds
-    # of images the same mean and std to two digits. Histograms: exact and fast on uint8.
-    sample = image[::4, ::4]
-    result.channel_histogram = np.stack([np.bincount(sample[..., c].ravel(), minlength=256) for c in range(3)])
-    return result
-
-
-class _ItemProblem(Exception):
-    """A problem with one item; collected, then reported together."""
-
-
-def _read_image(item, media_path: str) -> tuple[np.ndarray, bytes | None, str, bool]:
-    """Decode the item's image completely, turned to its EXIF orientation (as viewers show it,
-    and as it was annotated). Return (RGB array, original bytes if copyable, ext, turned)."""
-    if item.media is None:
-        raise _ItemProblem("item has no image")
-    if media_path:
-        path = Path(media_path)
-        if not path.is_file():
-            raise _ItemProblem("image file does not exist")
-        raw = path.read_bytes()
-        if not raw:
-            raise _ItemProblem("file is empty (0 bytes)")
-        try:
-            with Image.open(io.BytesIO(raw)) as pil:
-                pil.load()  # a truncated file fails here, not later in training
-                mode, fmt = pil.mode, pil.format
-                turned = pil.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
-                shown = ImageOps.exif_transpose(pil) if turned else pil
-                rgb = np.asarray(shown if shown.mode == "RGB" else shown.convert("RGB"))
-        except Exception as exc:
-            raise _ItemProblem(f"cannot decode image: {image_error(exc)}") from None
-        ext = path.suffix.lower()
-        copyable = mode == "RGB" and _COPYABLE.get(ext) == fmt and not turned
-        return rgb, (raw if copyable else None), ext, turned
-    try:
-        data = item.media.data  # in-memory media: Datumaro gives HWC BGR
-    except Exception as exc:
-        raise _ItemProblem(f"cannot decode image: {image_error(exc)}") from None
-    if data is None:
-        raise _ItemProblem("item has no image data")
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = np.repeat(data[..., None], 3, axis=2)
-    return np.ascontiguousarray(data[..., 2::-1].astype(np.uint8)), None, ".png", False
-
-
-def _paired_mask(
-    path: Path, shape: tuple[int, int], table: LabelTable, lossy: int | None = None
-) -> tuple[np.ndarray, bool]:
-    """The training-id map of a paired mask file, and whether the file itself can be copied: a
-    grey 8-bit PNG whose values are already these training ids. Anything else (colours, 16-bit,
-    palette, ids that shift) is written anew from the decoded map."""
-    values, stored_as_ids = mask_values(path, table, lossy)
-    _check_shape(values.shape[:2], shape)
-    mask = to_training_ids(values, table)
-    return mask, stored_as_ids and path.suffix.lower() == ".png" and np.array_equal(mask, values)
-
-
-def _compose_mask(item, shape: tuple[int, int], table: LabelTable, fill: int = IGNORE_INDEX) -> np.ndarray:
-    """One HxW map of Datumaro's label ids (its labels' positions) from the item's mask
-    annotations; uncovered pixels are ``fill`` (ignore, 255, unless the format says what they
-    are). The table maps them to training ids."""
-    from datumaro.components.annotation import AnnotationType, ExtractedMask
-
-    anns = [a for a in item.annotations if a.type == AnnotationType.mask and a.label is not None]
-    if not anns and fill != IGNORE_INDEX:
-        return np.full(shape, fill, dtype=np.uint8)  # a defect-free image: all background
-    if not anns:
-        raise _ItemProblem("image has no segmentation mask")
-    undefined = sorted({int(a.label) for a in anns} - {*table.dataset_ids, *table.ignored, IGNORE_INDEX})
-    if undefined:
-        raise _ItemProblem(f"mask values {undefined} are not in the label map ({', '.join(table.names)}; 255 = ignore)")
-    # Masks cut from one index map (Common Semantic Segmentation, VOC, ...) are mapped through a
-    # lookup table in one pass instead of one comparison per label.
-    by_source: dict[int, list] = {}
-    others = []
-    for ann in anns:
-        if isinstance(ann, ExtractedMask):
-            by_source.setdefault(id(ann.index_mask), []).append(ann)
-        else:
-            others.append(ann)
-    mask = None
-    try:
-        for group in by_source.values():
-            source = group[0].index_mask
-            index_map = _index_map(source() if callable(source) else source, shape)
-            _check_shape(index_map.shape[:2], shape)
-            lut = np.full(max(256, int(index_map.max()) + 1), IGNORE_INDEX, dtype=np.uint8)
-            for ann in group:
-                if int(ann.label) != IGNORE_INDEX:
-                    lut[int(ann.index)] = int(ann.label)
-            mapped = lut[index_map]
-            mask = mapped if mask is None else np.where(mapped != IGNORE_INDEX, mapped, mask)
-        if mask is None:
-            mask = np.full(shape, IGNORE_INDEX, dtype=np.uint8)
-        for ann in others:
-            region = np.asarray(ann.image, dtype=bool)
-            _check_shape(region.shape, shape)
-            if int(ann.label) != IGNORE_INDEX:
-                mask[region] = int(ann.label)
-    except _ItemProblem:
-        raise
-    except Exception as exc:
-        raise _ItemProblem(f"cannot read mask ({type(exc).__name__}: {exc})") from None
-    if fill != IGNORE_INDEX:
-        mask[mask == IGNORE_INDEX] = fill
-    return mask
-
-
-def _index_map(values, shape: tuple[int, int]) -> np.ndarray:
-    """An index map as whole numbers. SYNTHIA's GTTXT label files reach us through np.loadtxt:
-    floats, and 1-D for a one-row image."""
-    index_map = np.asarray(values)
-    if index_map.ndim == 1 and shape[0] == 1:
-        index_map = index_map.reshape(1, -1)
-    if index_map.dtype.kind == "f":
-        if not np.isfinite(index_map).all() or (np.mod(index_map, 1) != 0).any():
-            raise _ItemProblem("mask holds values that are not whole numbers")
-        index_map = index_map.astype(np.int64)
-    if index_map.size and int(index_map.min()) < 0:
-        raise _ItemProblem("mask holds negative values")
-    return index_map
-
-
-def _check_shape(got: tuple[int, ...], want: tuple[int, int]) -> None:
-    if tuple(got) != tuple(want):
-        raise _ItemProblem(f"mask is {got[1]}x{got[0]} but the image is {want[1]}x{want[0]} (width x height)")
 
 
 def _meta(labels: list[str]) -> dict:
