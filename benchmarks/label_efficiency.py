@@ -37,7 +37,7 @@ from pathlib import Path
 from segflow.data.importer import ImportConfig
 from segflow.data.synth import synthesize
 from segflow.evaluate.evaluation import EvalConfig
-from segflow.selfsl.detcon import PretrainConfig
+from segflow.selfsl.config import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams
 from segflow.stages import evaluate_stage, import_stage, pretrain_stage, train_stage
 from segflow.train.config import TrainConfig, method_settings

@@ -41,7 +41,7 @@ from segflow.adapt.config import AdaptConfig
 from segflow.adapt.selection import CRITERIA, picks
 from segflow.data.importer import ImportConfig
 from segflow.evaluate.evaluation import EvalConfig
-from segflow.selfsl.detcon import PretrainConfig
+from segflow.selfsl.config import PretrainConfig
 from segflow.stages import adapt_stage, ensemble_stage, evaluate_stage, import_stage, pretrain_stage, train_stage
 from segflow.train.config import TrainConfig, method_settings
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from label_efficiency import build_data, mean_std, run_one
 
 from segflow.data.datasets import image_files
-from segflow.selfsl.detcon import PretrainConfig
+from segflow.selfsl.config import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, median_side, size_rule
 from segflow.stages import pretrain_stage
 

@@ -295,7 +295,7 @@ def pretrain_cmd(
     other Felzenszwalb parameters than those masks have stops with an error: nothing is replaced.
     """
     options = dict(locals())  # the command's options, before any other name
-    from segflow.selfsl.detcon import PretrainConfig
+    from segflow.selfsl.config import PretrainConfig
     from segflow.stages import pretrain_stage
 
     cfg = from_options(

@@ -28,7 +28,7 @@ from segflow.redact import redact_logging
 def _stages() -> dict:
     from segflow import stages
     from segflow.adapt.config import AdaptConfig
-    from segflow.selfsl.detcon import PretrainConfig
+    from segflow.selfsl.config import PretrainConfig
     from segflow.train.config import TrainConfig
 
     return {

@@ -35,7 +35,8 @@ from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluat
 from segflow.export.openvino_ir import ExportConfig, export
 from segflow.export.predict import PredictConfig, input_files, predict
 from segflow.models import artifact as model_artifact
-from segflow.selfsl.detcon import PretrainConfig, train_detcon
+from segflow.selfsl.config import PretrainConfig
+from segflow.selfsl.pretraining import train_detcon
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, default_mask_dir, make_pseudo_masks
 from segflow.train.config import TrainConfig
 from segflow.train.distributed import Dist, is_main_process

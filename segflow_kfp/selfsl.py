@@ -51,10 +51,10 @@ def pretrain_backbone(
     experiment: str = "",
 ):
     """DetCon-B pretraining of the backbone on the images and their pseudo masks. INPUT_SIZE and
-    LR 0: chosen from the images and the step budget (segflow.selfsl.detcon.auto_settings).
+    LR 0: chosen from the images and the step budget (segflow.selfsl.config.auto_settings).
     PROCESSES and CHECKPOINT_ROOT: as for train_model."""
     from segflow.launch import run_task
-    from segflow.selfsl.detcon import PretrainConfig
+    from segflow.selfsl.config import PretrainConfig
     from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
 

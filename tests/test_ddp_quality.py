@@ -12,7 +12,7 @@ from pathlib import Path
 
 from segflow.data.synth import synthesize
 from segflow.launch import run_stage
-from segflow.selfsl.detcon import PretrainConfig
+from segflow.selfsl.config import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, make_pseudo_masks
 from segflow.train.config import TrainConfig
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from segflow.data.synth import synthesize
 from segflow.errors import SegflowError
-from segflow.selfsl.detcon import PretrainConfig
+from segflow.selfsl.config import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, make_pseudo_masks, segment
 from segflow.storage import s3 as s3_lib
 from segflow.train.config import TrainConfig
