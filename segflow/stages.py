@@ -489,9 +489,9 @@ def register_stage(
         decision = registry.register(client, name, candidate, metric=metric, margin=margin, rescore=rescore)
         labels, table = registry.comparison(client, name)
         markdown = f"# {name}: v{decision['version']} is {decision['decision']}\n\n{decision['reason']}\n\n"
-        markdown += registry.comparison_markdown(labels, table)
+        markdown += comparison.versions_table(labels, table)
         with tempfile.TemporaryDirectory() as tmp:
-            chart = registry.comparison_chart(labels, table, Path(tmp) / "registry.png", f"{name}: registered versions")
+            chart = comparison.versions_chart(labels, table, Path(tmp) / "registry.png", f"{name}: registered versions")
             log.to_parent(run, markdown, chart, [decision], folder="registry")
         log.tag("segflow.registered_model", f"{name}/{decision['version']}")
         result = decision | {"metrics": {"registered_version": decision["version"]}}

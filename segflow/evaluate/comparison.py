@@ -1,4 +1,5 @@
-"""Several candidate models scored on the same data: a table, a bar chart, and the best one."""
+"""Several models scored on the same data: tables, bar charts, and the best one (candidates of a
+pipeline; versions of a registered model)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,39 @@ def chart(rows: list[dict], out_png: Path, title: str = "Candidates on the targe
     ax.set_xlabel("%")
     ax.set_title(title)
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def versions_table(labels: list[str], table: dict[str, dict]) -> str:
+    """Markdown: one row per metric, one column per model version (as registry.comparison gives them)."""
+    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for metric, values in table.items():
+        cells = [f"{100 * values[label]:.2f}" if label in values else "-" for label in labels]
+        lines.append(f"| {metric} % | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def versions_chart(labels: list[str], table: dict[str, dict], out_png, title: str = "Registered versions"):
+    """Grouped bars: one group per metric, one bar per version."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = list(table)
+    x = np.arange(len(metrics))
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(metrics) + 2), 4), dpi=100)
+    for k, label in enumerate(labels):
+        ax.bar(x + k * width, [100 * table[m].get(label, 0.0) for m in metrics], width, label=label)
+    ax.set_xticks(x + width * (len(labels) - 1) / 2, metrics, rotation=45, ha="right")
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
