@@ -52,8 +52,8 @@ def main() -> None:
                     early_stop_patience=100,
                 )
                 result = run_stage("train", cfg, processes=processes, track=False)
-                speed[processes].append(args.epochs * args.iters * args.batch / result["metrics"]["train_seconds"])
-                quality[processes].append(result["best_val_mDice"])
+                speed[processes].append(args.epochs * args.iters * args.batch / result.metrics["train_seconds"])
+                quality[processes].append(result.best_val_mDice)
                 print(f"round {r} processes {processes}: {speed[processes][-1]:.2f} img/s", flush=True)
     print(
         f"\ntrain stage, lite_hrnet_s, {args.size} px, global batch {args.batch}, "

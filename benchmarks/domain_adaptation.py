@@ -83,15 +83,15 @@ def score(model: Path, data: Path, work: Path, subset: str = "val") -> dict:
     shows there (RESULTS.md, "Why AdaptSegNet does not gain here")."""
     out = work / f"eval-{model.name}-{data.name}"
     metrics = evaluate_stage(EvalConfig(model=str(model), data=str(data), out=str(out), subset=subset), track=False)
-    confusion = [[float(v) for v in row] for row in metrics["confusion_matrix"]]  # rows: truth, columns: prediction
+    confusion = [[float(v) for v in row] for row in metrics.confusion_matrix]  # rows: truth, columns: prediction
     pixels = sum(map(sum, confusion)) or 1.0
     predicted = [sum(column) / pixels for column in zip(*confusion, strict=True)]
     truth = [sum(row) / pixels for row in confusion]
     return {
-        "mIoU": 100 * metrics["mIoU"],
-        "mDice": 100 * metrics["mDice"],
-        "predicted": dict(zip(metrics["labels"], predicted, strict=True)),
-        "truth": dict(zip(metrics["labels"], truth, strict=True)),
+        "mIoU": 100 * metrics.mIoU,
+        "mDice": 100 * metrics.mDice,
+        "predicted": dict(zip(metrics.labels, predicted, strict=True)),
+        "truth": dict(zip(metrics.labels, truth, strict=True)),
     }
 
 

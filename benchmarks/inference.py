@@ -275,9 +275,9 @@ def accuracy(tmp: Path) -> None:
         )
         label = precision + (f" {scheme}" if precision == "int8" else "")
         print(
-            f"  {label:22s}: PyTorch mDice {100 * report['torch_mDice']:.2f}, IR mDice {100 * report['ir_mDice']:.2f}"
-            f" (change {-report['mDice_drop_points']:+.2f} points), argmax agreement "
-            f"{100 * report['argmax_agreement']:.2f}%"
+            f"  {label:22s}: PyTorch mDice {100 * report.torch_mDice:.2f}, IR mDice {100 * report.ir_mDice:.2f}"
+            f" (change {-report.record['mDice_drop_points']:+.2f} points), argmax agreement "
+            f"{100 * report.record['argmax_agreement']:.2f}%"
         )
 
 

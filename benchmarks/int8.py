@@ -43,7 +43,7 @@ def export(model: Path, data: Path, out: Path, scheme: str, args, **extra) -> di
         overwrite=True,
         **settings,
     )
-    return export_stage(cfg, track=False)
+    return export_stage(cfg, track=False).record  # the export report, as export_report.json holds it
 
 
 def speed_rows(work: Path, args) -> None:

@@ -127,7 +127,7 @@ def run_one(
     train_stage(cfg, track=False)
     evaluation = EvalConfig(model=str(out), data=str(data["test"]), out=str(work / f"eval-{out.name}"))
     metrics = evaluate_stage(evaluation, track=False)
-    return metrics["mDice"]
+    return metrics.mDice
 
 
 LINE = re.compile(r"^\s+(\w+)\s+(\d+) labelled, seed (\d+): test mDice ([\d.]+)$")

@@ -46,7 +46,7 @@ def measure(size: int, images: int, steps: int, batch: int, workers: list[int], 
                 input_size=size,
                 loader_workers=count,
             )
-            rows.append((count, train_stage(cfg, track=False)["history"][0]))
+            rows.append((count, train_stage(cfg, track=False).record["history"][0]))
             weights.append(load_file(str(out / "model.safetensors")))
     same = all(all(torch.equal(w[k], weights[0][k]) for k in w) for w in weights[1:])
     return rows, same

@@ -115,7 +115,7 @@ def evaluate(model: Path, data: Path, subset: str, work: Path) -> dict:
             track=False,
         )  # fmt: skip
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps({"mIoU": 100 * metrics["mIoU"], "mDice": 100 * metrics["mDice"]}))
+        cached.write_text(json.dumps({"mIoU": 100 * metrics.mIoU, "mDice": 100 * metrics.mDice}))
     return json.loads(cached.read_text())
 
 

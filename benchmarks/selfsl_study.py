@@ -54,7 +54,7 @@ def pretrain_variant(data: dict, work: Path, seed: int, epochs: int, k: float, n
         ),
         track=False,
     )
-    return out, result["pseudo_masks"].get("segments_per_image", 0.0)
+    return out, result.pseudo_masks.get("segments_per_image", 0.0)
 
 
 def main() -> None:

@@ -135,9 +135,9 @@ def train_and_score(data: dict, work: Path, method: str, seed: int, args, small:
         num_pictures=2, overwrite=True,
     )  # fmt: skip
     metrics = evaluate_stage(evaluation, track=False)
-    iou = {name: v["iou"] for name, v in metrics["per_class"].items()}
+    iou = {name: v["iou"] for name, v in metrics.record["per_class"].items()}
     return {
-        "mIoU": 100 * metrics["mIoU"],
+        "mIoU": 100 * metrics.mIoU,
         "small_mIoU": 100 * statistics.mean(iou[c] or 0.0 for c in small),
         "per_class_iou": {k: None if v is None else 100 * v for k, v in iou.items()},
         "train_seconds": round(seconds, 1),

@@ -137,10 +137,10 @@ def data_import(
         subset_lists=tuple(subset_list or ()),
     )
     report = import_stage(cfg, track=track)
-    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
-    typer.echo(f"imported {counts} images, {len(report['labels'])} labels -> {out}")
-    typer.echo(f"fingerprint {report['fingerprint']}")
-    typer.echo(f"report: {out}/report.md ({len(report['warnings'])} warning(s))")
+    counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
+    typer.echo(f"imported {counts} images, {len(report.labels)} labels -> {out}")
+    typer.echo(f"fingerprint {report.fingerprint}")
+    typer.echo(f"report: {out}/report.md ({len(report.warnings)} warning(s))")
 
 
 @app.command("train")
@@ -191,8 +191,7 @@ def train_cmd(
         track=track,
     )
     typer.echo(
-        f"best val mDice {result['best_val_mDice']:.4f} at epoch {result['best_epoch']} "
-        f"({result['epochs_run']} epochs) -> {out}"
+        f"best val mDice {result.best_val_mDice:.4f} at epoch {result.best_epoch} ({result.epochs_run} epochs) -> {out}"
     )
 
 
@@ -255,8 +254,8 @@ def pseudo_masks_cmd(
     params = felzenszwalb_options(scale, sigma, min_size)
     result = pseudo_masks_stage(images, out, params, workers, track=track, overwrite=overwrite)
     typer.echo(
-        f"{result['images']} images: {result['made']} masks made, {result['reused']} reused, "
-        f"{result['segments_per_image']:g} segments per image ({_felzenszwalb_said(result)}) -> {result['out']}"
+        f"{result.images} images: {result.made} masks made, {result.reused} reused, "
+        f"{result.segments_per_image:g} segments per image ({_felzenszwalb_said(result.record)}) -> {result.out}"
     )
 
 
@@ -307,12 +306,11 @@ def pretrain_cmd(
         felzenszwalb=felzenszwalb_options(scale, sigma, min_size),
     )
     result = pretrain_stage(cfg, track=track)
-    metrics, chosen = result["metrics"], result["chosen"]
-    if result["pseudo_masks"]:
+    metrics, chosen, made = result.metrics, result.chosen, result.pseudo_masks
+    if made:
         typer.echo(
-            f"pseudo masks: {result['pseudo_masks']['made']} made, {result['pseudo_masks']['reused']} reused, "
-            f"{result['pseudo_masks']['segments_per_image']:g} segments per image "
-            f"({_felzenszwalb_said(result['pseudo_masks'])})"
+            f"pseudo masks: {made['made']} made, {made['reused']} reused, "
+            f"{made['segments_per_image']:g} segments per image ({_felzenszwalb_said(made)})"
         )
     for name in ("input_size", "iters_per_epoch", "lr"):
         if name in chosen:
@@ -373,9 +371,9 @@ def adapt_cmd(
     from segflow.stages import adapt_stage
 
     result = adapt_stage(from_options(AdaptConfig, options), track=track)
-    selection = result["selection"]
+    selection = result.selection
     typer.echo(
-        f"{result['method']}: snapshot after {result['metrics']['best_iteration']} steps kept "
+        f"{result.method}: snapshot after {result.metrics['best_iteration']} steps kept "
         f"({selection['criterion']}: {selection['score']:.4f}) -> {out}"
     )
 
@@ -392,7 +390,7 @@ def ensemble_cmd(
     from segflow.stages import ensemble_stage
 
     result = ensemble_stage(models, out, overwrite, track=track)
-    typer.echo(f"ensemble of {len(result['members'])} models -> {out}")
+    typer.echo(f"ensemble of {len(result.members)} models -> {out}")
 
 
 @app.command("choose")
@@ -421,9 +419,9 @@ def choose_cmd(
             raise SegflowError(f"--candidate names must differ: {name!r} is given twice.")
         candidates[name] = (model, evaluation)
     result = choose_stage(candidates, out, metric, markdown_out=report, track=track, overwrite=overwrite)
-    for row in result["candidates"]:
+    for row in result.candidates:
         typer.echo(f"{row['candidate']:>16s}  {metric} {100 * row[metric]:.2f}")
-    typer.echo(f"best: {result['best']} -> {out}")
+    typer.echo(f"best: {result.best} -> {out}")
 
 
 @app.command("register")
@@ -440,7 +438,7 @@ def register_cmd(
     from segflow.stages import register_stage
 
     result = register_stage(name, model, evaluation, data, model_id, margin)
-    typer.echo(f"{name} v{result['version']}: {result['decision']} ({result['reason']})")
+    typer.echo(f"{name} v{result.version}: {result.decision} ({result.reason})")
 
 
 @app.command("check-data")
@@ -454,7 +452,7 @@ def check_data_cmd(
     from segflow.stages import check_data_stage
 
     result = check_data_stage(data, registered_model, threshold=threshold)
-    typer.echo(f"{result['decision']}: {result['note']}")
+    typer.echo(f"{result.decision}: {result.note}")
 
 
 @app.command("evaluate")
@@ -472,10 +470,10 @@ def evaluate_cmd(
     from segflow.evaluate.evaluation import EvalConfig
     from segflow.stages import evaluate_stage
 
-    metrics = evaluate_stage(from_options(EvalConfig, options), track=track)
+    scores = evaluate_stage(from_options(EvalConfig, options), track=track)
     typer.echo(
-        f"mDice {metrics['mDice']:.4f}  mIoU {metrics['mIoU']:.4f}  pixel accuracy "
-        f"{metrics['pixel_accuracy']:.4f} on {metrics['images']} {subset} images -> {out}"
+        f"mDice {scores.mDice:.4f}  mIoU {scores.mIoU:.4f}  pixel accuracy "
+        f"{scores.pixel_accuracy:.4f} on {scores.images} {subset} images -> {out}"
     )
 
 
@@ -510,14 +508,14 @@ def export_cmd(
 
     report = export_stage(from_options(ExportConfig, options), track=track)
     parity = ""
-    if report.get("passed") is not None:
+    if report.passed is not None:
         parity = (
-            f", parity: max |logit diff| {report['max_abs_logit_diff']:.2e}, mDice {100 * report['ir_mDice']:.2f}"
-            f" vs {100 * report['torch_mDice']:.2f} in PyTorch"
+            f", parity: max |logit diff| {report.max_abs_logit_diff:.2e}, mDice {100 * report.ir_mDice:.2f}"
+            f" vs {100 * report.torch_mDice:.2f} in PyTorch"
         )
-    typer.echo(f"{precision.upper()} IR -> {out} (latency {report['latency_ms']:.1f} ms{parity})")
-    if report.get("model_id"):
-        typer.echo(f"MLflow model id {report['model_id']} (segflow register --model-id {report['model_id']} ...)")
+    typer.echo(f"{precision.upper()} IR -> {out} (latency {report.latency_ms:.1f} ms{parity})")
+    if report.model_id:
+        typer.echo(f"MLflow model id {report.model_id} (segflow register --model-id {report.model_id} ...)")
 
 
 @app.command("predict")
@@ -541,10 +539,8 @@ def predict_cmd(
     from segflow.stages import predict_stage
 
     summary = predict_stage(from_options(PredictConfig, options))
-    typer.echo(
-        f"{summary['predicted']} images predicted ({summary['runtime']}), {len(summary['skipped'])} skipped -> {out}"
-    )
-    for item in summary["skipped"]:
+    typer.echo(f"{summary.predicted} images predicted ({summary.runtime}), {len(summary.skipped)} skipped -> {out}")
+    for item in summary.skipped:
         typer.secho(f"  skipped {item['image']}: {item['reason']}", fg=typer.colors.YELLOW, err=True)
 
 
@@ -602,7 +598,7 @@ def models_convert(
     names = [n.strip() for n in labels.split(",") if n.strip()]
     config = convert_stage(str(checkpoint), out, names, model, backbone_only, input_size, overwrite)
     what = "backbone weights" if backbone_only else f"model with {len(names)} classes ({', '.join(names)})"
-    typer.echo(f"{config['architecture']} {what} -> {out}")
+    typer.echo(f"{config.architecture} {what} -> {out}")
 
 
 @models_app.command("compare")

@@ -23,18 +23,21 @@ from pathlib import Path
 from segflow import storage
 from segflow.errors import SegflowError
 from segflow.redact import redact_logging
+from segflow.results import StageResult
 
 
 def _stages() -> dict:
+    """Stage name -> (its config type, its function, its result type), for the stages that train."""
     from segflow import stages
     from segflow.adapt.config import AdaptConfig
+    from segflow.results import AdaptResult, PretrainResult, TrainResult
     from segflow.selfsl.config import PretrainConfig
     from segflow.train.config import TrainConfig
 
     return {
-        "train": (TrainConfig, stages.train_stage),
-        "pretrain": (PretrainConfig, stages.pretrain_stage),
-        "adapt": (AdaptConfig, stages.adapt_stage),
+        "train": (TrainConfig, stages.train_stage, TrainResult),
+        "pretrain": (PretrainConfig, stages.pretrain_stage, PretrainResult),
+        "adapt": (AdaptConfig, stages.adapt_stage, AdaptResult),
     }
 
 
@@ -44,7 +47,7 @@ def _log_to_stderr() -> None:
     redact_logging()
 
 
-def run_stage(stage: str, cfg, run=None, processes: int = 0, track: bool = True) -> dict:
+def run_stage(stage: str, cfg, run=None, processes: int = 0, track: bool = True) -> StageResult:
     """A training stage in ``processes`` processes; 0: one per visible GPU. One process runs here."""
     _log_to_stderr()  # a no-op where logging is set up already (the CLI)
     if processes <= 0:
@@ -62,7 +65,7 @@ def task_key(stage: str, cfg, task_name: str) -> str:
     return f"{task_name}-{cfg.method}-{cfg.levels}" if stage == "adapt" else task_name
 
 
-def run_task(stage: str, cfg, run, processes: int = 0, checkpoint_root: str = "", task_name: str = "") -> dict:
+def run_task(stage: str, cfg, run, processes: int = 0, checkpoint_root: str = "", task_name: str = "") -> StageResult:
     """A training stage as one pipeline task. The task's output path is its own (overwritten); its
     checkpoints live under the pipeline root (``checkpoint_root``), keyed by run and task, so a
     retry in a fresh pod resumes from them; they are removed once the output is published."""
@@ -73,7 +76,7 @@ def run_task(stage: str, cfg, run, processes: int = 0, checkpoint_root: str = ""
     return result
 
 
-def run_distributed(stage: str, cfg, run=None, nproc: int = 2, track: bool = True) -> dict:
+def run_distributed(stage: str, cfg, run=None, nproc: int = 2, track: bool = True) -> StageResult:
     """The stage's result, computed by ``nproc`` processes; a failed process fails the call."""
     if stage not in _stages():
         raise SegflowError(f"stage {stage!r} does not train: choose one of {', '.join(_stages())}.")
@@ -100,7 +103,7 @@ def run_distributed(stage: str, cfg, run=None, nproc: int = 2, track: bool = Tru
                 f"the {nproc}-process {stage} run failed (exit code {done.returncode}); its processes' output "
                 "above says why."
             )
-        return json.loads(result.read_text())
+        return _stages()[stage][2].of(json.loads(result.read_text()))
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -111,7 +114,7 @@ def main(spec_path: str, result_path: str) -> None:
 
     _log_to_stderr()
     spec = json.loads(Path(spec_path).read_text())
-    config_type, stage = _stages()[spec["stage"]]
+    config_type, stage, _ = _stages()[spec["stage"]]
     run = RunContext(**spec["run"]) if spec["run"] else None
     try:
         result = stage(from_dict(config_type, spec["config"]), run, track=spec["track"])
@@ -119,7 +122,7 @@ def main(spec_path: str, result_path: str) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     if is_main_process():
-        Path(result_path).write_text(json.dumps(result, default=str))
+        Path(result_path).write_text(json.dumps(result.to_json()))
 
 
 if __name__ == "__main__":

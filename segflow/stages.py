@@ -7,8 +7,8 @@ and in a cluster. A stage:
 2. opens its output (checked before any work, locked, published only when complete) and brings
    s3:// inputs to local folders (artifacts only when sealed; raw data and images as they are);
 3. calls one library function on local paths;
-4. returns one result dict. Its ``metrics`` (numbers) are the stage's headline figures: MLflow
-   and the KFP Metrics artifact both log that dict, so they are chosen once, here.
+4. returns its typed result (``segflow.results``). Its ``metrics`` (numbers) are the stage's
+   headline figures: MLflow and the KFP Metrics artifact both log them, so they are chosen once, here.
 
 In a distributed run (torchrun) only rank 0 publishes and tracks.
 """
@@ -35,6 +35,21 @@ from segflow.evaluate.evaluation import EvalConfig, render_markdown, run_evaluat
 from segflow.export.openvino_ir import ExportConfig, export
 from segflow.export.predict import PredictConfig, input_files, predict
 from segflow.models import artifact as model_artifact
+from segflow.results import (
+    AdaptResult,
+    CheckDataResult,
+    ChooseResult,
+    ConvertResult,
+    EnsembleResult,
+    EvaluateResult,
+    ExportResult,
+    ImportResult,
+    PredictResult,
+    PretrainResult,
+    PseudoMasksResult,
+    RegisterResult,
+    TrainResult,
+)
 from segflow.selfsl.config import PretrainConfig
 from segflow.selfsl.pretraining import train_detcon
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, default_mask_dir, make_pseudo_masks
@@ -61,7 +76,7 @@ def log_metrics_to(artifact, metrics: dict) -> None:
 
 def import_stage(
     cfg: ImportConfig, run: tracking.RunContext | None = None, markdown_out: str | None = None, track: bool = True
-) -> dict:
+) -> ImportResult:
     """Import and validate a dataset; log config, fingerprint, counts and the report to MLflow.
 
     ``markdown_out``: also write the report there as one self-contained Markdown file (plot
@@ -81,10 +96,10 @@ def import_stage(
         if markdown_out:
             plot = out / "class_distribution.png"
             _write(markdown_out, manifest_lib.render_markdown(report, plot, embed_plot=True))
-    return report
+    return ImportResult.of(report)
 
 
-def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> TrainResult:
     """Train a model; per-epoch metrics, the summary and the model's config go to MLflow."""
     cfg.validate()
     main = is_main_process()
@@ -108,7 +123,7 @@ def train_stage(cfg: TrainConfig, run: tracking.RunContext | None = None, track:
         log.headline(run, {"train_seconds": result["metrics"]["train_seconds"]}, training)
     if main:
         checkpoints.discard()
-    return result
+    return TrainResult.of(result)
 
 
 def _train_inputs(cfg: TrainConfig, unlabeled: str) -> storage.Inputs:
@@ -170,7 +185,7 @@ def pseudo_masks_stage(
     run: tracking.RunContext | None = None,
     track: bool = True,
     overwrite: bool = False,
-) -> dict:
+) -> PseudoMasksResult:
     """Felzenszwalb pseudo masks of a folder of images.
 
     Local images, local masks: the mask folder is a cache, updated in place (a mask is reused when
@@ -193,7 +208,7 @@ def pseudo_masks_stage(
         result["metrics"] = {k: result[k] for k in ("images", "made", "reused", "segments_per_image")}
         log.chosen(_masks_chosen(result))
         log.result(result)
-    return result
+    return PseudoMasksResult.of(result)
 
 
 def detcon_masks_dir(cfg: PretrainConfig, images: Path) -> Path:
@@ -214,7 +229,7 @@ def _masks_chosen(made: dict) -> dict:
     return chosen | {"felzenszwalb_rule": made["params_chosen_by"], "segments_per_image": made["segments_per_image"]}
 
 
-def pretrain_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+def pretrain_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, track: bool = True) -> PretrainResult:
     """DetCon pretraining (pseudo masks first, when missing); per-epoch loss to MLflow."""
     cfg.validate()
     main = is_main_process()
@@ -236,7 +251,7 @@ def pretrain_stage(cfg: PretrainConfig, run: tracking.RunContext | None = None, 
         log.result(result, "pretraining.json")
     if main:
         checkpoints.discard()
-    return result
+    return PretrainResult.of(result)
 
 
 def adapt_stage(
@@ -244,7 +259,7 @@ def adapt_stage(
     run: tracking.RunContext | None = None,
     track: bool = True,
     on_epoch: Callable[[int, dict], None] | None = None,
-) -> dict:
+) -> AdaptResult:
     """Domain adaptation from a source-trained model; curves (segmentation and adversarial losses,
     discriminator accuracy, target entropy, target mIoU when known) go to MLflow."""
     cfg.validate()
@@ -274,10 +289,12 @@ def adapt_stage(
         log.headline(run, datasets=tuple(sets))
     if main:
         checkpoints.discard()
-    return result
+    return AdaptResult.of(result)
 
 
-def ensemble_stage(models: list[str], out: str, overwrite: bool = False, run=None, track: bool = True) -> dict:
+def ensemble_stage(
+    models: list[str], out: str, overwrite: bool = False, run=None, track: bool = True
+) -> EnsembleResult:
     """One model that averages the members' softmax (e.g. MinEnt + AdvEnt)."""
     with (
         tracking.stage_log("ensemble", {"models": models, "out": out}, run, enabled=track) as log,
@@ -288,7 +305,7 @@ def ensemble_stage(models: list[str], out: str, overwrite: bool = False, run=Non
         config = model_artifact.save_ensemble(folder, local)
         result = {"members": models, "labels": config["labels"], "metrics": {"members": len(models)}}
         log.result(result, "ensemble.json")
-    return result
+    return EnsembleResult.of(result)
 
 
 def choose_stage(
@@ -299,7 +316,7 @@ def choose_stage(
     run: tracking.RunContext | None = None,
     track: bool = True,
     overwrite: bool = False,
-) -> dict:
+) -> ChooseResult:
     """The best of several models by an evaluation ``metric``: ``candidates`` maps a name to
     (model folder, its evaluation folder). The best model is copied to ``out``; the comparison
     (table and bar chart) goes to the pipeline's parent MLflow run, where all runs compare."""
@@ -334,7 +351,7 @@ def choose_stage(
         per_candidate = {re.sub(r"[^\w.\- ]", "_", f"{metric}_{r['candidate']}"): r[metric] for r in rows}
         result["metrics"] = per_candidate | {f"best_{metric}": best[metric]}
         log.result(result, "comparison.json")
-    return result
+    return ChooseResult.of(result)
 
 
 def _inline_png(path: Path) -> str:
@@ -349,7 +366,7 @@ def evaluate_stage(
     markdown_out: str | None = None,
     track: bool = True,
     headline: bool = True,
-) -> dict:
+) -> EvaluateResult:
     """Evaluate a model; metrics, per-class scores and pictures go to MLflow.
 
     ``markdown_out``: also write the report with its pictures inlined (for the KFP UI).
@@ -375,10 +392,10 @@ def evaluate_stage(
             headline_scores(metrics, cfg.subset),
             (dataset_ref(data_dir, cfg.data, "validation" if cfg.subset == "val" else cfg.subset),),
         )
-    return metrics
+    return EvaluateResult.of(metrics)
 
 
-def export_stage(cfg: ExportConfig, run: tracking.RunContext | None = None, track: bool = True) -> dict:
+def export_stage(cfg: ExportConfig, run: tracking.RunContext | None = None, track: bool = True) -> ExportResult:
     """OpenVINO export with its parity check; the IR is logged to MLflow as a pyfunc model."""
     with (
         tracking.stage_log("export", cfg, run, cfg.precision, enabled=track) as log,
@@ -397,7 +414,7 @@ def export_stage(cfg: ExportConfig, run: tracking.RunContext | None = None, trac
         if cfg.precision == "int8" and "mDice_drop_points" in report:
             scores["int8_drop"] = report["mDice_drop_points"]
         log.headline(run, scores, model_id=report["model_id"])
-    return report
+    return ExportResult.of(report)
 
 
 def convert_stage(
@@ -408,21 +425,21 @@ def convert_stage(
     backbone_only: bool = False,
     input_size: int = 512,
     overwrite: bool = False,
-) -> dict:
+) -> ConvertResult:
     """An OTX / mmseg Lite-HRNet checkpoint (a local file) as a segflow model or backbone artifact."""
     from segflow.models.otx import convert_checkpoint
 
     with storage.staged_output(out, overwrite, inputs={"CHECKPOINT": checkpoint}) as folder:
-        return convert_checkpoint(checkpoint, folder, labels, architecture, backbone_only, input_size)
+        return ConvertResult.of(convert_checkpoint(checkpoint, folder, labels, architecture, backbone_only, input_size))
 
 
-def predict_stage(cfg: PredictConfig) -> dict:
+def predict_stage(cfg: PredictConfig) -> PredictResult:
     """Masks, overlays and entropy maps for a folder (or file) of images."""
     with (
         storage.staged_output(cfg.out, cfg.overwrite, inputs={"--model": cfg.model, "--input": cfg.input}) as out,
         storage.local_input(cfg.model, "--model") as model_dir,
     ):
-        return predict(cfg, model_dir, input_files(cfg.input), out)  # S3 images: one at a time
+        return PredictResult.of(predict(cfg, model_dir, input_files(cfg.input), out))  # S3 images: one at a time
 
 
 def _write(path: str, text: str) -> None:
@@ -441,7 +458,7 @@ def register_stage(
     run: tracking.RunContext | None = None,
     artifact_uri: str = "",
     tags: dict[str, str] | None = None,
-) -> dict:
+) -> RegisterResult:
     """Register an exported model (logged model ``model_id``) as a version of ``name``; it becomes
     @challenger, and @champion when it beats the champion by more than ``margin`` on the same
     validation data (the champion is re-scored on ``dataset`` when it was scored on other data).
@@ -462,7 +479,7 @@ def register_stage(
         def rescore(artifact: str) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = EvalConfig(model=artifact, data=str(data_dir), out=str(Path(tmp) / "eval"), subset=subset)
-                return headline_scores(evaluate_stage(cfg, track=False), subset)
+                return headline_scores(evaluate_stage(cfg, track=False).record, subset)
 
         parent = ""
         if run is not None and run.run_key:
@@ -496,7 +513,7 @@ def register_stage(
         log.tag("segflow.registered_model", f"{name}/{decision['version']}")
         result = decision | {"metrics": {"registered_version": decision["version"]}}
         log.result(result, "registration.json")
-    return result
+    return RegisterResult.of(result)
 
 
 def model_dir_for(model: str, inputs: contextlib.ExitStack) -> Path:
@@ -536,7 +553,7 @@ def _adapted_to(client, name: str, fingerprint: str) -> int | None:
 
 def check_data_stage(
     data_uri: str, registered_model: str, run: tracking.RunContext | None = None, threshold: float | None = None
-) -> dict:
+) -> CheckDataResult:
     """Is ``data_uri`` new? Its fingerprint against the one the champion was trained on; for new,
     unlabelled images, the label-free drift score against the champion's validation images
     (segflow.evaluate.drift). ``segflow.lifecycle`` decides; this opens the inputs and logs: the
@@ -579,9 +596,10 @@ def check_data_stage(
         result["note"] = lifecycle.note(
             decision, data_uri, fingerprint, champion, adapted, result.get("drift_score", 0.0), threshold
         )
-        log.result(result | {"metrics": scores}, "check.json", files=files)
+        result["metrics"] = scores
+        log.result(result, "check.json", files=files)
         log.headline(run, scores)
         log.parent_tags(run, {"segflow.retrain": result["note"], "segflow.source_fingerprint": fingerprint})
         if files:
             log.parent_file(run, files[0], "drift")
-    return result
+    return CheckDataResult.of(result)

@@ -66,9 +66,9 @@ def adapt_model(
     )
     run = RunContext(run_key, run_name, experiment)
     result = run_task("adapt", cfg, run, processes, checkpoint_root, task_name)
-    name = candidate_name(result["method"], levels)
-    model.metadata.update({"candidate": name, "method": result["method"], "selection": result["selection"]})
-    log_metrics_to(metrics, result["metrics"])
+    name = candidate_name(result.method, levels)
+    model.metadata.update({"candidate": name, "method": result.method, "selection": result.selection})
+    log_metrics_to(metrics, result.metrics)
 
 
 @dsl.component(base_image=SEGFLOW_IMAGE, install_kfp_package=False)
@@ -124,5 +124,5 @@ def choose_best(
         run=RunContext(run_key, run_name, experiment),
         overwrite=True,  # the output path is this task's own
     )
-    best.metadata.update({"candidate": result["best"], "metric": metric})
-    log_metrics_to(metrics, result["metrics"])
+    best.metadata.update({"candidate": result.best, "metric": metric})
+    log_metrics_to(metrics, result.metrics)

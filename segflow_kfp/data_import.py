@@ -37,10 +37,10 @@ def import_data(
     result = import_stage(cfg, RunContext(run_key, run_name, experiment), markdown_out=report.path)
     dataset.metadata.update(
         {
-            "fingerprint": result["fingerprint"],
-            "labels": result["labels"],
-            "counts": result["counts"],
+            "fingerprint": result.fingerprint,
+            "labels": result.labels,
+            "counts": result.counts,
             "source": source_uri,
         }
     )
-    log_metrics_to(metrics, result["metrics"])
+    log_metrics_to(metrics, result.metrics)

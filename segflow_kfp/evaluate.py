@@ -34,6 +34,6 @@ def evaluate_model(
         overwrite=True,
     )
     result = evaluate_stage(cfg, RunContext(run_key, run_name, experiment), markdown_out=report.path, headline=headline)
-    log_metrics_to(metrics, result["metrics"])
-    confusion.log_confusion_matrix(result["labels"], result["confusion_matrix"])
-    evaluation.metadata.update({"mDice": result["mDice"], "mIoU": result["mIoU"], "subset": subset})
+    log_metrics_to(metrics, result.metrics)
+    confusion.log_confusion_matrix(result.labels, result.confusion_matrix)
+    evaluation.metadata.update({"mDice": result.mDice, "mIoU": result.mIoU, "subset": subset})

@@ -39,15 +39,15 @@ def export_model(
         {
             "framework": "openvino",
             "precision": precision,
-            "latency_ms": report["latency_ms"],
-            "throughput_vs_fp32": report.get("throughput_vs_fp32"),
-            "int8_scheme": report.get("int8_scheme"),
-            "mDice": report.get("ir_mDice"),
-            "torch_mDice": report.get("torch_mDice"),
-            "max_abs_logit_diff": report.get("max_abs_logit_diff"),
-            "parity_passed": report.get("passed"),
-            "mlflow_model_uri": report.get("model_uri", ""),
-            "mlflow_model_id": report.get("model_id", ""),
+            "latency_ms": report.latency_ms,
+            "throughput_vs_fp32": report.throughput_vs_fp32,
+            "int8_scheme": report.int8_scheme,
+            "mDice": report.ir_mDice,
+            "torch_mDice": report.torch_mDice,
+            "max_abs_logit_diff": report.max_abs_logit_diff,
+            "parity_passed": report.passed,
+            "mlflow_model_uri": report.model_uri,
+            "mlflow_model_id": report.model_id,
         }
     )
-    log_metrics_to(metrics, report["metrics"])
+    log_metrics_to(metrics, report.metrics)

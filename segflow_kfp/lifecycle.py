@@ -33,7 +33,7 @@ def check_data(
     result = check_data_stage(
         data_uri, registered_model, RunContext(run_key, run_name, experiment), threshold=drift_threshold
     )
-    Path(fingerprint).write_text(result["fingerprint"])
-    Path(champion_model).write_text(result["champion_model"])
-    Path(champion_data).write_text(result["champion_data"])
-    return result["decision"]
+    Path(fingerprint).write_text(result.fingerprint)
+    Path(champion_model).write_text(result.champion_model)
+    Path(champion_data).write_text(result.champion_data)
+    return result.decision

@@ -43,6 +43,6 @@ def register_model(
             "segflow.adapted_to": adapted_to,
         },
     )
-    registration.log_metric("version", result["version"])
-    registration.metadata.update({"decision": result["decision"], "reason": result["reason"]})
-    return result["decision"]
+    registration.log_metric("version", result.version)
+    registration.metadata.update({"decision": result.decision, "reason": result.reason})
+    return result.decision

@@ -26,8 +26,8 @@ def pseudo_masks(
 
     params = FelzenszwalbParams(scale=scale, sigma=sigma, min_size=min_size)
     result = pseudo_masks_stage(images_uri, masks.path, params, run=RunContext(run_key, run_name, experiment))
-    masks.metadata.update({"images": result["images"], "source": images_uri, **result["params"]})
-    log_metrics_to(metrics, result["metrics"])
+    masks.metadata.update({"images": result.images, "source": images_uri, **result.params})
+    log_metrics_to(metrics, result.metrics)
 
 
 @dsl.component(base_image=SEGFLOW_GPU_IMAGE, install_kfp_package=False)
@@ -72,5 +72,5 @@ def pretrain_backbone(
     )
     run = RunContext(run_key, run_name, experiment)
     result = run_task("pretrain", cfg, run, processes, checkpoint_root, task_name)
-    backbone.metadata.update({"architecture": model_name, **result["metrics"]})
-    log_metrics_to(metrics, result["metrics"])
+    backbone.metadata.update({"architecture": model_name, **result.metrics})
+    log_metrics_to(metrics, result.metrics)

@@ -64,10 +64,10 @@ def train_model(
         {
             "architecture": model_name,
             "method": method,
-            "best_val_mDice": result["best_val_mDice"],
-            "best_epoch": result["best_epoch"],
-            "dataset_fingerprint": result["dataset_fingerprint"],
-            **({"tiling": result["tiling"]} if result.get("tiling") else {}),
+            "best_val_mDice": result.best_val_mDice,
+            "best_epoch": result.best_epoch,
+            "dataset_fingerprint": result.dataset_fingerprint,
+            **({"tiling": result.tiling} if result.tiling else {}),
         }
     )
-    log_metrics_to(metrics, result["metrics"])
+    log_metrics_to(metrics, result.metrics)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from segflow.data.synth import synthesize
+from segflow.results import EvaluateResult, ExportResult, ImportResult, PredictResult, PretrainResult, TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,38 +112,38 @@ def listing(folder: Path) -> list[str]:
 
 
 # The stages with tracking off: what most tests run (tests/test_tracking.py covers MLflow).
-def run_import(src, out, **settings) -> dict:
+def run_import(src, out, **settings) -> ImportResult:
     from segflow.data.importer import ImportConfig
     from segflow.stages import import_stage
 
     return import_stage(ImportConfig(source=str(src), out=str(out), **settings), track=False)
 
 
-def run_train(cfg) -> dict:
+def run_train(cfg) -> TrainResult:
     from segflow.stages import train_stage
 
     return train_stage(cfg, track=False)
 
 
-def run_pretrain(cfg) -> dict:
+def run_pretrain(cfg) -> PretrainResult:
     from segflow.stages import pretrain_stage
 
     return pretrain_stage(cfg, track=False)
 
 
-def run_evaluate(cfg) -> dict:
+def run_evaluate(cfg) -> EvaluateResult:
     from segflow.stages import evaluate_stage
 
     return evaluate_stage(cfg, track=False)
 
 
-def run_export(cfg) -> dict:
+def run_export(cfg) -> ExportResult:
     from segflow.stages import export_stage
 
     return export_stage(cfg, track=False)
 
 
-def run_predict(cfg) -> dict:
+def run_predict(cfg) -> PredictResult:
     from segflow.stages import predict_stage
 
     return predict_stage(cfg)

@@ -67,14 +67,14 @@ def config(domains, out: Path, method: str, target: Path | None = None, **kwargs
 )
 def test_each_method_adapts_and_records_its_choice(domains, tmp_path, method, levels, logged):
     result = adapt_stage(config(domains, tmp_path / "m", method, levels=levels), track=False)
-    assert result["method"] == method and result["iterations"] == 4 and result["snapshots"] == 2
-    assert result["selection"]["criterion"] == "highest target val mDice"
-    assert result["selection"]["epoch"] in (1, 2)
-    history = result["history"]
+    assert result.method == method and result.record["iterations"] == 4 and result.record["snapshots"] == 2
+    assert result.selection["criterion"] == "highest target val mDice"
+    assert result.selection["epoch"] in (1, 2)
+    history = result.record["history"]
     assert logged <= set(history[-1]), set(history[-1])
     assert {"val_target_mDice", "val_target_mIoU"} <= set(history[-1])
     training = json.loads((tmp_path / "m" / "training.json").read_text())
-    assert training["selection"] == result["selection"]
+    assert training["selection"] == result.selection
     code, _, err = run_cli("evaluate", "--model", tmp_path / "m", "--data", domains["target"], "--out", tmp_path / "e")
     assert code == 0, err
 
@@ -96,15 +96,15 @@ def test_discriminators_learn_while_the_segmenter_fools_them(domains, tmp_path):
 def test_label_free_choice_with_target_images_only(domains, tmp_path):
     cfg = config(domains, tmp_path / "m", "minent", target=domains["images"], input_size=0)
     result = adapt_stage(cfg, track=False)
-    assert result["selection"]["criterion"] == DESCRIPTIONS["consistency"]
-    history = result["history"]
+    assert result.selection["criterion"] == DESCRIPTIONS["consistency"]
+    history = result.record["history"]
     measured = {"val_target_entropy", "val_consistency", "val_agreement", "val_source_mDice"}
     assert measured | {f"val_select_{name}" for name in CRITERIA} <= set(history[0])
     assert "val_target_mDice" not in history[0]
     best = max(history, key=lambda h: h["val_select_consistency"])
-    assert result["selection"]["epoch"] == best["epoch"] + 1
+    assert result.selection["epoch"] == best["epoch"] + 1
     # --input-size 0 (the default): the size the --init model was trained at.
-    assert result["config"]["input_size"] == 64
+    assert result.record["config"]["input_size"] == 64
 
 
 def test_label_free_choice_beside_target_labels(domains, tmp_path):
@@ -112,10 +112,10 @@ def test_label_free_choice_beside_target_labels(domains, tmp_path):
     view, for benchmarks) but the label-free criterion chooses."""
     cfg = replace(config(domains, tmp_path / "m", "source", iterations=6, eval_every=2), select="agreement")
     result = adapt_stage(cfg, track=False)
-    history = result["history"]
-    assert result["selection"]["criterion"] == DESCRIPTIONS["agreement"]
+    history = result.record["history"]
+    assert result.selection["criterion"] == DESCRIPTIONS["agreement"]
     assert {"val_target_mDice", "val_select_agreement"} <= set(history[0])
-    assert result["selection"]["epoch"] == max(history, key=lambda h: h["val_agreement"])["epoch"] + 1
+    assert result.selection["epoch"] == max(history, key=lambda h: h["val_agreement"])["epoch"] + 1
 
 
 def test_select_labels_needs_a_labelled_target(domains, tmp_path):
@@ -269,7 +269,7 @@ def test_resume_gives_the_same_result(domains, tmp_path, method):
         adapt_stage(cfg, track=False, on_epoch=kill)
     assert not (tmp_path / "b").exists(), "a stopped run publishes nothing"
     resumed = adapt_stage(config(domains, tmp_path / "b", method, resume=True), track=False)
-    assert resumed["iterations"] == 4
+    assert resumed.record["iterations"] == 4
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -324,7 +324,7 @@ def test_ensemble_evaluates_exports_and_predicts(domains, tmp_path):
     metrics = evaluate_stage(
         EvalConfig(model=str(tmp_path / "ens"), data=str(domains["target"]), out=str(tmp_path / "e")), track=False
     )
-    assert 0 < metrics["mDice"] <= 1
+    assert 0 < metrics.mDice <= 1
     code, out, err = run_cli(
         "export",
         "--model",
@@ -357,7 +357,7 @@ def test_evaluation_beside_a_baseline_shows_both_with_entropy(domains, tmp_path)
         model=str(tmp_path / "m"), data=str(domains["target"]), out=str(tmp_path / "e"), baseline=str(domains["init"])
     )
     metrics = evaluate_stage(cfg, track=False)
-    assert {"baseline_mDice", "baseline_mIoU"} <= set(metrics["metrics"])
+    assert {"baseline_mDice", "baseline_mIoU"} <= set(metrics.metrics)
     picture = np.asarray(Image.open(tmp_path / "e" / "comparison.png"))
     four = np.asarray(Image.open(tmp_path / "e" / "predictions.png"))
     assert picture.shape[1] > 1.8 * four.shape[1], "six panels per row against three"

@@ -6,7 +6,7 @@ and the pipelines (``pipelines/``, wiring only). Inside the library, bottom to t
 import its own layer's leaf modules and anything below):
 
     errors, redact, progress, parallel, configs,     leaves (redact: credentials out of printed URIs)
-    palette, lifecycle,                              lifecycle: the retraining policy, pure functions
+    palette, lifecycle, results                      lifecycle: the retraining policy; results: what stages return
     storage
     data
     models
@@ -28,7 +28,7 @@ from pathlib import Path
 from conftest import REPO
 
 LAYERS = [
-    {"errors", "redact", "progress", "parallel", "configs", "palette", "lifecycle"},
+    {"errors", "redact", "progress", "parallel", "configs", "palette", "lifecycle", "results"},
     {"storage"},
     {"data"},
     {"models"},

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from segflow.data.synth import synthesize
 from segflow.launch import run_stage
+from segflow.results import PretrainResult, TrainResult
 from segflow.selfsl.config import PretrainConfig
 from segflow.selfsl.pseudo_masks import FelzenszwalbParams, make_pseudo_masks
 from segflow.train.config import TrainConfig
 
 
 def test_train_with_two_processes_matches_one(tiny, tmp_path):
-    def train(processes: int) -> dict:
+    def train(processes: int) -> TrainResult:
         cfg = TrainConfig(
             data=str(tiny["data"]),
             out=str(tmp_path / f"m{processes}"),
@@ -32,13 +33,13 @@ def test_train_with_two_processes_matches_one(tiny, tmp_path):
         return run_stage("train", cfg, processes=processes, track=False)
 
     one, two = train(1), train(2)
-    assert one["iterations"] == two["iterations"] == 24
-    first = one["history"][0]["train_loss"]
-    loss1, loss2 = one["history"][-1]["train_loss"], two["history"][-1]["train_loss"]
+    assert one.record["iterations"] == two.record["iterations"] == 24
+    first = one.record["history"][0]["train_loss"]
+    loss1, loss2 = one.record["history"][-1]["train_loss"], two.record["history"][-1]["train_loss"]
     assert loss1 < 0.8 * first and loss2 < 0.8 * first, (first, loss1, loss2)
     assert abs(loss2 - loss1) < 0.25 * loss1, (loss1, loss2)
     # mDice is a fraction: agreement within 12 points (0.12), the spread of runs this small.
-    assert abs(one["best_val_mDice"] - two["best_val_mDice"]) < 0.12, (one["best_val_mDice"], two["best_val_mDice"])
+    assert abs(one.best_val_mDice - two.best_val_mDice) < 0.12, (one.best_val_mDice, two.best_val_mDice)
 
 
 def test_detcon_with_two_processes_matches_one(tmp_path):
@@ -46,7 +47,7 @@ def test_detcon_with_two_processes_matches_one(tmp_path):
     params = FelzenszwalbParams(scale=100, sigma=0.8, min_size=20)
     make_pseudo_masks(images, params=params)
 
-    def pretrain(processes: int) -> dict:
+    def pretrain(processes: int) -> PretrainResult:
         cfg = PretrainConfig(
             images=str(images),
             out=str(tmp_path / f"bb{processes}"),
@@ -64,9 +65,9 @@ def test_detcon_with_two_processes_matches_one(tmp_path):
 
     # The contrastive loss's level depends on the per-process batch (its negatives), so compare how
     # far each run brings its own loss down from the first epoch (6 epochs are noisy: the best one).
-    def drop(result: dict) -> float:
-        losses = [h["train_loss"] for h in result["history"]]
+    def drop(result: PretrainResult) -> float:
+        losses = [h["train_loss"] for h in result.record["history"]]
         return 1 - min(losses[1:]) / losses[0]
 
-    assert drop(one) > 0.03 and drop(two) > 0.5 * drop(one), (one["history"], two["history"])
+    assert drop(one) > 0.03 and drop(two) > 0.5 * drop(one), (one.record["history"], two.record["history"])
     assert Path(tmp_path / "bb2" / "backbone.safetensors").exists()

@@ -27,9 +27,9 @@ def test_fp32_ir_matches_pytorch_and_describes_itself(trained, tiny_ir, tmp_path
     import openvino as ov
 
     report = tiny_ir["report"]
-    assert report["passed"] and report["argmax_agreement"] > 0.999
-    assert report["max_abs_logit_diff"] <= report["tolerance"]
-    assert report["ir_mDice"] == pytest.approx(report["torch_mDice"], abs=1e-4)
+    assert report.passed and report.record["argmax_agreement"] > 0.999
+    assert report.max_abs_logit_diff <= report.record["tolerance"]
+    assert report.ir_mDice == pytest.approx(report.torch_mDice, abs=1e-4)
     ir = ov.Core().read_model(tiny_ir["ir"] / "model.xml")
     labels = json.loads(ir.get_rt_info(["model_info", "labels"]).astype(str))
     assert labels[0] == "sky" and json.loads(ir.get_rt_info(["model_info", "input_size"]).astype(str)) == 64
@@ -40,7 +40,7 @@ def test_fp32_ir_matches_pytorch_and_describes_itself(trained, tiny_ir, tmp_path
     pt_metrics = run_evaluate(
         EvalConfig(model=str(trained["model"]), data=str(trained["data"]), out=str(tmp_path / "e2"))
     )
-    assert ir_metrics["mDice"] == pytest.approx(pt_metrics["mDice"], abs=1e-3)
+    assert ir_metrics.mDice == pytest.approx(pt_metrics.mDice, abs=1e-3)
 
 
 @pytest.mark.parametrize("precision, control", [("fp16", False), ("int8", False), ("int8", True)])
@@ -60,12 +60,12 @@ def test_fp16_and_int8_keep_mdice_within_the_allowed_drop(trained, tmp_path, pre
             int8_scheme="convs-fp32-head",
         )
     )
-    assert report["passed"] and report["mDice_drop_points"] <= 3.0
+    assert report.passed and report.record["mDice_drop_points"] <= 3.0
     assert (tmp_path / precision / "model.bin").stat().st_size > 0
     # what the precision buys, measured beside the FP32 IR in the same process
-    assert report["fp32_throughput"] > 0 and report["throughput_vs_fp32"] > 0
-    assert report["metrics"]["latency_vs_fp32"] == report["latency_vs_fp32"]
-    assert report.get("int8_scheme") == ("convs-fp32-head" if precision == "int8" else None)
+    assert report.record["fp32_throughput"] > 0 and report.throughput_vs_fp32 > 0
+    assert report.metrics["latency_vs_fp32"] == report.record["latency_vs_fp32"]
+    assert report.int8_scheme == ("convs-fp32-head" if precision == "int8" else None)
 
 
 def test_int8_auto_takes_qat_within_max_drop_else_the_accurate_placement(trained, tmp_path):
@@ -77,16 +77,21 @@ def test_int8_auto_takes_qat_within_max_drop_else_the_accurate_placement(trained
     common = {"model": str(trained["model"]), "precision": "int8", "calibration": str(trained["data"]), "qat_steps": 2,
               "calibration_images": 8}  # fmt: skip
     report = run_export(ExportConfig(out=str(tmp_path / "qat"), max_drop=100.0, **common))
-    assert report["int8_scheme"] == "qat" and list(report["int8_candidates_drop"]) == ["qat"]
-    assert report["int8_candidates_drop"]["qat"] == pytest.approx(report["mDice_drop_points"], abs=1e-3)
+    assert report.int8_scheme == "qat" and list(report.record["int8_candidates_drop"]) == ["qat"]
+    assert report.record["int8_candidates_drop"]["qat"] == pytest.approx(report.record["mDice_drop_points"], abs=1e-3)
     ir = ov.Core().read_model(tmp_path / "qat" / "model.xml")
     assert sum(op.get_type_name() == "FakeQuantize" for op in ir.get_ops()) > 50  # quantised everywhere
 
     report = run_export(ExportConfig(out=str(tmp_path / "fallback"), max_drop=3.0, qat_lr=1.0, **common))
-    assert report["int8_scheme"] == "convs-fp32-head" and report["passed"]
-    assert report["int8_candidates_drop"]["qat"] > 3.0 >= report["int8_candidates_drop"]["convs-fp32-head"]
+    assert report.int8_scheme == "convs-fp32-head" and report.passed
+    assert (
+        report.record["int8_candidates_drop"]["qat"] > 3.0 >= report.record["int8_candidates_drop"]["convs-fp32-head"]
+    )
     saved = json.loads((tmp_path / "fallback" / "export_report.json").read_text())
-    assert saved["int8_scheme"] == "convs-fp32-head" and saved["int8_candidates_drop"] == report["int8_candidates_drop"]
+    assert (
+        saved["int8_scheme"] == "convs-fp32-head"
+        and saved["int8_candidates_drop"] == report.record["int8_candidates_drop"]
+    )
     assert set(saved["int8_seconds"]) == {"qat", "convs-fp32-head"}
 
 
@@ -106,7 +111,7 @@ def test_dynamic_ir_takes_other_sizes(trained, tmp_path):
             model=str(trained["model"]), out=str(tmp_path / "ir"), dynamic=True, calibration=str(trained["data"])
         )
     )
-    assert report["input"] == "dynamic" and report["passed"]
+    assert report.record["input"] == "dynamic" and report.passed
 
 
 def test_bad_export_settings(trained, tmp_path):
@@ -137,7 +142,7 @@ def test_predict_with_ir_and_pytorch_skips_unreadable_images(trained, tiny_ir, t
         summary = run_predict(
             PredictConfig(model=str(model), input=str(images), out=str(tmp_path / name), entropy=True)
         )
-        assert summary["predicted"] == 5 and [s["image"].endswith("broken.png") for s in summary["skipped"]] == [True]
+        assert summary.predicted == 5 and [s["image"].endswith("broken.png") for s in summary.skipped] == [True]
         mask = np.asarray(Image.open(tmp_path / name / "masks" / "odd_size.png"))
         assert mask.shape == (50, 70) and mask.max() < 7
         assert (tmp_path / name / "entropy" / "odd_size.png").exists()

@@ -367,7 +367,7 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
     )
     assert "dataset_fingerprint" in err
     summary = run_train(TrainConfig(**{**base, "data": str(other), "epochs": 2, "resume": True}))
-    assert summary["epochs_run"] == 2 and checkpoint_dir(str(out)).exists()
+    assert summary.epochs_run == 2 and checkpoint_dir(str(out)).exists()
 
 
 def synthesize_other(tmp_path: Path) -> Path:

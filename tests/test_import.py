@@ -37,8 +37,8 @@ def expect_failure(src, out, *fragments, **kwargs) -> str:
 def test_import_writes_normalised_artifact(css_dataset, tmp_path):
     out = tmp_path / "out"
     report = run_import(css_dataset, out, val_fraction=0.25)
-    assert report["counts"] == {"train": 9, "val": 3}
-    assert report["labels"] == list(CLASSES)
+    assert report.counts == {"train": 9, "val": 3}
+    assert report.labels == list(CLASSES)
     manifest = manifest_lib.read(out)
     for rel, sha in manifest["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == sha
@@ -66,17 +66,17 @@ def test_fingerprint_and_split_depend_on_content_and_seed_only(css_dataset, tmp_
     a = run_import(css_dataset, tmp_path / "a")
     b = run_import(css_dataset, tmp_path / "b", workers=1)
     c = run_import(css_dataset, tmp_path / "c", seed=1)
-    assert a["fingerprint"] == b["fingerprint"]
+    assert a.fingerprint == b.fingerprint
     assert manifest_lib.read(tmp_path / "a")["subsets"] == manifest_lib.read(tmp_path / "b")["subsets"]
-    assert a["fingerprint"] != c["fingerprint"]  # another split is another dataset version
+    assert a.fingerprint != c.fingerprint  # another split is another dataset version
 
 
 def test_parallel_workers_give_the_same_artifact(tmp_path):
     src = synthesize(tmp_path / "big", "target", num_images=60, size=32, seed=3)  # above the parallel threshold
     serial = run_import(src, tmp_path / "s", workers=1)
     parallel = run_import(src, tmp_path / "p", workers=2)
-    assert serial["fingerprint"] == parallel["fingerprint"]
-    assert serial["statistics"] == parallel["statistics"]
+    assert serial.fingerprint == parallel.fingerprint
+    assert serial.record["statistics"] == parallel.record["statistics"]
 
 
 def test_existing_subsets_are_kept(tmp_path, _source_template):
@@ -88,8 +88,8 @@ def test_existing_subsets_are_kept(tmp_path, _source_template):
     for p in (src / "val" / "masks").iterdir():
         p.rename(p.with_name("v_" + p.name))
     report = run_import(src, tmp_path / "out")
-    assert report["counts"] == {"train": 12, "val": 12}
-    assert report["source"]["format"] == "common_semantic_segmentation_with_subset_dirs"
+    assert report.counts == {"train": 12, "val": 12}
+    assert report.record["source"]["format"] == "common_semantic_segmentation_with_subset_dirs"
 
 
 def test_artifact_is_itself_a_datumaro_dataset(css_dataset, tmp_path):
@@ -114,17 +114,18 @@ def test_other_datumaro_formats(css_dataset, tmp_path, fmt, meta):
     source.export(str(exported), fmt, save_media=True, save_dataset_meta=meta)
     assert (exported / "dataset_meta.json").exists() == meta
     report = run_import(exported, tmp_path / "out")
-    assert report["source"]["format"] == fmt
-    assert sum(report["counts"].values()) == 12
+    assert report.record["source"]["format"] == fmt
+    assert sum(report.counts.values()) == 12
     for name in CLASSES:
-        assert name in report["labels"]
+        assert name in report.labels
     # The same pixels carry the same class names as in the original.
     total = {
-        report["labels"][i]: n for i, n in enumerate(np.sum([s["label_pixels"] for s in report["subsets"].values()], 0))
+        report.labels[i]: n
+        for i, n in enumerate(np.sum([s["label_pixels"] for s in report.record["subsets"].values()], 0))
     }
     original = run_import(css_dataset, tmp_path / "orig")
     expected = dict(
-        zip(original["labels"], np.sum([s["label_pixels"] for s in original["subsets"].values()], 0), strict=True)
+        zip(original.labels, np.sum([s["label_pixels"] for s in original.record["subsets"].values()], 0), strict=True)
     )
     assert {k: v for k, v in total.items() if v} == {k: v for k, v in expected.items() if v}
 
@@ -155,7 +156,7 @@ def test_handmade_dataset_with_colour_masks_jpeg_and_grey_images(tmp_path):
         else:
             Image.fromarray(image[..., 0]).save(root / "images" / f"pic{i}.png")  # greyscale
     report = run_import(root, tmp_path / "out")
-    assert report["labels"] == ["background", "cat", "dog"]
+    assert report.labels == ["background", "cat", "dog"]
     manifest = manifest_lib.read(tmp_path / "out")
     exts = sorted({rel.rsplit(".", 1)[1] for rel in manifest["files"] if "/images/" in rel})
     assert exts == ["jpg", "png"]
@@ -188,7 +189,7 @@ def test_warnings_for_imbalance_absent_labels_and_duplicates(css_dataset, tmp_pa
     shutil.copy(first, css_dataset / "images" / "copy.png")
     shutil.copy(css_dataset / "masks" / first.name, css_dataset / "masks" / "copy.png")
     report = run_import(css_dataset, tmp_path / "out", imbalance_ratio=2.0)
-    text = "\n".join(report["warnings"])
+    text = "\n".join(report.warnings)
     assert "'bicycle' (id 7) never occurs" in text
     assert "class imbalance" in text
     assert "2 byte-identical images" in text and "copy.png" in text
@@ -322,12 +323,12 @@ def test_existing_output_is_kept_unless_overwrite(css_dataset, tmp_path):
     first = run_import(css_dataset, out)
     with pytest.raises(SegflowError, match="--overwrite"):
         run_import(css_dataset, out, seed=3)
-    assert manifest_lib.read(out)["fingerprint"] == first["fingerprint"]
+    assert manifest_lib.read(out)["fingerprint"] == first.fingerprint
     # A failing overwrite keeps the old artifact whole.
     sorted((css_dataset / "images").iterdir())[0].write_bytes(b"broken")
     with pytest.raises(SegflowError):
         run_import(css_dataset, out, overwrite=True)
-    assert manifest_lib.read(out)["fingerprint"] == first["fingerprint"]
+    assert manifest_lib.read(out)["fingerprint"] == first.fingerprint
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -335,7 +336,7 @@ def test_overwrite_replaces(css_dataset, tmp_path):
     out = tmp_path / "out"
     first = run_import(css_dataset, out)
     second = run_import(css_dataset, out, seed=7, overwrite=True)
-    assert manifest_lib.read(out)["fingerprint"] == second["fingerprint"] != first["fingerprint"]
+    assert manifest_lib.read(out)["fingerprint"] == second.fingerprint != first.fingerprint
 
 
 # --- the command line -------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path):
     (src / "images" / "m0.png").unlink()
     stored.save(src / "images" / "m0.jpg", exif=exif, quality=100)
     report = run_import(src, tmp_path / "out")
-    assert any("EXIF orientation" in w for w in report["warnings"])
+    assert any("EXIF orientation" in w for w in report.warnings)
     manifest = manifest_lib.read(tmp_path / "out")
     rel = next(r for r in manifest["files"] if "/images/" in r)
     image = np.asarray(Image.open(tmp_path / "out" / rel).convert("L"))
@@ -282,8 +282,8 @@ def test_voc_images_without_masks_are_left_out_and_said(css_dataset, tmp_path):
     first.unlink()
     (voc / "SegmentationObject" / first.name).unlink(missing_ok=True)
     report = run_import(voc, tmp_path / "out")
-    assert sum(report["counts"].values()) == 11
-    assert any("have no segmentation mask" in w and first.stem in w for w in report["warnings"])
+    assert sum(report.counts.values()) == 11
+    assert any("have no segmentation mask" in w and first.stem in w for w in report.warnings)
     # Where Datumaro itself gives up, its own reason follows its wrapper's message.
     for mask in (voc / "SegmentationClass").iterdir():
         mask.unlink()
@@ -302,7 +302,7 @@ def test_synthia_text_labels_of_one_row(tmp_path):
         (root / "GTTXT" / f"00000{i}.txt").write_text(row + "\n")
     report = run_import(root, tmp_path / "out", format="synthia_rand")
     labels, masks = written(tmp_path / "out")
-    assert sum(report["counts"].values()) == 2
+    assert sum(report.counts.values()) == 2
     assert [labels[v] for v in masks["000000"][0]] == [labels[1]] * 2 + [labels[10]] * 3
 
 
@@ -380,5 +380,5 @@ def test_nested_images_pair_and_a_lone_image_is_warned_about(tmp_path):
         (src / sub / "m0.png").rename(src / sub / "day" / "m0.png")
     report = run_import(src, tmp_path / "out")
     _, masks = written(tmp_path / "out")
-    assert list(masks) == ["day__m0"] and report["counts"] == {"train": 1}
-    assert any("no val subset" in w for w in report["warnings"])
+    assert list(masks) == ["day__m0"] and report.counts == {"train": 1}
+    assert any("no val subset" in w for w in report.warnings)

@@ -176,7 +176,7 @@ def test_exported_ir_registers_end_to_end_with_artifacts_in_s3(client, server, t
         _, model_id = log_ir(str(tiny_ir["ir"]))
     name = f"m-{uuid.uuid4().hex[:6]}"
     first = register_stage(name, str(tiny["model"]), str(evaluation), str(tiny["data"]), model_id)
-    assert first["decision"] == "champion"
+    assert first.decision == "champion"
     version = client.get_model_version(name, "1")
     scores = json.loads((evaluation / "metrics.json").read_text())
     assert float(version.tags["segflow.score.val_mDice"]) == pytest.approx(scores["mDice"])

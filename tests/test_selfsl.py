@@ -157,8 +157,8 @@ def pretrain_cfg(images: Path, out: Path, **kwargs) -> PretrainConfig:
 
 def test_pretraining_lowers_the_loss_and_feeds_finetuning(images, tmp_path, tiny):
     result = run_pretrain(pretrain_cfg(images, tmp_path / "bb", epochs=4))
-    assert result["metrics"]["final_loss"] < result["metrics"]["first_loss"]
-    assert result["pseudo_masks"]["made"] == 8
+    assert result.metrics["final_loss"] < result.metrics["first_loss"]
+    assert result.pseudo_masks["made"] == 8
     config = json.loads((tmp_path / "bb" / "config.json").read_text())
     assert config["architecture"] == "lite_hrnet_s" and config["format"] == "segflow.backbone/2"
     weights = load_file(str(tmp_path / "bb" / "backbone.safetensors"))
@@ -190,9 +190,9 @@ def test_pretraining_resumes(images, tmp_path):
     with pytest.raises(SegflowError, match=r"lr: 0\.05 -> 0\.1"):
         run_pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2, resume=True, lr=0.1))
     resumed = run_pretrain(pretrain_cfg(images, tmp_path / "b", epochs=2, resume=True))
-    assert resumed["history"] == [
+    assert resumed.record["history"] == [
         h | {k: r[k] for k in ("epoch_seconds", "data_wait_seconds", "data_wait_share")}
-        for h, r in zip(straight["history"], resumed["history"], strict=True)
+        for h, r in zip(straight.record["history"], resumed.record["history"], strict=True)
     ]
     a = load_file(str(tmp_path / "a" / "backbone.safetensors"))
     b = load_file(str(tmp_path / "b" / "backbone.safetensors"))
@@ -202,7 +202,7 @@ def test_pretraining_resumes(images, tmp_path):
 def test_pretraining_reads_images_from_s3(s3, images, tmp_path):
     s3_lib.publish_dir(images, f"s3://{s3}/unlabeled")
     result = run_pretrain(pretrain_cfg(f"s3://{s3}/unlabeled", tmp_path / "bb", epochs=1))
-    assert result["images"] == 8 and (tmp_path / "bb" / "backbone.safetensors").exists()
+    assert result.record["images"] == 8 and (tmp_path / "bb" / "backbone.safetensors").exists()
 
 
 def test_bad_settings(images, tmp_path):

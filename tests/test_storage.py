@@ -94,9 +94,9 @@ def test_import_from_and_to_s3(s3, css_dataset, tmp_path):
     report = run_import(f"s3://{s3}/raw/css", f"s3://{s3}/datasets/css")
     back = s3_lib.download(f"s3://{s3}/datasets/css", tmp_path / "back")
     manifest = manifest_lib.read(back)
-    assert manifest["fingerprint"] == report["fingerprint"]
+    assert manifest["fingerprint"] == report.fingerprint
     local = run_import(css_dataset, tmp_path / "local")
-    assert local["fingerprint"] == report["fingerprint"], "same content, same fingerprint, wherever it lives"
+    assert local.fingerprint == report.fingerprint, "same content, same fingerprint, wherever it lives"
 
 
 def test_failed_import_to_s3_leaves_nothing(s3, css_dataset):

@@ -130,18 +130,18 @@ def test_tiled_model_carries_its_tiling_through_evaluate_export_and_predict(tile
     setting = {"size": 64, "overlap": 0.25, "scale": 1.0}
     config = json.loads((root / "model" / "config.json").read_text())
     assert config["tiling"] == setting and config["input_size"] == 64
-    assert tiled["summary"]["tiling"] == setting and tiled["summary"]["tiling_chosen_by"] == "--tile"
+    assert tiled["summary"].tiling == setting and tiled["summary"].record["tiling_chosen_by"] == "--tile"
     ir_model, ir_config = model_artifact.load(root / "ir")
     assert ir_config["tiling"] == setting and ir_model.static and ir_model.size == (64, 64)  # from rt_info
     metrics = run_evaluate(EvalConfig(model=str(root / "model"), data=str(root / "ds"), out=str(root / "eval")))
-    assert metrics["images"] == 3 and metrics["pixels"] == 3 * 160 * 160  # scored at full resolution
+    assert metrics.images == 3 and metrics.record["pixels"] == 3 * 160 * 160  # scored at full resolution
     assert (root / "eval" / "predictions.png").exists()
     outputs = {}
     for name in ("model", "ir"):
         summary = run_predict(
             PredictConfig(model=str(root / name), input=str(tiled["raw"] / "images"), out=str(root / f"p_{name}"))
         )
-        assert summary["tiling"] == setting and summary["predicted"] == 12
+        assert summary.record["tiling"] == setting and summary.predicted == 12
         outputs[name] = np.asarray(Image.open(root / f"p_{name}" / "masks" / "target_00000.png"))
     assert outputs["model"].shape == (160, 160)
     assert (outputs["model"] == outputs["ir"]).mean() > 0.999  # IR parity through the same tiling
@@ -161,7 +161,7 @@ def test_pyfunc_predicts_as_segflow_predict_does(tiled):
 
 def test_untiled_models_record_no_tiling(tiny):
     assert "tiling" not in json.loads((tiny["model"] / "config.json").read_text())
-    assert tiny["summary"]["tiling"] is None and tiny["summary"]["tiling_chosen_by"] == "off"
+    assert tiny["summary"].tiling is None and tiny["summary"].record["tiling_chosen_by"] == "off"
 
 
 def test_bad_tiling_settings_and_oversized_images_are_refused_by_name(tiled, tmp_path):
@@ -215,7 +215,7 @@ def test_predict_reads_images_from_s3_one_at_a_time(tiled, s3, tmp_path):
     summary = run_predict(
         PredictConfig(model=str(root / "model"), input=f"s3://{s3}/incoming", out=str(tmp_path / "p"))
     )
-    assert summary["predicted"] == 3
+    assert summary.predicted == 3
     for path in images:
         run_predict(PredictConfig(model=str(root / "model"), input=str(path), out=str(tmp_path / path.stem)))
         remote = np.asarray(Image.open(tmp_path / "p" / "masks" / "day1" / path.name))

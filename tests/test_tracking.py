@@ -62,7 +62,7 @@ def test_import_stage_logs_fingerprint_counts_and_report(css_dataset, tmp_path):
         ImportConfig(source=str(css_dataset), out=str(tmp_path / "out")), markdown_out=str(tmp_path / "report.md")
     )
     (run,) = runs()
-    assert run.data.tags[tracking.FINGERPRINT_TAG] == report["fingerprint"]
+    assert run.data.tags[tracking.FINGERPRINT_TAG] == report.fingerprint
     assert run.data.metrics["images_train"] + run.data.metrics["images_val"] == 12
     assert run.data.params["val_fraction"] == "0.2"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}

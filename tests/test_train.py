@@ -57,9 +57,9 @@ def trivial_mdice(dataset: Path) -> float:
 def test_training_learns_and_publishes_a_model(tiny, tmp_path):
     """The session's model (8 epochs x 6 steps) learnt, and what it published evaluates the same."""
     dataset, model, summary = tiny["data"], tiny["model"], tiny["summary"]
-    losses = [h["train_loss"] for h in summary["history"]]
+    losses = [h["train_loss"] for h in summary.record["history"]]
     assert losses[-1] < 0.8 * losses[0], losses
-    assert summary["best_val_mDice"] > 2 * trivial_mdice(dataset), summary["best_val_mDice"]
+    assert summary.best_val_mDice > 2 * trivial_mdice(dataset), summary.best_val_mDice
     files = sorted(p.name for p in model.iterdir())
     assert files == ["config.json", "model.safetensors", "training.json"]
     config = json.loads((model / "config.json").read_text())
@@ -67,10 +67,10 @@ def test_training_learns_and_publishes_a_model(tiny, tmp_path):
     assert len(config["normalization"]["mean"]) == 3
 
     metrics = run_evaluate(EvalConfig(model=str(model), data=str(dataset), out=str(tmp_path / "eval")))
-    assert metrics["mDice"] == pytest.approx(summary["best_val_mDice"], abs=2e-3)
-    assert 0 <= metrics["mIoU"] <= metrics["mDice"] <= 1
-    assert set(metrics["per_class"]) == set(config["labels"])
-    assert np.asarray(metrics["confusion_matrix"]).sum() == metrics["pixels"] == 6 * 64 * 64
+    assert metrics.mDice == pytest.approx(summary.best_val_mDice, abs=2e-3)
+    assert 0 <= metrics.mIoU <= metrics.mDice <= 1
+    assert set(metrics.record["per_class"]) == set(config["labels"])
+    assert np.asarray(metrics.confusion_matrix).sum() == metrics.record["pixels"] == 6 * 64 * 64
     for name in ("metrics.json", "confusion_matrix.png", "predictions.png", "report.md"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
@@ -81,10 +81,10 @@ def test_same_seed_same_result_with_or_without_loader_workers(dataset, tmp_path)
     b = run_train(cfg(dataset, tmp_path / "b", epochs=2, seed=3, loader_workers=2))
 
     def timeless(summary):
-        return [{k: v for k, v in h.items() if k not in TIMINGS} for h in summary["history"]]
+        return [{k: v for k, v in h.items() if k not in TIMINGS} for h in summary.record["history"]]
 
     assert timeless(a) == timeless(b)
-    for record in a["history"] + b["history"]:
+    for record in a.record["history"] + b.record["history"]:
         assert 0 < record["data_wait_seconds"] < record["epoch_seconds"] and 0 < record["data_wait_share"] < 1
     first, second = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(v, second[k]) for k, v in first.items())
@@ -145,8 +145,8 @@ def test_supcon_contrastive_loss_falls(dataset, tmp_path):
     """The contrastive branch learns: its loss over label-map regions falls as training goes on."""
     supcon = SupConConfig(every=1)
     summary = run_train(cfg(dataset, tmp_path / "m", epochs=4, iters_per_epoch=5, supcon=supcon))
-    assert summary["objective"] == "supcon"
-    contrastive = [h["train_contrastive"] for h in summary["history"]]
+    assert summary.record["objective"] == "supcon"
+    contrastive = [h["train_contrastive"] for h in summary.record["history"]]
     assert all(np.isfinite(contrastive)) and contrastive[-1] < contrastive[0], contrastive
 
 
@@ -157,8 +157,8 @@ def test_mean_teacher_warms_up_then_ramps_and_learns_the_confident_pseudo_labels
         unlabeled=str(unlabeled), warmup_steps=4, ramp_steps=8, confidence=0.2, unlabeled_batch_size=2
     )
     summary = run_train(cfg(dataset, tmp_path / "m", epochs=6, iters_per_epoch=4, mean_teacher=mt))
-    assert summary["objective"] == "mean_teacher"
-    first, *taught = summary["history"]
+    assert summary.record["objective"] == "mean_teacher"
+    first, *taught = summary.record["history"]
     assert "train_unsup" not in first
     weights = [h["train_unsup_weight"] for h in taught]
     assert weights == sorted(weights) and weights[-1] == pytest.approx(1.0) and weights[0] < 1.0, weights
@@ -313,7 +313,7 @@ def test_a_pipeline_task_overwrites_its_output_and_removes_its_checkpoints_once_
     (out / "stale.txt").write_text("from an earlier try")
     task = cfg(tiny["data"], out, epochs=1, iters_per_epoch=2)
     result = run_task("train", task, RunContext("run-1", "", ""), 1, str(tmp_path / "root"), "train-model")
-    assert result["best_epoch"] == 1 and (out / "model.safetensors").exists() and not (out / "stale.txt").exists()
+    assert result.best_epoch == 1 and (out / "model.safetensors").exists() and not (out / "stale.txt").exists()
     assert (tmp_path / "root").exists() and not (tmp_path / "root/checkpoints/run-1/train-model").exists()
     branch = AdaptConfig(source="s", target="t", init="i", out="o", method="dacs", levels="single")
     assert task_key("adapt", branch, "adapt-model") == "adapt-model-dacs-single"
