@@ -10,12 +10,12 @@ import logging
 import math
 import signal
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from segflow.configs import from_options
 from segflow.data import MAX_IMAGE_PIXELS
 from segflow.errors import SegflowError
 from segflow.redact import redact_logging
@@ -28,18 +28,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Make, import and validate datasets.")
 app.add_typer(data_app, name="data")
-
-
-def from_options(config: type, options: dict, used: tuple[str, ...] = ("track",), **more):
-    """A stage's typed config from a command's options (``locals()`` taken first thing in the
-    command): every option named like one of the config's fields fills it (flags and fields share
-    their names); ``more`` adds the rest. An option that is neither a field, in ``more``, nor
-    ``used`` by the command itself is a bug (a renamed field): refused, not dropped."""
-    names = {f.name for f in fields(config)} - set(more)
-    unplaced = sorted(set(options) - names - set(more) - set(used))
-    if unplaced:
-        raise TypeError(f"{config.__name__} has no field for the option(s) {', '.join(unplaced)}")
-    return config(**{k: v for k, v in options.items() if k in names}, **more)
 
 
 @data_app.command("synth")

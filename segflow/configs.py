@@ -8,7 +8,7 @@ import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 
@@ -84,3 +84,16 @@ def check_numbers(config: Any, prefix: str = "") -> None:
             raise SegflowError(f"{setting} must be a finite number (got {value}).")
         elif f.name == "seed" and isinstance(value, int) and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
             raise SegflowError(f"{setting} must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (got {value}).")
+
+
+def from_options(config: type, options: dict, used: tuple[str, ...] = ("track",), **more):
+    """A stage's typed config from a command's or a component's options (``locals()`` taken first
+    thing): every option named like one of the config's fields fills it (options and fields share
+    their names, so a new setting is a field plus the option); ``more`` adds the rest. An option
+    that is neither a field, in ``more``, nor ``used`` by the caller itself is a bug (a renamed
+    field): refused, not dropped."""
+    names = {f.name for f in fields(config)} - set(more)
+    unplaced = sorted(set(options) - names - set(more) - set(used))
+    if unplaced:
+        raise TypeError(f"{config.__name__} has no field for the option(s) {', '.join(unplaced)}")
+    return config(**{k: v for k, v in options.items() if k in names}, **more)

@@ -39,30 +39,22 @@ def adapt_model(
     the snapshot (val mDice) and are never trained on; SELECT as for `segflow adapt --select`.
     INPUT_SIZE 0: the INIT model's. PROCESSES and CHECKPOINT_ROOT: as for
     train_model."""
+    options = dict(locals())  # the component's inputs, before any other name
     from segflow.adapt.config import AdaptConfig
+    from segflow.configs import from_options
     from segflow.launch import run_task
     from segflow.lifecycle import candidate_name
     from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
 
-    cfg = AdaptConfig(
+    cfg = from_options(
+        AdaptConfig,
+        options,
+        ("model", "metrics", "processes", "checkpoint_root", "task_name", "run_key", "run_name", "experiment"),
         source=source.path,
         target=target.path,
         init=init.path,
         out=model.path,
-        method=method,
-        levels=levels,
-        iterations=iterations,
-        eval_every=eval_every,
-        batch_size=batch_size,
-        input_size=input_size,
-        lr=lr,
-        adv_weight=adv_weight,
-        ent_weight=ent_weight,
-        disc_pool=disc_pool,
-        mix_weighting=mix_weighting,
-        select=select,
-        seed=seed,
     )
     run = RunContext(run_key, run_name, experiment)
     result = run_task("adapt", cfg, run, processes, checkpoint_root, task_name)

@@ -53,22 +53,32 @@ def pretrain_backbone(
     """DetCon-B pretraining of the backbone on the images and their pseudo masks. INPUT_SIZE and
     LR 0: chosen from the images and the step budget (segflow.selfsl.config.auto_settings).
     PROCESSES and CHECKPOINT_ROOT: as for train_model."""
+    options = dict(locals())  # the component's inputs, before any other name
+    from segflow.configs import from_options
     from segflow.launch import run_task
     from segflow.selfsl.config import PretrainConfig
     from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
 
-    cfg = PretrainConfig(
+    cfg = from_options(
+        PretrainConfig,
+        options,
+        (
+            "images_uri",
+            "backbone",
+            "metrics",
+            "model_name",
+            "processes",
+            "checkpoint_root",
+            "task_name",
+            "run_key",
+            "run_name",
+            "experiment",
+        ),
         images=images_uri,
         out=backbone.path,
         masks=masks.path,
         model=model_name,
-        epochs=epochs,
-        batch_size=batch_size,
-        input_size=input_size,
-        lr=lr,
-        iters_per_epoch=iters_per_epoch,
-        seed=seed,
     )
     run = RunContext(run_key, run_name, experiment)
     result = run_task("pretrain", cfg, run, processes, checkpoint_root, task_name)

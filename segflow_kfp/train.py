@@ -37,25 +37,35 @@ def train_model(
     PROCESSES: 0 = one per GPU of the pod (several: torchrun, DDP). CHECKPOINT_ROOT (the pipeline
     root): checkpoints live under it, so a retry in a fresh pod resumes. TILE: large images, tiles
     of this side at native resolution (0: whole images, -1: auto); the model carries its tiling."""
+    options = dict(locals())  # the component's inputs, before any other name
+    from segflow.configs import from_options
     from segflow.launch import run_task
     from segflow.stages import log_metrics_to
     from segflow.tracking import RunContext
     from segflow.train.config import TrainConfig, method_settings
 
-    cfg = TrainConfig(
+    cfg = from_options(
+        TrainConfig,
+        options,
+        (
+            "dataset",
+            "metrics",
+            "model_name",
+            "method",
+            "unlabeled_uri",
+            "init_model_uri",
+            "processes",
+            "checkpoint_root",
+            "task_name",
+            "run_key",
+            "run_name",
+            "experiment",
+        ),
         data=dataset.path,
         out=model.path,
         model=model_name,
-        epochs=epochs,
-        batch_size=batch_size,
-        input_size=input_size,
-        seed=seed,
         init_backbone=init_backbone.path if init_backbone is not None else "",
         init_model=init_model.path if init_model is not None else init_model_uri,
-        iters_per_epoch=iters_per_epoch,
-        tile=tile,
-        tile_overlap=tile_overlap,
-        tile_scale=tile_scale,
         **method_settings(method, unlabeled_uri),
     )
     run = RunContext(run_key, run_name, experiment)
