@@ -85,7 +85,7 @@ class AdaptConfig:
     select: str = "auto"
     amp: str = "auto"
     channels_last: str = "auto"
-    loader_workers: int = -1  # -1: auto (engine.loader_workers)
+    loader_workers: int = -1  # -1: auto (segflow.train.loop.loader_workers)
     resume: bool = False
     overwrite: bool = False
     checkpoint_dir: str = ""  # local folder or s3:// prefix; default: beside OUT (see storage.Checkpoints)

@@ -36,7 +36,7 @@ class PretrainConfig:
     felzenszwalb: FelzenszwalbParams = field(default_factory=FelzenszwalbParams)
     amp: str = "auto"
     channels_last: str = "auto"
-    loader_workers: int = -1  # -1: auto (engine.loader_workers)
+    loader_workers: int = -1  # -1: auto (segflow.train.loop.loader_workers)
     resume: bool = False
     overwrite: bool = False
     checkpoint_dir: str = ""  # local folder or s3:// prefix; default: beside OUT (see storage.Checkpoints)

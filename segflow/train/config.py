@@ -88,7 +88,7 @@ class TrainConfig:
     early_stop_patience: int = 8
     early_stop_min_delta: float = 0.001
     early_stop_start: int = 3  # no early stop before this epoch
-    loader_workers: int = -1  # -1: auto (engine.loader_workers)
+    loader_workers: int = -1  # -1: auto (segflow.train.loop.loader_workers)
     resume: bool = False
     overwrite: bool = False
     checkpoint_dir: str = ""  # local folder or s3:// prefix; default: beside OUT (see storage.Checkpoints)
