@@ -31,8 +31,8 @@ from segflow.train.objective import Recipe
 
 METHODS = ("adaptsegnet", "minent", "advent", "dacs", "source")
 # The adversarial weight on the main output by method, each the best of a sweep on the synthetic
-# shift (RESULTS.md, "Domain adaptation"): at AdvEnt's 0.1, AdaptSegNet fell below source-only
-# (3 seeds: -0.5 mIoU single, -0.7 multi), at 0.01 it is level or above (+0.1, +0.8).
+# shift (benchmarks/RESULTS.md, "Domain adaptation"): at AdvEnt's 0.1, AdaptSegNet fell below
+# source-only, at 0.01 it is level or above.
 ADV_WEIGHTS = {"adaptsegnet": 0.01, "advent": 0.1}
 
 

@@ -237,9 +237,9 @@ class DACS(TwoDomains):
         return seg + mix, logs
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Each mixed image through the shared numpy recipe on the CPU. At 128 px this is about 1%
-        of a CPU step; at 512 px on a GPU (host round trip, ~57 ms for 8 images) it is the first
-        thing to move onto the device (RESULTS.md, "Adaptation step cost")."""
+        """Each mixed image through the shared numpy recipe on the CPU: a small share of a CPU
+        step, but on a GPU at 512 px (a host round trip per batch) the first thing to move onto
+        the device (benchmarks/RESULTS.md, "Adaptation step cost")."""
         rng = torch.randint(2**31, (1,), generator=generator).item()
         rngs = [np.random.default_rng((rng, i)) for i in range(len(images))]
         mean, std = self.norm.mean, self.norm.std

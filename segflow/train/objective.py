@@ -67,7 +67,7 @@ class Part:
             )
         elif recipe.optimizer == "adam":
             # The fused kernel where torch has one: Lite-HRNet's ~1,000 small tensors make a
-            # per-parameter update loop a visible share of a CPU step (about 8%).
+            # per-parameter update loop a visible share of a CPU step (benchmarks/RESULTS.md, train throughput).
             fused = all(p.device.type in ("cpu", "cuda") for p in params)
             self.optimizer = torch.optim.Adam(
                 params, lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay, fused=fused
