@@ -49,7 +49,7 @@ test: $(STAMP)
 
 # Unit tests only (no pipeline, no training beyond a step): about a minute on 2 cores.
 FAST_TESTS = tests/test_lifecycle.py tests/test_engine.py tests/test_cli_options.py tests/test_docs.py \
-	tests/test_architecture.py tests/test_synth.py tests/test_models.py tests/test_parallel.py
+	tests/test_architecture.py tests/test_synth.py tests/test_models.py tests/test_parallel.py tests/test_results.py
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q $(FAST_TESTS)
 
