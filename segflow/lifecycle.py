@@ -107,11 +107,30 @@ def pick_members(candidates: dict[str, str], members: list[str]) -> list[str]:
     return [candidates[name] for name in members]
 
 
+SOURCE_ONLY = "source-only"
+
+
+def candidate_table(
+    source_only: tuple[str, str], adapted: list[tuple[str, str, str]], ensemble: tuple[str, str, str]
+) -> dict[str, tuple[str, str]]:
+    """Name -> (model, its evaluation) of everything an adaptation pipeline chooses among: the
+    source-only model, each adapted model and the ensemble ((name, model, evaluation) each). Two
+    candidates of one name would hide one another: refused."""
+    table = {SOURCE_ONLY: source_only}
+    for name, model, evaluation in [*adapted, ensemble]:
+        if name in table:
+            raise SegflowError(f"two candidates are named {name!r}: each adaptation branch needs its own method.")
+        table[name] = (model, evaluation)
+    return table
+
+
 __all__ = [
+    "SOURCE_ONLY",
     "Champion",
     "Decision",
     "after_drift",
     "candidate_name",
+    "candidate_table",
     "first_look",
     "needs_drift",
     "note",

@@ -457,12 +457,17 @@ def register_stage(
     metric: str = "val_mDice",
     run: tracking.RunContext | None = None,
     artifact_uri: str = "",
-    tags: dict[str, str] | None = None,
+    source_fingerprint: str = "",
+    training_data: str = "",
+    adapted_to: str = "",
 ) -> RegisterResult:
     """Register an exported model (logged model ``model_id``) as a version of ``name``; it becomes
     @challenger, and @champion when it beats the champion by more than ``margin`` on the same
     validation data (the champion is re-scored on ``dataset`` when it was scored on other data).
-    The comparison goes to the pipeline's parent run as a table and a chart."""
+    The comparison goes to the pipeline's parent run as a table and a chart. What a retraining tick
+    later reads (segflow.lifecycle) is tagged on the version: ``source_fingerprint`` (the raw data
+    it was trained on), ``training_data`` (the dataset artifact, which an adaptation starts from)
+    and ``adapted_to`` (the fingerprint of the unlabelled images it was adapted to)."""
     from segflow import registry
 
     if not model_id:
@@ -491,8 +496,16 @@ def register_stage(
             validation_fingerprint=scores["dataset_fingerprint"],
             training_fingerprint=_training_fingerprint(model),
             run_id=parent,
-            extra_tags=({"segflow.pipeline_run": run.run_key} if run is not None and run.run_key else {})
-            | {k: v for k, v in (tags or {}).items() if v},
+            extra_tags={
+                key: value
+                for key, value in {
+                    tracking.PIPELINE_RUN_TAG: run.run_key if run is not None else "",
+                    registry.SOURCE_FINGERPRINT: source_fingerprint,
+                    registry.TRAINING_DATA: training_data,
+                    registry.ADAPTED_TO: adapted_to,
+                }.items()
+                if value
+            },
         )
         # The drift signal's reference: how this model sees its validation images (and, where those
         # are few, its training images too: a handful of images gives noisy colour statistics).

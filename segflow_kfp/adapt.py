@@ -101,13 +101,15 @@ def choose_best(
 ):
     """The candidate with the highest METRIC on the target val subset; the comparison table and
     bar chart go to the MLflow parent run."""
+    from segflow.lifecycle import candidate_table
     from segflow.stages import choose_stage, log_metrics_to
     from segflow.tracking import RunContext
 
-    candidates = {"source-only": (source_only.path, source_only_evaluation.path)}
-    for model, evaluation in zip(adapted, adapted_evaluations, strict=True):
-        candidates[model.metadata["candidate"]] = (model.path, evaluation.path)
-    candidates[ensemble.metadata.get("candidate", "ensemble")] = (ensemble.path, ensemble_evaluation.path)
+    candidates = candidate_table(
+        (source_only.path, source_only_evaluation.path),
+        [(m.metadata["candidate"], m.path, e.path) for m, e in zip(adapted, adapted_evaluations, strict=True)],
+        (ensemble.metadata.get("candidate", "ensemble"), ensemble.path, ensemble_evaluation.path),
+    )
     result = choose_stage(
         candidates,
         best.path,

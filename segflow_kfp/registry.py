@@ -37,11 +37,9 @@ def register_model(
         margin=margin,
         run=RunContext(run_key, run_name, experiment),
         artifact_uri=model.uri,
-        tags={
-            "segflow.source_fingerprint": source_fingerprint,
-            "segflow.training_data": dataset.uri,  # a later retrain adapts from it (pipelines/retrain.py)
-            "segflow.adapted_to": adapted_to,
-        },
+        source_fingerprint=source_fingerprint,
+        training_data=dataset.uri,
+        adapted_to=adapted_to,
     )
     registration.log_metric("version", result.version)
     registration.metadata.update({"decision": result.decision, "reason": result.reason})

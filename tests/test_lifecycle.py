@@ -11,6 +11,7 @@ from segflow.lifecycle import (
     Decision,
     after_drift,
     candidate_name,
+    candidate_table,
     first_look,
     needs_drift,
     note,
@@ -69,3 +70,13 @@ def test_candidates_are_named_and_picked():
     assert pick_members({"advent": "b", "minent": "a", "dacs": "c"}, ["minent", "advent"]) == ["a", "b"]
     with pytest.raises(SegflowError, match="no candidate named advent among dacs, minent"):
         pick_members({"minent": "a", "dacs": "c"}, ["minent", "advent"])
+
+
+def test_the_candidate_table_names_every_model_once():
+    table = candidate_table(
+        ("src", "src-eval"), [("dacs", "d", "d-eval"), ("minent", "m", "m-eval")], ("ens", "e", "e-eval")
+    )
+    assert table == {"source-only": ("src", "src-eval"), "dacs": ("d", "d-eval"), "minent": ("m", "m-eval"),
+                     "ens": ("e", "e-eval")}  # fmt: skip
+    with pytest.raises(SegflowError, match="two candidates are named 'dacs'"):
+        candidate_table(("s", "se"), [("dacs", "a", "ae"), ("dacs", "b", "be")], ("ens", "e", "ee"))
