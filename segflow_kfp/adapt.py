@@ -50,11 +50,12 @@ def adapt_model(
     cfg = from_options(
         AdaptConfig,
         options,
-        ("model", "metrics", "processes", "checkpoint_root", "task_name", "run_key", "run_name", "experiment"),
+        ("metrics", "processes", "checkpoint_root", "task_name", "run_key", "run_name", "experiment"),
         source=source.path,
         target=target.path,
         init=init.path,
         out=model.path,
+        model="",  # the architecture: the --init model's (the component's `model` is its output)
     )
     run = RunContext(run_key, run_name, experiment)
     result = run_task("adapt", cfg, run, processes, checkpoint_root, task_name)
