@@ -247,7 +247,7 @@ def to_int8(fp32_model, model_dir: Path, data: dict, cfg: ExportConfig, size: in
             break
         # Judged as the parity check below judges the written IR (IRSegmentor: f32 outside the INT8
         # ops); left to the plugin, a CPU with bf16 would score the candidate on other numbers.
-        compiled = ov.Core().compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = ov.Core().compile_model(candidate, "CPU", speed.F32)
         drops[scheme] = round(100 * (torch_mdice - _mdice(compiled, data["parity"], num_classes)), 3)
         if drops[scheme] <= cfg.max_drop:
             break

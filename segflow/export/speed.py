@@ -16,10 +16,15 @@ class Speed:
     throughput: float  # images per second through an async queue (PERFORMANCE_HINT THROUGHPUT)
 
 
+# f32 outside any INT8 ops: what the parity check (IRSegmentor's default) runs; CPUs with AMX or
+# AVX512-BF16 would otherwise run those ops in bf16.
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
 def compile_properties(precision: str, threads: int = 0) -> dict:
     """f32 execution for FP32/FP16 IRs (CPUs with AMX would otherwise run bf16 and drift from
     PyTorch); the plugin's own choice for INT8."""
-    properties: dict = {} if precision == "int8" else {"INFERENCE_PRECISION_HINT": "f32"}
+    properties: dict = {} if precision == "int8" else dict(F32)
     if threads:
         properties["INFERENCE_NUM_THREADS"] = threads
     return properties
