@@ -15,14 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config) -> None:
-    """Under pytest-xdist, the workers share the cores: torch gets its share of threads each."""
+    """Under pytest-xdist, the workers share the cores: torch gets its share of threads each, and
+    so does every process a test starts (kfp.local tasks, torchrun, the CLI) through
+    OMP_NUM_THREADS; with torch's default of every core, the two workers' processes fight over them."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
 
         from segflow.parallel import cpu_count
 
-        torch.set_num_threads(max(1, cpu_count() // workers))
+        share = max(1, cpu_count() // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        torch.set_num_threads(share)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
