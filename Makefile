@@ -43,9 +43,11 @@ demo-adapt: $(STAMP)
 	@echo "The candidates compared: the parent run's comparison/ artifacts in MLflow, and choose-best/ of that run."
 
 # Two worker processes (pytest-xdist) share the cores; each gives torch its share of threads.
-# One test at a time per worker, the slow ones first (tests/conftest.py): the workers end together.
+# Tests are handed out a few at a time in collection order, the slow ones first (tests/conftest.py),
+# so the workers end together; tests marked with one xdist_group run on one worker, which then
+# builds their module's fixture (a trained model, an MLflow server) once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --maxschedchunk=1 --durations=12
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadgroup --no-loadscope-reorder --durations=12
 
 # Unit tests only (no pipeline, no training beyond a step): about a minute on 2 cores.
 FAST_TESTS = tests/test_lifecycle.py tests/test_engine.py tests/test_cli_options.py tests/test_docs.py \

@@ -25,6 +25,10 @@ from segflow import registry
 FP_A, FP_B = "a" * 64, "b" * 64
 
 
+# One worker runs them all (make test: --dist loadgroup), so the server below starts once.
+pytestmark = pytest.mark.xdist_group("registry_server")
+
+
 @pytest.fixture(scope="module")
 def server(s3_endpoint, tmp_path_factory):
     import boto3

@@ -234,6 +234,8 @@ def test_detcon_with_two_processes_keeps_ranks_identical(images, tmp_path):
         str(tmp_path / "bb"),
         "--epochs",
         "2",
+        "--iters-per-epoch",
+        "3",
         "--batch-size",
         "2",
         "--input-size",

@@ -125,6 +125,7 @@ def tiled(tmp_path_factory) -> dict:
     return {"root": root, "raw": raw, "summary": summary, "report": report}
 
 
+@pytest.mark.xdist_group("tiled")  # one worker trains the module's tiled model once
 def test_tiled_model_carries_its_tiling_through_evaluate_export_and_predict(tiled):
     root = tiled["root"]
     setting = {"size": 64, "overlap": 0.25, "scale": 1.0}
@@ -147,6 +148,7 @@ def test_tiled_model_carries_its_tiling_through_evaluate_export_and_predict(tile
     assert (outputs["model"] == outputs["ir"]).mean() > 0.999  # IR parity through the same tiling
 
 
+@pytest.mark.xdist_group("tiled")
 def test_pyfunc_predicts_as_segflow_predict_does(tiled):
     from segflow.export.pyfunc import SegmentationModel
 
@@ -164,6 +166,7 @@ def test_untiled_models_record_no_tiling(tiny):
     assert tiny["summary"].tiling is None and tiny["summary"].record["tiling_chosen_by"] == "off"
 
 
+@pytest.mark.xdist_group("tiled")
 def test_bad_tiling_settings_and_oversized_images_are_refused_by_name(tiled, tmp_path):
     root = tiled["root"]
     for args, message in (
@@ -195,6 +198,7 @@ def test_bad_tiling_settings_and_oversized_images_are_refused_by_name(tiled, tmp
     assert code == 0 and "1 images predicted" in out
 
 
+@pytest.mark.xdist_group("tiled")
 def test_training_set_is_tiles_of_the_full_images(tiled):
     root = tiled["root"]
     norm = Normalization([128.0] * 3, [64.0] * 3)
@@ -204,6 +208,7 @@ def test_training_set_is_tiles_of_the_full_images(tiled):
     assert dataset.focus is not None and dataset.focus.shape[0] == 7
 
 
+@pytest.mark.xdist_group("tiled")
 def test_predict_reads_images_from_s3_one_at_a_time(tiled, s3, tmp_path):
     """Images under an S3 prefix are predicted like the same local folder: same masks, same names."""
     from segflow.storage import s3 as s3_lib
