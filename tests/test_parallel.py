@@ -32,3 +32,18 @@ def test_forked_map_gives_the_serial_results_in_order_or_not():
 def test_a_worker_that_dies_ends_the_map_with_an_error_instead_of_a_wait():
     with pytest.raises(SegflowError, match=r"checking items: a worker process died.*--workers 1"):
         map_all(dies_on_five, list(range(12)), workers=2, desc="checking items")
+
+
+def test_a_segflow_process_skips_the_collectors_last_passes_at_exit():
+    """segflow freezes the garbage collector at exit (benchmarks/process_exit.py: a second per
+    command and pipeline task). A handler registered before segflow's import runs after it."""
+    import subprocess
+    import sys
+
+    child = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "import segflow\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "frozen at exit: True", done.stdout + done.stderr
