@@ -1,9 +1,11 @@
-"""segflow.parallel: the forked map that import and pseudo masks use."""
+"""Processes: segflow.parallel's forked map (import, pseudo masks) and how a segflow process ends."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -37,9 +39,6 @@ def test_a_worker_that_dies_ends_the_map_with_an_error_instead_of_a_wait():
 def test_a_segflow_process_skips_the_collectors_last_passes_at_exit():
     """segflow freezes the garbage collector at exit (benchmarks/process_exit.py: a second per
     command and pipeline task). A handler registered before segflow's import runs after it."""
-    import subprocess
-    import sys
-
     child = (
         "import atexit, gc\n"
         "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
